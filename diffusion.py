@@ -1,0 +1,149 @@
+"""The diffusion process, apart from the network: schedules, q(x_t | x_0), the training
+loss, classifier-free guidance, and the DDPM and DDIM samplers.
+
+Any denoiser `model(x_t, t, y)` works; nothing here knows the architecture.
+Notation of Ho et al. 2020 (DDPM): betas, alphas_cumprod (alpha_bar_t), posterior q(x_{t-1} | x_t, x_0).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_betas(T):
+    """Ho et al.: betas rising linearly from 1e-4 to 0.02 (scaled to T steps), float64."""
+    scale = 1000 / T
+    return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+
+
+def cosine_betas(T, s=0.008):
+    """Nichol & Dhariwal: alpha_bar_t = cos^2(((t/T + s) / (1 + s)) * pi/2), float64."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(max=0.999)
+
+
+def extract(a, t, ndim):
+    """Gather a[t] for a batch of timesteps and shape it (B, 1, 1, 1) to broadcast over images."""
+    return a[t].view(-1, *([1] * (ndim - 1)))
+
+
+class Diffusion(nn.Module):
+    """Holds the schedule as buffers (so .to(device) moves it) and runs the process."""
+
+    def __init__(self, cfg, num_classes=10):
+        super().__init__()
+        self.cfg = cfg
+        self.T = cfg.timesteps
+        self.null_label = num_classes          # index of the "no label" embedding
+        betas = cosine_betas(self.T) if cfg.schedule == "cosine" else linear_betas(self.T)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)                       # alpha_bar_t
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)   # alpha_bar_{t-1}
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)  # beta~_t
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),                      # sqrt(alpha_bar_t)
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),      # sqrt(1 - alpha_bar_t)
+            "snr": alphas_cumprod / (1 - alphas_cumprod),                      # alpha_bar / (1 - alpha_bar)
+            "posterior_variance": posterior_variance,
+            # log(beta~_t), with beta~_0 = 0 replaced by beta~_1 so the log stays finite
+            "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2],
+                                                                   posterior_variance[1:]])),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            "posterior_mean_coef2": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+
+    # ----- forward process and training -----
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, the closed form of q(x_t | x_0)."""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+    def loss(self, model, x0, y):
+        """Algorithm 1 of DDPM: random t, noise x_0, regress the target with MSE.
+
+        Labels are replaced by the null label with probability p_uncond, so the same
+        network also learns the unconditional model that guidance needs.
+        """
+        B = x0.shape[0]
+        t = torch.randint(0, self.T, (B,), device=x0.device)
+        noise = torch.randn_like(x0)
+        drop = torch.rand(B, device=x0.device) < self.cfg.p_uncond
+        y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        x_t = self.q_sample(x0, t, noise)
+        if self.cfg.prediction == "eps":
+            target = noise
+        else:  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022)
+            target = (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                      - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+        mse = F.mse_loss(model(x_t, t, y), target, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if self.cfg.min_snr_gamma > 0:  # Min-SNR-gamma: stop easy, low-noise steps dominating
+            snr = self.snr[t]
+            weight = snr.clamp(max=self.cfg.min_snr_gamma)
+            mse = mse * weight / (snr if self.cfg.prediction == "eps" else snr + 1)
+        return mse.mean()
+
+    # ----- the reverse process -----
+
+    def predict_eps_x0(self, model, x_t, t, y, guidance):
+        """Network output -> (eps, x_0), with classifier-free guidance.
+
+        guidance w: out = out_uncond + w * (out_cond - out_uncond); w = 1 is the plain
+        conditional model. The conditional and unconditional passes run as one batch.
+        """
+        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        if guidance == 1.0:
+            out = model(x_t, tt, y)
+        else:
+            null = torch.full_like(y, self.null_label)
+            out_cond, out_uncond = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+                                         torch.cat([y, null])).chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)
+        a, s = self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
+        if self.cfg.prediction == "eps":
+            eps = out
+            x0 = (x_t - s * eps) / a
+        else:
+            x0 = a * x_t - s * out
+            eps = s * x_t + a * out
+        x0 = x0.clamp(-1, 1)                   # pixels live in [-1, 1]
+        eps = (x_t - a * x0) / s               # keep eps consistent with the clipped x_0
+        return eps, x0
+
+    @torch.inference_mode()
+    def sample(self, model, y, sampler="ddim", steps=50, guidance=2.0, eta=0.0,
+               generator=None, trajectory=False, image_shape=(1, 28, 28)):
+        """Draw images for labels y (B,): (B, C, 28, 28) in [-1, 1].
+
+        sampler "ddpm": ancestral sampling over all T steps (Algorithm 2 of DDPM; `steps` ignored).
+        sampler "ddim": Song et al. 2021 over `steps` evenly spaced timesteps; eta=0 is deterministic.
+        With trajectory=True also returns the list of intermediate x_t, x_T first.
+        """
+        shape = (len(y), *image_shape)
+        x = torch.randn(shape, generator=generator, device=y.device)          # x_T ~ N(0, I)
+        if sampler == "ddpm":
+            ts = list(range(self.T - 1, -1, -1))
+        else:
+            ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+        frames = [x]
+        for i, t in enumerate(ts):
+            eps, x0 = self.predict_eps_x0(model, x, t, y, guidance)
+            noise = torch.randn(shape, generator=generator, device=y.device)
+            if sampler == "ddpm":
+                # x_{t-1} ~ q(x_{t-1} | x_t, x_0 = x0_pred), no noise on the final step
+                mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x
+                std = (0.5 * self.posterior_log_variance_clipped[t]).exp()
+                x = mean + (std * noise if t > 0 else 0)
+            else:
+                a_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else x.new_tensor(1.0)
+                a_t = self.alphas_cumprod[t]
+                sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+                x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise
+            frames.append(x)
+        return (x, frames) if trajectory else x

@@ -1,0 +1,285 @@
+"""Train the label-conditioned diffusion model: `python train.py` (see --help).
+
+One flat loop, counted in optimiser steps: batch -> loss -> backward -> clip -> AdamW step
+-> LR schedule -> EMA -> log; sample grids and atomic checkpoints every so often; Ctrl-C
+saves and exits; `--resume` continues bit-exactly where a run stopped. lora_finetune.py
+reuses these pieces with a different setup.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, configs_from_checkpoint, load_checkpoint, load_state, save_checkpoint
+from config import (DiffusionConfig, ModelConfig, Parser, TrainConfig, add_config_flags,
+                    config_from_args, config_from_dict)
+from dataset import DataError, epoch_permutation, load_dataset
+from diffusion import Diffusion
+from unet import UNet, count_params
+
+
+class TrainingError(Exception):
+    """Training cannot go on (bad flags, non-finite loss, a run folder in the way, ...)."""
+
+
+def pick_device(name):
+    """'auto' -> cuda > mps > cpu; an explicit device that is not available is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda: CUDA is not available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps: MPS is not available on this machine")
+    if name not in ("cpu", "cuda", "mps"):
+        raise TrainingError(f"--device {name}: expected auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def warmup_cosine(optimizer, warmup_steps, total_steps):
+    """LR: linear warm-up from 0, then cosine decay to 0 at total_steps."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def prepare_out_dir(out, resume, overwrite, ckpt_name="ckpt.pt"):
+    """The no-clobber rule: a folder that already holds a run needs --resume or --overwrite."""
+    ckpt = os.path.join(out, ckpt_name)
+    if resume and not os.path.isfile(ckpt):
+        raise TrainingError(f"--resume: no checkpoint at {ckpt}")
+    if os.path.exists(ckpt) and not (resume or overwrite):
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it "
+                            "or --overwrite to start again (or choose another --out)")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise TrainingError(f"--out {out}: not writable ({e.strerror})") from e
+    return ckpt
+
+
+def save_loss_curve(losses, path, title="training loss"):
+    """losses: list of (step, loss) -> a PNG with the raw and smoothed curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not losses:
+        return
+    steps, values = zip(*losses)
+    smooth, s = [], values[0]
+    for v in values:
+        s = 0.9 * s + 0.1 * v
+        smooth.append(s)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values, alpha=0.3, label="loss")
+    ax.plot(steps, smooth, label="smoothed")
+    ax.set(xlabel="step", ylabel="MSE", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_sample_grid(model, diffusion, path, n_per_label=10, seed=0, **sample_kwargs):
+    """One row per digit 0..9, n_per_label columns, written as a PNG."""
+    from torchvision.utils import save_image
+    device = next(model.parameters()).device
+    y = torch.arange(10, device=device).repeat_interleave(n_per_label)
+    g = torch.Generator(device).manual_seed(seed)
+    x = diffusion.sample(model, y, generator=g, **sample_kwargs)
+    save_image((x + 1) / 2, path, nrow=n_per_label, padding=2, pad_value=0.5)
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) sets a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.set:                     # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.set = True
+
+
+def fit(model, diffusion, data, tcfg, state, save, device, params, desc="train"):
+    """The flat training loop shared by train.py and lora_finetune.py.
+
+    data: (x, y) tensors on `device`; params: the parameters to clip; state: dict with
+    optimizer, scheduler, ema (or None), step, losses; save(state): writes a checkpoint.
+    Returns "done" or "interrupted".
+    """
+    x_all, y_all = data
+    n = len(x_all)
+    steps_per_epoch = max(1, n // tcfg.batch_size)
+    total = tcfg.epochs * steps_per_epoch
+    stop_at = min(total, tcfg.max_steps) if tcfg.max_steps else total
+    opt, sched, ema = state["optimizer"], state["scheduler"], state["ema"]
+    stop = StopFlag()
+    model.train()
+    perm, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
+    bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
+               disable=None)
+    while state["step"] < stop_at:
+        step = state["step"]
+        epoch, i = divmod(step, steps_per_epoch)
+        t0 = time.perf_counter()
+        if perm is None or i == 0:
+            perm = epoch_permutation(n, tcfg.seed, epoch).to(device)
+        idx = perm[i * tcfg.batch_size:(i + 1) * tcfg.batch_size]
+        x0, y = x_all[idx], y_all[idx]                                # (B, 1, 28, 28), (B,)
+        t_data += time.perf_counter() - t0
+
+        loss = diffusion.loss(model, x0, y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at step {step}; stopped without saving "
+                                "(the last good checkpoint is untouched). Try a lower --lr.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"gradient became {grad_norm.item()} at step {step}; stopped without "
+                                "saving (the last good checkpoint is untouched). Try a lower --lr.")
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        state["step"] = step = step + 1
+        n_img += len(idx)
+        bar.update(1)
+
+        if step % tcfg.log_every == 0 or step == stop_at:
+            now = time.perf_counter()
+            state["losses"].append((step, loss.item()))
+            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{n_img / (now - t_last):.0f}",
+                            data_ms=f"{1000 * t_data / max(1, n_img // tcfg.batch_size):.2f}")
+            t_last, n_img, t_data = now, 0, 0.0
+        if step % tcfg.ckpt_every == 0 or step == stop_at or stop.set:
+            save(state)
+        if tcfg.sample_every and step % tcfg.sample_every == 0 and "sample" in state:
+            state["sample"](step)
+            model.train()
+        if stop.set:
+            bar.close()
+            return "interrupted"
+    bar.close()
+    return "done"
+
+
+def rng_state():
+    """Everything random the loop draws from (t, noise, label dropout), for exact resume."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def parse_args(argv=None):
+    p = Parser(description="Train the label-conditioned Stable-Diffusion-style UNet on MNIST.")
+    add_config_flags(p, ModelConfig, "model")
+    add_config_flags(p, DiffusionConfig, "diffusion")
+    add_config_flags(p, TrainConfig, "training")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its stored configuration")
+    p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        tcfg = config_from_args(TrainConfig, args)
+        model_cfg, diff_cfg = config_from_args(ModelConfig, args), config_from_args(DiffusionConfig, args)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    ckpt_path = prepare_out_dir(tcfg.out, args.resume, args.overwrite)
+    ckpt = None
+    if args.resume:  # the stored configuration wins; only where/how long to run comes from flags
+        ckpt = load_checkpoint(ckpt_path)
+        model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
+        stored = config_from_dict(TrainConfig, ckpt["config"]["train"])
+        tcfg = TrainConfig(**{**asdict(stored), "device": tcfg.device, "threads": tcfg.threads,
+                              "out": tcfg.out, "max_steps": tcfg.max_steps})
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    device = pick_device(tcfg.device)
+    torch.manual_seed(tcfg.seed)
+
+    x, y, name = load_dataset(tcfg.dataset, tcfg.data_dir, split="train")
+    if len(x) < tcfg.batch_size:
+        raise TrainingError(f"--batch-size {tcfg.batch_size} is larger than the dataset ({len(x)} images)")
+    x, y = x.to(device), y.to(device)
+    model = UNet(model_cfg).to(device)
+    diffusion = Diffusion(diff_cfg, model_cfg.num_classes).to(device)
+    config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
+    print(json.dumps(config))
+    print(f"data: {name}, {len(x):,} training images | model: {count_params(model):,} parameters "
+          f"| device: {device}, {torch.get_num_threads()} threads")
+
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    total = tcfg.epochs * max(1, len(x) // tcfg.batch_size)
+    sched = warmup_cosine(opt, tcfg.warmup_steps, total)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
+    state = {"optimizer": opt, "scheduler": sched, "ema": ema, "step": 0, "losses": []}
+    if ckpt is not None:
+        load_state(model, ckpt["model"], ckpt_path)
+        load_state(ema.module, ckpt["ema"], ckpt_path, "ema")
+        ema.n_averaged.fill_(ckpt["ema_n_averaged"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        state.update(step=ckpt["step"], losses=[tuple(l) for l in ckpt["losses"]])
+        set_rng_state(ckpt["rng"])
+        print(f"resumed {ckpt_path} at step {state['step']}")
+
+    def save(state):
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "ema": ema.module.state_dict(),
+            "ema_n_averaged": int(ema.n_averaged), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "step": state["step"], "config": config,
+            "losses": state["losses"], "rng": rng_state()})
+
+    grid = os.path.join(tcfg.out, "samples.png")
+    state["sample"] = lambda step: save_sample_grid(ema.module.eval(), diffusion,
+                                                    os.path.join(tcfg.out, f"samples_{step:06d}.png"))
+    t0 = time.perf_counter()
+    outcome = fit(model, diffusion, (x, y), tcfg, state, save, device, params)
+    minutes = (time.perf_counter() - t0) / 60
+    save_loss_curve(state["losses"], os.path.join(tcfg.out, "loss.png"))
+    if outcome == "interrupted":
+        print(f"interrupted at step {state['step']}: checkpoint saved to {ckpt_path}; "
+              f"continue with `python train.py --out {tcfg.out} --resume`")
+        return 130
+    save_sample_grid(ema.module.eval(), diffusion, grid)
+    print(f"trained {state['step']} steps in {minutes:.1f} min -> {ckpt_path}, {grid}, "
+          f"{os.path.join(tcfg.out, 'loss.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (TrainingError, CheckpointError, DataError) as e:
+        sys.exit(f"train.py: error: {e}")
