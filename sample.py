@@ -13,6 +13,7 @@ import torch
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_model
 from config import Parser
 from diffusion import Diffusion
+from lora import LoraError, apply_adapters
 from train import TrainingError, pick_device
 
 SAMPLE_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 2.0, "eta": 0.0, "seed": 0}
@@ -34,6 +35,25 @@ def add_sampling_flags(p):
     p.add_argument("--eta", type=float, default=d["eta"], help="DDIM noise: 0 deterministic, 1 ~ DDPM")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="LoRA adapter (.safetensors) to apply; repeat to compose several")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
+                   help="strength of each --lora, in order (default: 1.0 each)")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapter into the weights (no extra cost per step)")
+
+
+def load_model_for_sampling(args, device):
+    """The checkpoint's EMA model, with the --lora adapters applied. -> (model, diffusion config, ckpt)."""
+    model, diff_cfg, ckpt = load_model(args.checkpoint, device)
+    if args.lora_scale and len(args.lora_scale) != len(args.lora):
+        raise SampleError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: give one per adapter")
+    scales = args.lora_scale or [1.0] * len(args.lora)
+    if any(not math.isfinite(s) for s in scales):
+        raise SampleError("--lora-scale must be finite")
+    if args.lora:
+        apply_adapters(model, args.lora, scales, ckpt["config"]["model"], merge=args.merge)
+    return model, diff_cfg, ckpt
 
 
 def check_sampling_args(args, timesteps):
@@ -118,7 +138,7 @@ def main(argv=None):
     if args.npz:
         check_writable(args.npz, "--npz")
     device = pick_device(args.device)
-    model, diff_cfg, _ = load_model(args.checkpoint, device)
+    model, diff_cfg, _ = load_model_for_sampling(args, device)
     check_sampling_args(args, diff_cfg.timesteps)
 
     x, y, frames = generate(model, diff_cfg, labels, args.n, args, device, trajectory=args.show_steps)
@@ -141,5 +161,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (SampleError, CheckpointError, TrainingError) as e:
+    except (SampleError, CheckpointError, TrainingError, LoraError) as e:
         sys.exit(f"sample.py: error: {e}")

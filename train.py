@@ -134,8 +134,7 @@ def fit(model, diffusion, data, tcfg, state, save, device, params, desc="train")
     stop = StopFlag()
     model.train()
     perm, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
-    bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
-               disable=None)
+    bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True)
     while state["step"] < stop_at:
         step = state["step"]
         epoch, i = divmod(step, steps_per_epoch)
@@ -230,8 +229,9 @@ def main(argv=None):
     x, y, name = load_dataset(tcfg.dataset, tcfg.data_dir, split="train")
     if len(x) < tcfg.batch_size:
         raise TrainingError(f"--batch-size {tcfg.batch_size} is larger than the dataset ({len(x)} images)")
-    x, y = x.to(device), y.to(device)
-    model = UNet(model_cfg).to(device)
+    layout = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    x, y = x.to(device).contiguous(memory_format=layout), y.to(device)
+    model = UNet(model_cfg).to(device, memory_format=layout)
     diffusion = Diffusion(diff_cfg, model_cfg.num_classes).to(device)
     config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
     print(json.dumps(config))
@@ -259,7 +259,7 @@ def main(argv=None):
             "model": model.state_dict(), "ema": ema.module.state_dict(),
             "ema_n_averaged": int(ema.n_averaged), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "step": state["step"], "config": config,
-            "losses": state["losses"], "rng": rng_state()})
+            "losses": state["losses"], "rng": rng_state(), "data": name})
 
     grid = os.path.join(tcfg.out, "samples.png")
     state["sample"] = lambda step: save_sample_grid(ema.module.eval(), diffusion,
@@ -275,7 +275,22 @@ def main(argv=None):
     save_sample_grid(ema.module.eval(), diffusion, grid)
     print(f"trained {state['step']} steps in {minutes:.1f} min -> {ckpt_path}, {grid}, "
           f"{os.path.join(tcfg.out, 'loss.png')}")
+    if tcfg.eval_n:
+        final_evaluation(ema.module, diff_cfg, name, tcfg, device)
     return 0
+
+
+def final_evaluation(model, diff_cfg, dataset, tcfg, device):
+    """Score the EMA weights with evaluate.py's classifier, so every run says how good it is."""
+    import argparse
+    import evaluate
+    from sample import SAMPLE_DEFAULTS
+    clf, clf_acc = evaluate.get_classifier(dataset, tcfg.data_dir)
+    real_x = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)[0]
+    args = argparse.Namespace(**SAMPLE_DEFAULTS)
+    r, _, _ = evaluate.evaluate_checkpoint(model.eval(), diff_cfg, clf, real_x, tcfg.eval_n, args, device)
+    print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
+    evaluate.print_report(r, evaluate.real_floor(clf, real_x), clf_acc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,339 @@
+"""Does `--label 7` really draw a 7? `python evaluate.py --checkpoint runs/mnist/ckpt.pt`.
+
+A small CNN digit classifier, trained once on real training digits and cached, judges
+generated samples: label accuracy (overall and per digit), mean confidence, and the Frechet
+distance between generated and real test digits in the classifier's penultimate features
+(FID's idea with an MNIST-sized network), next to the same distance between two halves of
+the real test set -- the floor that finite samples allow.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint import CheckpointError, atomic_write, load_model
+from config import Parser
+from dataset import DataError, load_dataset
+from dataset import apply_style
+from lora import LoraError, read_adapter
+from sample import SampleError, add_sampling_flags, check_sampling_args, generate, load_model_for_sampling
+from sample import SAMPLE_DEFAULTS
+from train import TrainingError, pick_device
+
+CLASSIFIER_VERSION = 1    # bump when the classifier or its training changes: invalidates caches
+
+
+class Classifier(nn.Module):
+    """Two conv blocks and an MLP head; `features` is the 128-d penultimate layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),                                                # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten())                                  # (B, 64*7*7)
+        self.fc = nn.Sequential(nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def features(self, x):
+        """x (B, 1, 28, 28) in [-1, 1] -> (B, 128)."""
+        return self.fc(self.conv(x))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def augment(x, generator):
+    """Random shifts of up to 2 pixels: cheap augmentation that makes 4,500 digits enough."""
+    B = x.shape[0]
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = (torch.rand(B, 2, generator=generator) - 0.5) * (4 / 14)  # +-2 px of 28
+    grid = F.affine_grid(theta, x.shape, align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def train_classifier(x, y, epochs=12, batch_size=128, seed=0, progress=True):
+    """Adam on augmented real digits; returns the classifier in eval mode."""
+    from tqdm import tqdm
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    clf = Classifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    steps = epochs * (len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(1, steps))
+    clf.train()
+    for _ in tqdm(range(epochs), desc="classifier", disable=not progress):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(len(x) // batch_size):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(clf(augment(x[idx], g)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return clf.eval()
+
+
+@torch.inference_mode()
+def classify(clf, x, batch_size=1000):
+    """-> (probabilities (N, 10), features (N, 128)) for images in [-1, 1]."""
+    probs, feats = [], []
+    for chunk in x.split(batch_size):
+        f = clf.features(chunk)
+        feats.append(f)
+        probs.append(clf.head(f).softmax(dim=1))
+    return torch.cat(probs), torch.cat(feats)
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D):
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), computed in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
+
+
+def get_classifier(dataset, data_dir, progress=True):
+    """The classifier for `dataset`, trained once and cached in data_dir; reports its test accuracy."""
+    path = os.path.join(data_dir, f"classifier_{dataset}_v{CLASSIFIER_VERSION}.pt")
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        clf = Classifier()
+        clf.load_state_dict(saved["model"])
+        return clf.eval(), saved["test_accuracy"]
+    x, y, _ = load_dataset(dataset, data_dir, "train", verbose=False)
+    clf = train_classifier(x, y, progress=progress)
+    xt, yt, _ = load_dataset(dataset, data_dir, "test", verbose=False)
+    acc = (classify(clf, xt)[0].argmax(1) == yt).float().mean().item()
+    atomic_write(path, lambda tmp: torch.save({"model": clf.state_dict(), "test_accuracy": acc}, tmp))
+    return clf, acc
+
+
+def evaluate_images(clf, x, y, real_x):
+    """Accuracy, per-digit accuracy, confidence and Frechet distance of images x with labels y."""
+    probs, feats = classify(clf, x)
+    pred = probs.argmax(1)
+    per_digit = {d: (pred[y == d] == d).float().mean().item() for d in range(10) if (y == d).any()}
+    half_a, half_b = real_halves(clf, real_x)
+    return {
+        "accuracy": (pred == y).float().mean().item(),
+        "per_digit_accuracy": per_digit,
+        "confidence": probs.gather(1, y[:, None]).mean().item(),
+        "frechet": frechet_vs_real(feats.numpy(), half_a, half_b),
+        "n": len(x),
+    }
+
+
+def real_halves(clf, real_x, seed=0):
+    """Features of two fixed random halves A, B of the real test set."""
+    perm = torch.randperm(len(real_x), generator=torch.Generator().manual_seed(seed)).numpy()
+    feats = classify(clf, real_x)[1].numpy()[perm]
+    return feats[: len(feats) // 2], feats[len(feats) // 2:]
+
+
+def real_floor(clf, real_x):
+    """Frechet distance between the two real halves: what a perfect generator would score."""
+    return frechet_distance(*real_halves(clf, real_x))
+
+
+def frechet_vs_real(gen_feats, half_a, half_b):
+    """Generated vs real half B, in chunks of |A| samples, averaged: the same sample sizes as
+    the floor (A vs B), since the Frechet distance of finite samples grows as they shrink."""
+    k = len(half_a)
+    gen_feats = gen_feats[np.random.default_rng(0).permutation(len(gen_feats))]  # mix the labels
+    chunks = [gen_feats[i:i + k] for i in range(0, max(1, len(gen_feats) - k + 1), k)]
+    return float(np.mean([frechet_distance(c, half_b) for c in chunks]))
+
+
+def evaluate_checkpoint(model, diff_cfg, clf, real_x, n, args, device, batch=200):
+    """Sample n per digit from the model and score them; adds sampling time."""
+    labels = list(range(10))
+    t0 = time.perf_counter()
+    xs, ys = [], []
+    per_chunk = max(1, batch // 10)
+    for i, start in enumerate(range(0, n, per_chunk)):
+        chunk_args = argparse.Namespace(**{**vars(args), "seed": args.seed + i})  # fresh noise per chunk
+        x, y, _ = generate(model, diff_cfg, labels, min(per_chunk, n - start), chunk_args, device)
+        xs.append(x.cpu())
+        ys.append(y.cpu())
+    seconds = time.perf_counter() - t0
+    x, y = torch.cat(xs), torch.cat(ys)
+    return {**evaluate_images(clf, x, y, real_x), "sampling_seconds": seconds}, x, y
+
+
+def print_report(r, floor, clf_acc):
+    print(f"classifier accuracy on real test digits: {100 * clf_acc:.2f}%")
+    print(f"{'digit':>6} " + " ".join(f"{d:>5}" for d in range(10)))
+    print(f"{'acc %':>6} " + " ".join(f"{100 * r['per_digit_accuracy'][d]:5.1f}"
+                                     for d in range(10) if d in r['per_digit_accuracy']))
+    print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | "
+          f"Frechet {r['frechet']:.2f} (real-vs-real floor {floor:.2f}) | n={r['n']}"
+          + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
+
+
+def parse_args(argv=None):
+    p = Parser(description="Measure how well generated digits match their labels and real data.")
+    p.add_argument("--n", type=int, default=100, help="samples per digit (default: 100)")
+    p.add_argument("--npz", default=None, help="evaluate images/labels saved by `sample.py --npz` instead")
+    p.add_argument("--dataset", default=None,
+                   help="real data for the classifier and the floor (default: the checkpoint's)")
+    p.add_argument("--data-dir", default="data", help="MNIST root and classifier cache (default: data)")
+    p.add_argument("--sweep-guidance", default=None,
+                   help="comma-separated guidance scales, e.g. 0,1,2,3,5: writes a trade-off figure")
+    p.add_argument("--json", default=None, help="where to write the results (default: next to the input)")
+    add_sampling_flags(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.n < 1:
+        raise SampleError(f"--n {args.n}: must be >= 1")
+    device = pick_device(args.device)
+    model = None
+    if args.npz is None:
+        model, diff_cfg, ckpt = load_model_for_sampling(args, device)
+        check_sampling_args(args, diff_cfg.timesteps)
+        dataset = args.dataset or ckpt.get("data", "auto")
+    else:
+        dataset = args.dataset or "auto"
+    real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
+    clf, clf_acc = get_classifier(dataset, args.data_dir)
+    floor = real_floor(clf, real_x)
+    base = os.path.splitext(args.npz or args.checkpoint)[0]
+    results = {"dataset": dataset, "classifier_test_accuracy": clf_acc, "frechet_floor": floor}
+
+    if args.npz:
+        with np.load(args.npz) as f:
+            x = torch.as_tensor(f["images"], dtype=torch.float32)[:, None] / 127.5 - 1
+            y = torch.as_tensor(f["labels"], dtype=torch.long)
+        results.update(evaluate_images(clf, x, y, real_x))
+        print_report(results, floor, clf_acc)
+    elif args.sweep_guidance:
+        scales = [float(s) for s in args.sweep_guidance.split(",")]
+        seed, sweep = args.seed, []
+        for w in scales:
+            args.guidance, args.seed = w, seed
+            check_sampling_args(args, diff_cfg.timesteps)
+            r, _, _ = evaluate_checkpoint(model, diff_cfg, clf, real_x, args.n, args, device)
+            print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}")
+            sweep.append({"guidance": w, **r})
+        results["sweep"] = sweep
+        save_sweep_figure(sweep, floor, base + "_guidance_sweep.png")
+        print(base + "_guidance_sweep.png")
+    elif args.lora:
+        results["lora"] = lora_comparison(args, model, device, diff_cfg, dataset)
+    else:
+        r, x, _ = evaluate_checkpoint(model, diff_cfg, clf, real_x, args.n, args, device)
+        results.update(r, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                       style=style_measures(x), real_style=style_measures(real_x))
+        print_report(results, floor, clf_acc)
+        print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
+              f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
+
+    out = args.json or base + "_eval.json"
+    atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1)), suffix=".json")
+    print(out)
+    return 0
+
+
+def save_sweep_figure(sweep, floor, path):
+    """Accuracy and Frechet distance against the guidance scale: the quality/diversity trade-off."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    w = [s["guidance"] for s in sweep]
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot(w, [100 * s["accuracy"] for s in sweep], "o-", color="C0")
+    ax1.set(xlabel="guidance scale w", ylabel="label accuracy (%)")
+    ax2 = ax1.twinx()
+    ax2.plot(w, [s["frechet"] for s in sweep], "s--", color="C1")
+    ax2.axhline(floor, color="C1", lw=0.8, ls=":")
+    ax2.set_ylabel("Frechet distance (dotted: real floor)", color="C1")
+    ax1.set_title("classifier-free guidance: accuracy vs. diversity")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
+    plt.close(fig)
+
+
+
+def style_measures(x):
+    """Two classical handwriting measures of images (N, 1, 28, 28) in [-1, 1], averaged:
+    ink   -- fraction of pixels above mid-grey (stroke thickness);
+    slant -- -mu11 / mu02 of the intensity's second moments, as in deskewing
+             (x shift per row; > 0 leans right)."""
+    w = ((x[:, 0] + 1) / 2).double()                                   # (N, 28, 28) in [0, 1]
+    rows = torch.arange(28, dtype=torch.float64).view(1, 28, 1)
+    cols = torch.arange(28, dtype=torch.float64).view(1, 1, 28)
+    mass = w.sum(dim=(1, 2)).clamp(min=1e-8)
+    r_mean = (w * rows).sum(dim=(1, 2)) / mass
+    c_mean = (w * cols).sum(dim=(1, 2)) / mass
+    dr, dc = rows - r_mean.view(-1, 1, 1), cols - c_mean.view(-1, 1, 1)
+    mu11 = (w * dr * dc).sum(dim=(1, 2)) / mass
+    mu02 = (w * dr * dr).sum(dim=(1, 2)) / mass
+    return {"ink": (x > 0).double().mean().item(), "slant": (-mu11 / mu02.clamp(min=1e-8)).mean().item()}
+
+
+def styled_reference(style, dataset, data_dir):
+    """Real test digits in the adapter's style (or the user's folder): the style target."""
+    if style == "folder":
+        return load_dataset("folder", data_dir)[0]
+    return apply_style(load_dataset(dataset, data_dir, "test", verbose=False)[0], style)
+
+
+def print_style_table(rows, style):
+    """rows: name -> {"accuracy", "ink", "slant"}; the share of the way the tuned model moved."""
+    print(f"{'':<22}{'accuracy':>9}{'ink':>8}{'slant':>8}")
+    for name, r in rows.items():
+        acc = f"{100 * r['accuracy']:.1f}%" if r.get("accuracy") is not None else "-"
+        print(f"{name:<22}{acc:>9}{r['ink']:8.3f}{r['slant']:8.3f}")
+    base, tuned, target = rows["base model"], rows["fine-tuned model"], rows[f"real {style} digits"]
+    shift = {m: (tuned[m] - base[m]) / (target[m] - base[m]) if abs(target[m] - base[m]) > 1e-9 else float("nan")
+             for m in ("ink", "slant")}
+    print(f"style shift, base -> target: ink {100 * shift['ink']:.0f}%, slant {100 * shift['slant']:.0f}%")
+    return shift
+
+
+def style_evaluation(base_model, tuned, diff_cfg, dataset, style, data_dir, n, device, seed=0):
+    """Accuracy and style measures of base and fine-tuned samples next to real (styled) digits."""
+    clf, _ = get_classifier(dataset, data_dir)
+    real_x, real_y, dataset = load_dataset(dataset, data_dir, "test", verbose=False)
+    styled = styled_reference(style, dataset, data_dir)
+    args = argparse.Namespace(**{**SAMPLE_DEFAULTS, "seed": seed})
+    rows = {"real test digits": {**style_measures(real_x), "accuracy": evaluate_images(clf, real_x, real_y, real_x)["accuracy"]},
+            f"real {style} digits": {**style_measures(styled), "accuracy": None}}
+    if style != "folder":
+        rows[f"real {style} digits"]["accuracy"] = evaluate_images(clf, styled, real_y, real_x)["accuracy"]
+    for name, model in (("base model", base_model), ("fine-tuned model", tuned)):
+        r, x, _ = evaluate_checkpoint(model.eval(), diff_cfg, clf, real_x, n, args, device)
+        rows[name] = {**style_measures(x), "accuracy": r["accuracy"], "frechet": r["frechet"]}
+    shift = print_style_table(rows, style)
+    return {"rows": rows, "shift": shift}
+
+
+def lora_comparison(args, tuned, device, diff_cfg, dataset):
+    """evaluate.py --lora: the adapted model against the base model and the styled real data
+    (the style of the first adapter)."""
+    style = read_adapter(args.lora[0])[1].get("style") or "bold"
+    base_model = load_model(args.checkpoint, device)[0]
+    return style_evaluation(base_model, tuned, diff_cfg, dataset, style, args.data_dir, args.n, device, args.seed)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (SampleError, CheckpointError, TrainingError, DataError, LoraError) as e:
+        sys.exit(f"evaluate.py: error: {e}")

@@ -1,0 +1,197 @@
+"""Teach the pretrained model a new handwriting style with LoRA: `python lora_finetune.py`.
+
+Loads the EMA weights written by `python train.py`, wraps the cross-attention projections
+in LoraLayers (lora.py), freezes everything else and trains only A and B on styled digits
+the base model never saw (bold or italic versions of the training split, or your own
+folder of digits). The training loop is train.py's; only this set-up differs. Writes the
+adapter (safetensors, a few % of the model), a loss curve, base-vs-LoRA samples and a
+strength sweep. `--full` fine-tunes every weight instead: the baseline LoRA is measured against.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import lora
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from config import LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict
+from dataset import DataError, apply_style, load_dataset
+from diffusion import Diffusion
+from train import (TrainingError, fit, pick_device, prepare_out_dir, rng_state, save_loss_curve,
+                   set_rng_state, warmup_cosine)
+from unet import count_params
+
+# Fine-tuning needs far fewer steps and a gentler start than training from scratch.
+FINETUNE_DEFAULTS = {"out": "", "epochs": 6, "lr": 2e-3, "warmup_steps": 20, "ema_decay": 0.99,
+                     "ckpt_every": 200, "eval_n": 20}
+
+
+def parse_args(argv=None):
+    p = Parser(description="LoRA fine-tuning of a trained checkpoint on a new handwriting style.")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"base model (default: {DEFAULT_CHECKPOINT})")
+    add_config_flags(p, LoraConfig, "LoRA")
+    add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS, skip=("channels_last", "dataset"))
+    p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
+                   help="styled: the base's training digits in --style; folder: your digits in --data-dir")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
+    return p.parse_args(argv)
+
+
+def load_finetune_data(style, data_dir, base_dataset):
+    """Styled training digits (the base saw them only unstyled), or the user's folder."""
+    if style == "folder":
+        return load_dataset("folder", data_dir)[:2]
+    x, y, _ = load_dataset(base_dataset, data_dir, "train", verbose=False)
+    return apply_style(x, style), y
+
+
+def side_by_side(models, titles, diffusion, path, n=6, seed=0, scales=None):
+    """One panel per model (or per LoRA scale): rows are digits 0..9, same noise in every panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    panels = []
+    for model, scale in zip(models, scales or [None] * len(models)):
+        if scale is not None:
+            lora.set_scale(model, scale)
+        device = next(model.parameters()).device
+        y = torch.arange(10, device=device).repeat_interleave(n)
+        x = diffusion.sample(model, y, generator=torch.Generator(device).manual_seed(seed))
+        panels.append(make_grid((x.cpu() + 1) / 2, nrow=n, padding=1, pad_value=0.5)[0])
+    if scales is not None:
+        lora.set_scale(models[0], 1.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 3.9))
+    for ax, panel, title in zip(axes, panels, titles):
+        ax.imshow(panel, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        style = "folder" if args.dataset == "folder" else args.style
+        lcfg, tcfg = config_from_args(LoraConfig, args, style=style), config_from_args(TrainConfig, args, dataset="auto")
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    kind = "full" if lcfg.full else "lora"
+    tcfg.out = tcfg.out or os.path.join("runs", f"{kind}-{lcfg.style}")
+    ckpt_path = prepare_out_dir(tcfg.out, args.resume, args.overwrite, "finetune_ckpt.pt")
+    resume = load_checkpoint(ckpt_path) if args.resume else None
+    if resume is not None:  # the stored configuration wins, as in train.py
+        lcfg = config_from_dict(LoraConfig, resume["config"]["lora"])
+        tcfg = TrainConfig(**{**resume["config"]["train"], "device": tcfg.device, "out": tcfg.out,
+                              "max_steps": tcfg.max_steps, "threads": tcfg.threads})
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    device = pick_device(tcfg.device)
+    torch.manual_seed(tcfg.seed)
+
+    model, diff_cfg, base_ckpt = load_model(args.checkpoint, device)    # EMA weights of the base
+    model_config = base_ckpt["config"]["model"]
+    fingerprint = lora.base_fingerprint(model)
+    tcfg.dataset = base_ckpt.get("data", "auto")     # the base's data, styled below (or unused)
+    x, y = load_finetune_data(lcfg.style, tcfg.data_dir, tcfg.dataset)
+    data_name = lcfg.style
+    if len(x) < tcfg.batch_size:
+        tcfg.batch_size = len(x)          # few-shot folders: one batch is the whole set
+    x, y = x.to(device), y.to(device)
+    total_params = count_params(model)
+    if lcfg.full:
+        names = []
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        names = lora.inject_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout, lcfg.rslora)
+        lora.mark_only_lora_trainable(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    print(f"base: {args.checkpoint} | data: {data_name}, {len(x):,} images | "
+          f"{'full fine-tuning' if lcfg.full else f'LoRA r={lcfg.r} alpha={lcfg.alpha} on {len(names)} layers ({lcfg.targets})'}")
+    print(f"trainable {trainable:,} / {total_params:,} = {100 * trainable / total_params:.1f}%")
+
+    diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    sched = warmup_cosine(opt, tcfg.warmup_steps, tcfg.epochs * max(1, len(x) // tcfg.batch_size))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
+    state = {"optimizer": opt, "scheduler": sched, "ema": ema, "step": 0, "losses": []}
+    trained = (lambda m: m.state_dict()) if lcfg.full else lora.lora_state_dict
+    config = {"lora": asdict(lcfg), "train": asdict(tcfg), "base": os.path.abspath(args.checkpoint)}
+    if resume is not None:
+        if resume.get("base_fingerprint") != fingerprint:
+            raise TrainingError(f"{ckpt_path}: was fine-tuned from other base weights than {args.checkpoint}")
+        for module, key in ((model, "model"), (ema.module, "ema")):
+            if set(resume[key]) != set(trained(module)):
+                raise TrainingError(f"{ckpt_path}: {key} tensors do not match this set-up")
+            module.load_state_dict(resume[key], strict=False)  # keys checked just above
+        ema.n_averaged.fill_(resume["ema_n_averaged"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        state.update(step=resume["step"], losses=[tuple(l) for l in resume["losses"]])
+        set_rng_state(resume["rng"])
+        print(f"resumed {ckpt_path} at step {state['step']}")
+
+    def save(state):
+        save_checkpoint(ckpt_path, {
+            "model": trained(model), "ema": trained(ema.module),
+            "ema_n_averaged": int(ema.n_averaged), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "step": state["step"], "config": config,
+            "losses": state["losses"], "rng": rng_state(), "base_fingerprint": fingerprint})
+
+    t0 = time.perf_counter()
+    outcome = fit(model, diffusion, (x, y), tcfg, state, save, device, params, desc=kind)
+    seconds = time.perf_counter() - t0
+    save_loss_curve(state["losses"], os.path.join(tcfg.out, "loss.png"), f"{kind} fine-tuning loss")
+    if outcome == "interrupted":
+        print(f"interrupted at step {state['step']}: continue with "
+              f"`python lora_finetune.py --out {tcfg.out} --resume`")
+        return 130
+    tuned = ema.module.eval()
+    base_size = os.path.getsize(args.checkpoint)
+    if lcfg.full:
+        out_file = os.path.join(tcfg.out, "ckpt.pt")
+        sd = tuned.state_dict()
+        save_checkpoint(out_file, {"model": sd, "ema": sd, "config": base_ckpt["config"],
+                                   "data": base_ckpt.get("data", "auto"), "step": state["step"]})
+    else:
+        out_file = os.path.join(tcfg.out, "adapter.safetensors")
+        lora.save_adapter(out_file, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora,
+                          model_config, fingerprint, style=lcfg.style)
+    size = os.path.getsize(out_file)
+    print(f"trained {state['step']} steps in {seconds / 60:.1f} min ({1000 * seconds / max(1, state['step']):.0f} ms/step)")
+    print(f"saved {out_file}: {size / 1024:.1f} KiB vs base checkpoint {base_size / 1024:.1f} KiB "
+          f"({100 * size / base_size:.1f}%) and base weights {4 * total_params / 1024:.1f} KiB "
+          f"({100 * size / (4 * total_params):.1f}%) | trainable {trainable:,} / {total_params:,} "
+          f"= {100 * trainable / total_params:.1f}%")
+
+    base_model = load_model(args.checkpoint, device)[0]
+    compare = os.path.join(tcfg.out, "base_vs_tuned.png")
+    side_by_side([base_model, tuned], ["base model", f"{kind} ({data_name})"], diffusion, compare)
+    print(compare)
+    if not lcfg.full:
+        sweep = os.path.join(tcfg.out, "strength_sweep.png")
+        scales = [0.0, 0.25, 0.5, 0.75, 1.0]
+        side_by_side([tuned] * 5, [f"scale {s}" for s in scales], diffusion, sweep, n=3, scales=scales)
+        print(sweep)
+    if tcfg.eval_n:
+        from evaluate import style_evaluation
+        style_evaluation(base_model, tuned, diff_cfg, base_ckpt.get("data", "auto"), data_name,
+                         tcfg.data_dir, tcfg.eval_n, device)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (TrainingError, CheckpointError, DataError, lora.LoraError) as e:
+        sys.exit(f"lora_finetune.py: error: {e}")

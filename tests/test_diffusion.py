@@ -1,0 +1,94 @@
+"""The process: schedules, the closed-form forward process, samplers, guidance."""
+import pytest
+import torch
+
+from conftest import TINY, assert_close
+from config import DiffusionConfig
+from diffusion import Diffusion, cosine_betas, linear_betas
+from unet import UNet
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_alphas_cumprod_strictly_decreasing_in_unit_interval(schedule):
+    d = Diffusion(DiffusionConfig(schedule=schedule))
+    a = d.alphas_cumprod
+    assert a.dtype == torch.float32 and len(a) == 1000
+    assert (a > 0).all() and (a < 1).all() and (a[1:] < a[:-1]).all()
+    assert a[-1] < 0.01 and a[0] > 0.99     # ends near pure noise, starts near the data
+
+
+def test_schedules_are_computed_in_float64():
+    assert cosine_betas(100).dtype == torch.float64 and linear_betas(100).dtype == torch.float64
+
+
+def test_q_sample_matches_closed_form():
+    d = Diffusion(DiffusionConfig(timesteps=100))
+    x0, noise, t = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.tensor([0, 50, 99])
+    abar = torch.cumprod(1 - cosine_betas(100), 0)[t].view(-1, 1, 1, 1)
+    expected = abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double()
+    assert_close(d.q_sample(x0, t, noise).double(), expected, atol=1e-5)
+
+
+def test_q_sample_statistics():
+    """x_t has mean sqrt(abar) x0 and variance 1 - abar, per the forward process."""
+    d = Diffusion(DiffusionConfig(timesteps=100))
+    x0 = torch.full((20000, 1, 1, 1), 0.5)
+    t = torch.full((20000,), 60)
+    xt = d.q_sample(x0, t, torch.randn_like(x0))
+    abar = d.alphas_cumprod[60]
+    assert abs(xt.mean() - 0.5 * abar.sqrt()) < 0.02 and abs(xt.var() - (1 - abar)) < 0.03
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_perfect_model_recovers_x0(prediction):
+    """Fed the true eps (or v), predict_eps_x0 returns the true x_0: the algebra is right."""
+    d = Diffusion(DiffusionConfig(timesteps=100, prediction=prediction))
+    x0, noise, t = torch.rand(2, 1, 28, 28) * 1.8 - 0.9, torch.randn(2, 1, 28, 28), 40
+    xt = d.q_sample(x0, torch.tensor([t, t]), noise)
+    a, s = d.sqrt_alphas_cumprod[t], d.sqrt_one_minus_alphas_cumprod[t]
+    target = noise if prediction == "eps" else a * noise - s * x0
+    oracle = lambda x, tt, y: target
+    eps, x0_hat = d.predict_eps_x0(oracle, xt, t, torch.tensor([1, 2]), guidance=1.0)
+    assert_close(x0_hat, x0, atol=1e-4)
+    assert_close(eps, noise, atol=1e-3)
+
+
+def test_guidance_combines_cond_and_uncond_in_one_batch():
+    d = Diffusion(DiffusionConfig(timesteps=10), num_classes=10)
+    calls = []
+
+    def model(x, t, y):
+        calls.append(len(y))
+        return torch.where((y == 10).view(-1, 1, 1, 1), 1.0, 3.0).expand_as(x).clone()
+    out = d.predict_eps_x0(model, torch.zeros(2, 1, 4, 4), 5, torch.tensor([1, 2]), guidance=2.5)[0]
+    # eps_uncond + w (eps_cond - eps_uncond) = 1 + 2.5 * 2 = 6 before the x_0 clamp re-derives eps
+    assert calls == [4]
+    a, s = d.sqrt_alphas_cumprod[5], d.sqrt_one_minus_alphas_cumprod[5]
+    x0 = ((0 - s * 6.0) / a).clamp(-1, 1)
+    assert_close(out, torch.full_like(out, float((0 - a * x0) / s)), atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_same_seed_same_samples(sampler):
+    model = UNet(TINY).eval()
+    d = Diffusion(DiffusionConfig(timesteps=20))
+    y = torch.tensor([0, 5])
+    run = lambda seed: d.sample(model, y, sampler, steps=5, generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (2, 1, 28, 28) and a.abs().max() <= 1.0 + 1e-6
+
+
+def test_trajectory_has_one_frame_per_step():
+    d = Diffusion(DiffusionConfig(timesteps=20))
+    x, frames = d.sample(UNet(TINY).eval(), torch.tensor([3]), "ddim", steps=7, trajectory=True)
+    assert len(frames) == 8 and torch.equal(frames[-1], x)
+
+
+def test_loss_label_dropout_uses_null_label():
+    d = Diffusion(DiffusionConfig(timesteps=10, p_uncond=0.5))
+    seen = []
+    d.loss(lambda x, t, y: (seen.append(y), torch.zeros_like(x))[1], torch.zeros(1000, 1, 2, 2),
+           torch.full((1000,), 3))
+    frac = (seen[0] == 10).float().mean().item()
+    assert 0.4 < frac < 0.6 and set(seen[0].tolist()) == {3, 10}

@@ -1,0 +1,48 @@
+"""The measuring instruments: Frechet distance, the classifier, style measures."""
+import numpy as np
+import torch
+
+from conftest import run_script
+from dataset import apply_style, load_dataset
+import evaluate
+
+
+def test_frechet_distance_zero_for_same_set_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 8))
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+    d1, d2 = evaluate.frechet_distance(a, a + 0.5), evaluate.frechet_distance(a, a + 1.0)
+    assert abs(d1 - 8 * 0.25) < 1e-6 and abs(d2 - 8 * 1.0) < 1e-6     # |mu shift|^2
+    assert evaluate.frechet_distance(a, 2 * a) > 1.0                   # covariance change counts too
+
+
+def test_classifier_beats_chance_after_a_few_steps():
+    x, y, _ = load_dataset("mnist-5k", split="train")
+    x, y = x[:640], y[:640]
+    clf = evaluate.train_classifier(x, y, epochs=2, batch_size=64, progress=False)
+    acc = (evaluate.classify(clf, x)[0].argmax(1) == y).float().mean().item()
+    assert acc > 0.5, acc
+
+
+def test_npz_of_real_test_digits_scores_high(tmp_path):
+    """A quickly trained classifier, cached where evaluate.py looks, rates real test digits highly."""
+    x, y, _ = load_dataset("mnist-5k", split="train")
+    clf = evaluate.train_classifier(x, y, epochs=3, progress=False)
+    xt, yt, _ = load_dataset("mnist-5k", split="test")
+    acc = (evaluate.classify(clf, xt)[0].argmax(1) == yt).float().mean().item()
+    path = tmp_path / f"classifier_mnist-5k_v{evaluate.CLASSIFIER_VERSION}.pt"
+    torch.save({"model": clf.state_dict(), "test_accuracy": acc}, path)
+    npz = tmp_path / "real.npz"
+    np.savez(npz, images=((xt[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy(), labels=yt.numpy())
+    r = run_script("evaluate.py", "--npz", str(npz), "--dataset", "mnist-5k", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    import json
+    res = json.load(open(tmp_path / "real_eval.json"))
+    assert res["accuracy"] > 0.9 and res["frechet"] < 5 * res["frechet_floor"] + 1
+
+
+def test_style_measures_see_bold_and_italic():
+    x = load_dataset("mnist-5k", split="test")[0]
+    base, bold, italic = (evaluate.style_measures(v) for v in (x, apply_style(x, "bold"), apply_style(x, "italic")))
+    assert bold["ink"] > 1.5 * base["ink"] and abs(bold["slant"] - base["slant"]) < 0.05
+    assert italic["slant"] > base["slant"] + 0.25 and abs(italic["ink"] - base["ink"]) < 0.02

@@ -1,0 +1,218 @@
+"""LoRA: exact at init, merge/unmerge identities, only adapters train, adapter files are checked."""
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY, TINY_FLAGS, assert_close, run_script
+import lora
+from config import DiffusionConfig
+from diffusion import Diffusion
+from unet import UNet
+
+INPUTS = (torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 30, 45]), torch.tensor([0, 3, 7, 10]))
+
+
+def lora_model(targets="attn", r=4, alpha=8.0, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = UNet(TINY).eval()
+    names = lora.inject_lora(model, targets, r, alpha, **kw)
+    return model, names
+
+
+def randomize_B(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def test_init_and_scale_zero_equal_base_exactly():
+    torch.manual_seed(0)
+    base = UNet(TINY).eval()
+    expected = base(*INPUTS)
+    names = lora.inject_lora(base, "attn", 4, 8.0)
+    assert len(names) == 4 * sum(1 for n, _ in base.named_modules() if n.endswith(".attn"))
+    assert torch.equal(base(*INPUTS), expected)               # B = 0: exactly the base model
+    randomize_B(base)
+    assert not torch.equal(base(*INPUTS), expected)
+    lora.set_scale(base, 0.0)
+    assert torch.equal(base(*INPUTS), expected)               # scale 0: exactly the base model
+
+
+def test_layer_math_and_scaling():
+    lin = nn.Linear(6, 5)
+    layer = lora.LoraLayer(lin, r=2, alpha=8.0)
+    assert layer.scaling == 4.0 and lora.LoraLayer(nn.Linear(6, 5), 4, 8.0, use_rslora=True).scaling == 4.0
+    assert layer.lora_A.shape == (2, 6) and layer.lora_B.shape == (5, 2) and (layer.lora_B == 0).all()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.scale = 0.5
+    x = torch.randn(3, 6)
+    assert_close(layer(x), lin(x) + 0.5 * 4.0 * x @ layer.lora_A.T @ layer.lora_B.T, atol=1e-5)
+    assert not lin.weight.requires_grad and not lin.bias.requires_grad
+
+
+def test_merge_equals_unmerged_and_unmerge_restores():
+    model, _ = lora_model()
+    randomize_B(model)
+    lora.set_scale(model, 0.7)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    unmerged = model(*INPUTS)
+    for layer in lora.lora_layers(model):
+        layer.merge()
+    assert_close(model(*INPUTS), unmerged, atol=1e-5, msg="merged vs unmerged")
+    with pytest.raises(lora.LoraError, match="already merged"):
+        lora.lora_layers(model)[0].merge()
+    for layer in lora.lora_layers(model):
+        layer.unmerge()
+    for n, p in model.named_parameters():
+        assert_close(p, before[n], atol=1e-6, msg=n)
+    model.eval()   # eval() must not merge anything
+    assert all(layer.merged_scale is None for layer in lora.lora_layers(model))
+
+
+def test_only_lora_trains_and_every_adapter_gets_gradient():
+    model, names = lora_model("attn+ff")
+    lora.mark_only_lora_trainable(model)
+    model.train()
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0))
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    for step in range(3):
+        opt.zero_grad()
+        d.loss(model, x0, torch.arange(8)).backward()
+        if step == 1:   # after one step B != 0, so A gets gradient too
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    assert p.grad is not None and p.grad.abs().max() > 0, f"{n}: zero gradient"
+        opt.step()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.lora_{m}" for n in names for m in "AB"}
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+    assert any(n.endswith("to_q") for n in names) and any(n.endswith("to_k") for n in names)
+
+
+def test_inject_errors():
+    model = UNet(TINY)
+    with pytest.raises(lora.LoraError, match="matches no"):
+        lora.inject_lora(model, r"\.nonexistent$", 4, 4.0)
+    lora.inject_lora(model, "attn", 4, 4.0)
+    with pytest.raises(lora.LoraError, match="already has LoRA"):
+        lora.inject_lora(model, "attn", 4, 4.0)
+
+
+def test_trainable_fraction_of_presets():
+    total = sum(p.numel() for p in UNet(TINY).parameters())
+    counts = {}
+    for preset in ("attn", "attn+ff", "all-linear"):
+        model, _ = lora_model(preset)
+        lora.mark_only_lora_trainable(model)
+        counts[preset] = lora.count_trainable(model)
+    assert 0 < counts["attn"] < counts["attn+ff"] < counts["all-linear"] < total
+
+
+def _save(model, path, fingerprint):
+    lora.save_adapter(str(path), model, "attn", 4, 8.0, False, asdict(TINY), fingerprint, style="bold")
+
+
+def test_adapter_round_trip_and_checks(tmp_path):
+    torch.manual_seed(0)
+    base_sd = UNet(TINY).state_dict()
+    model, _ = lora_model()
+    fp = lora.base_fingerprint(model)
+    randomize_B(model)
+    expected = model(*INPUTS)
+    _save(model, tmp_path / "a.safetensors", fp)
+
+    fresh = UNet(TINY).eval()
+    fresh.load_state_dict(base_sd)
+    assert lora.base_fingerprint(fresh) == fp
+    lora.load_adapter(fresh, str(tmp_path / "a.safetensors"), asdict(TINY))
+    assert torch.equal(fresh(*INPUTS), expected)
+
+    other = UNet(TINY)                                  # same architecture, other weights
+    with pytest.raises(lora.LoraError, match="other base weights"):
+        lora.load_adapter(other, str(tmp_path / "a.safetensors"), asdict(TINY))
+    with pytest.raises(lora.LoraError, match="another model"):
+        lora.load_adapter(UNet(TINY), str(tmp_path / "a.safetensors"), {**asdict(TINY), "base_channels": 16})
+
+
+def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    torch.manual_seed(0)
+    base_sd = UNet(TINY).state_dict()
+    model, _ = lora_model()
+    _save(model, tmp_path / "a.safetensors", lora.base_fingerprint(model))
+    tensors = load_file(str(tmp_path / "a.safetensors"))
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        meta = f.metadata()
+    first = sorted(tensors)[0]
+    for name, broken in (("missing", {k: v for k, v in tensors.items() if k != first}),
+                         ("unexpected", {**tensors, "mid.0.lora_X": torch.zeros(1)}),
+                         ("shape", {**tensors, first: torch.zeros(3, 3)})):
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file(broken, path, metadata=meta)
+        fresh = UNet(TINY)
+        fresh.load_state_dict(base_sd)
+        with pytest.raises(lora.LoraError, match=name):
+            lora.load_adapter(fresh, path, asdict(TINY))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(100))
+    with pytest.raises(lora.LoraError, match="not a readable"):
+        lora.load_adapter(UNet(TINY), str(junk), asdict(TINY))
+
+
+def test_composing_two_adapters_adds_their_deltas(tmp_path):
+    torch.manual_seed(0)
+    base = UNet(TINY).eval()
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    fp = lora.base_fingerprint(base)
+    deltas = {}
+    for i, seed in enumerate((1, 2)):
+        m = UNet(TINY).eval()
+        m.load_state_dict(base_sd)
+        lora.inject_lora(m, "attn", 4, 8.0)
+        randomize_B(m, seed)
+        deltas[i] = {n: l.delta_weight(1.0) for n, l in m.named_modules() if isinstance(l, lora.LoraLayer)}
+        _save(m, tmp_path / f"{i}.safetensors", fp)
+    composed = UNet(TINY).eval()
+    composed.load_state_dict(base_sd)
+    lora.apply_adapters(composed, [str(tmp_path / "0.safetensors"), str(tmp_path / "1.safetensors")],
+                        [0.5, 1.0], asdict(TINY))
+    sd = composed.state_dict()
+    for n in deltas[0]:
+        expected = base_sd[n + ".weight"] + 0.5 * deltas[0][n] + deltas[1][n]
+        assert_close(sd[n + ".weight"], expected, atol=1e-6, msg=n)
+
+
+def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path):
+    out = str(tmp_path / "lora")
+    r = run_script("lora_finetune.py", "--checkpoint", tiny_ckpt, "--style", "italic", "--max-steps", "3",
+                   "--batch-size", "16", "--eval-n", "0", "--out", out, "--r", "2")
+    assert r.returncode == 0, r.stderr
+    assert "trainable" in r.stdout and "%" in r.stdout
+    for f in ("adapter.safetensors", "base_vs_tuned.png", "strength_sweep.png", "loss.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    png = str(tmp_path / "s.png")
+    r = run_script("sample.py", "--checkpoint", tiny_ckpt, "--lora", os.path.join(out, "adapter.safetensors"),
+                   "--lora-scale", "0.5", "--merge", "--steps", "3", "--n", "2", "--out", png)
+    assert r.returncode == 0 and os.path.getsize(png) > 0, r.stderr
+
+
+def test_sample_refuses_adapter_of_another_base(tiny_ckpt, tmp_path):
+    other = str(tmp_path / "other")
+    assert run_script("train.py", *TINY_FLAGS, "--max-steps", "1", "--seed", "5", "--out", other).returncode == 0
+    out = str(tmp_path / "lora")
+    assert run_script("lora_finetune.py", "--checkpoint", os.path.join(other, "ckpt.pt"), "--max-steps", "1",
+                      "--batch-size", "16", "--eval-n", "0", "--out", out).returncode == 0
+    r = run_script("sample.py", "--checkpoint", tiny_ckpt, "--lora", os.path.join(out, "adapter.safetensors"),
+                   "--steps", "2", "--out", str(tmp_path / "x.png"))
+    assert r.returncode != 0 and "other base weights" in r.stderr and "Traceback" not in r.stderr
