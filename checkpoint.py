@@ -5,7 +5,6 @@ of tensors and plain Python values, so `torch.load(weights_only=True)` can read 
 pickled code ever runs.
 """
 import os
-import tempfile
 
 import torch
 
@@ -19,13 +18,13 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or does not fit; the message names the file."""
 
 
-def atomic_write(path, write_fn, suffix=".tmp"):
+def atomic_write(path, write_fn, suffix=""):
     """Call write_fn(tmp_path), then rename over `path`: readers see the old file or the new one,
-    never half of one (os.replace is atomic on POSIX and Windows)."""
+    never half of one (os.replace is atomic on POSIX and Windows). The temp name is fixed
+    (`<path>.tmp<suffix>`), so one left by a killed process is simply overwritten next time."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=suffix)
-    os.close(fd)
+    tmp = os.path.abspath(path) + ".tmp" + suffix
     try:
         write_fn(tmp)
         with open(tmp, "rb") as f:

@@ -105,11 +105,6 @@ def load_dataset(name, data_dir="data", split="train", verbose=True):
         return (*load_mnist_5k(split), "mnist-5k")
 
 
-def epoch_permutation(n, seed, epoch):
-    """The shuffled order of epoch `epoch`: a pure function of (seed, epoch), so resume is exact."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def apply_style(x, style):
     """Built-in handwriting styles, made from real digits by real image transforms.
 

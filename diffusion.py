@@ -65,16 +65,21 @@ class Diffusion(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
-    def loss(self, model, x0, y):
+    def draw(self, B, shape, device, generator=None):
+        """The randomness of one training batch: timesteps t, noise eps, which labels to drop."""
+        t = torch.randint(0, self.T, (B,), device=device, generator=generator)
+        noise = torch.randn((B, *shape), device=device, generator=generator)
+        drop = torch.rand(B, device=device, generator=generator) < self.cfg.p_uncond
+        return t, noise, drop
+
+    def loss(self, model, x0, y, randomness=None):
         """Algorithm 1 of DDPM: random t, noise x_0, regress the target with MSE.
 
         Labels are replaced by the null label with probability p_uncond, so the same
-        network also learns the unconditional model that guidance needs.
+        network also learns the unconditional model that guidance needs. `randomness`
+        = (t, noise, drop) from draw(), or None to draw them here.
         """
-        B = x0.shape[0]
-        t = torch.randint(0, self.T, (B,), device=x0.device)
-        noise = torch.randn_like(x0)
-        drop = torch.rand(B, device=x0.device) < self.cfg.p_uncond
+        t, noise, drop = randomness or self.draw(x0.shape[0], x0.shape[1:], x0.device)
         y = torch.where(drop, torch.full_like(y, self.null_label), y)
         x_t = self.q_sample(x0, t, noise)
         if self.cfg.prediction == "eps":

@@ -26,7 +26,7 @@ from sample import SampleError, add_sampling_flags, check_sampling_args, generat
 from sample import SAMPLE_DEFAULTS
 from train import TrainingError, pick_device
 
-CLASSIFIER_VERSION = 1    # bump when the classifier or its training changes: invalidates caches
+CLASSIFIER_VERSION = 2    # bump when the classifier or its training changes: invalidates caches
 
 
 class Classifier(nn.Module):
@@ -51,13 +51,20 @@ class Classifier(nn.Module):
 
 
 def augment(x, generator):
-    """Random shifts of up to 2 pixels: cheap augmentation that makes 4,500 digits enough."""
+    """Random shifts (up to 2 px), slants (shear up to +-0.45) and stroke widths (3x3
+    dilation or erosion): the classifier must read bold and italic digits as well as plain ones,
+    since it also judges LoRA-styled samples."""
     B = x.shape[0]
+    u = lambda: torch.rand(B, generator=generator)
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 1] = (u() - 0.5) * 0.9 * (u() < 0.5)                           # shear
     theta[:, :, 2] = (torch.rand(B, 2, generator=generator) - 0.5) * (4 / 14)  # +-2 px of 28
     grid = F.affine_grid(theta, x.shape, align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    x = F.grid_sample(x + 1, grid, padding_mode="zeros", align_corners=False) - 1
+    width = u().view(B, 1, 1, 1)
+    dilated, eroded = F.max_pool2d(x, 3, 1, 1), -F.max_pool2d(-x, 3, 1, 1)
+    return torch.where(width < 0.25, dilated, torch.where(width > 0.9, eroded, x))
 
 
 def train_classifier(x, y, epochs=12, batch_size=128, seed=0, progress=True):
@@ -67,6 +74,7 @@ def train_classifier(x, y, epochs=12, batch_size=128, seed=0, progress=True):
     g = torch.Generator().manual_seed(seed)
     clf = Classifier()
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    batch_size = min(batch_size, len(x))
     steps = epochs * (len(x) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(1, steps))
     clf.train()
@@ -127,12 +135,12 @@ def evaluate_images(clf, x, y, real_x):
     probs, feats = classify(clf, x)
     pred = probs.argmax(1)
     per_digit = {d: (pred[y == d] == d).float().mean().item() for d in range(10) if (y == d).any()}
-    half_a, half_b = real_halves(clf, real_x)
+    frechet, floor = frechet_vs_real(feats.numpy(), *real_halves(clf, real_x))
     return {
         "accuracy": (pred == y).float().mean().item(),
         "per_digit_accuracy": per_digit,
         "confidence": probs.gather(1, y[:, None]).mean().item(),
-        "frechet": frechet_vs_real(feats.numpy(), half_a, half_b),
+        "frechet": frechet, "frechet_floor": floor,
         "n": len(x),
     }
 
@@ -144,18 +152,15 @@ def real_halves(clf, real_x, seed=0):
     return feats[: len(feats) // 2], feats[len(feats) // 2:]
 
 
-def real_floor(clf, real_x):
-    """Frechet distance between the two real halves: what a perfect generator would score."""
-    return frechet_distance(*real_halves(clf, real_x))
-
-
 def frechet_vs_real(gen_feats, half_a, half_b):
-    """Generated vs real half B, in chunks of |A| samples, averaged: the same sample sizes as
-    the floor (A vs B), since the Frechet distance of finite samples grows as they shrink."""
-    k = len(half_a)
+    """-> (generated vs real half B, real half A vs real half B), both at the same sample size
+    k = min(|A|, |generated|): the Frechet distance of finite samples grows as they shrink, so
+    only equal sizes compare. The generated side is averaged over chunks of k samples."""
+    k = min(len(half_a), len(gen_feats))
     gen_feats = gen_feats[np.random.default_rng(0).permutation(len(gen_feats))]  # mix the labels
-    chunks = [gen_feats[i:i + k] for i in range(0, max(1, len(gen_feats) - k + 1), k)]
-    return float(np.mean([frechet_distance(c, half_b) for c in chunks]))
+    chunks = [gen_feats[i:i + k] for i in range(0, len(gen_feats) - k + 1, k)]
+    return (float(np.mean([frechet_distance(c, half_b) for c in chunks])),
+            frechet_distance(half_a[:k], half_b))
 
 
 def evaluate_checkpoint(model, diff_cfg, clf, real_x, n, args, device, batch=200):
@@ -174,13 +179,13 @@ def evaluate_checkpoint(model, diff_cfg, clf, real_x, n, args, device, batch=200
     return {**evaluate_images(clf, x, y, real_x), "sampling_seconds": seconds}, x, y
 
 
-def print_report(r, floor, clf_acc):
+def print_report(r, clf_acc):
     print(f"classifier accuracy on real test digits: {100 * clf_acc:.2f}%")
     print(f"{'digit':>6} " + " ".join(f"{d:>5}" for d in range(10)))
     print(f"{'acc %':>6} " + " ".join(f"{100 * r['per_digit_accuracy'][d]:5.1f}"
                                      for d in range(10) if d in r['per_digit_accuracy']))
     print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | "
-          f"Frechet {r['frechet']:.2f} (real-vs-real floor {floor:.2f}) | n={r['n']}"
+          f"Frechet {r['frechet']:.2f} (real-vs-real floor {r['frechet_floor']:.2f}) | n={r['n']}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
 
 
@@ -193,6 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="MNIST root and classifier cache (default: data)")
     p.add_argument("--sweep-guidance", default=None,
                    help="comma-separated guidance scales, e.g. 0,1,2,3,5: writes a trade-off figure")
+    p.add_argument("--style-dir", default=None, help="with --lora of a folder-trained adapter: that folder")
     p.add_argument("--json", default=None, help="where to write the results (default: next to the input)")
     add_sampling_flags(p)
     return p.parse_args(argv)
@@ -212,18 +218,18 @@ def main(argv=None):
         dataset = args.dataset or "auto"
     real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
     clf, clf_acc = get_classifier(dataset, args.data_dir)
-    floor = real_floor(clf, real_x)
     base = os.path.splitext(args.npz or args.checkpoint)[0]
-    results = {"dataset": dataset, "classifier_test_accuracy": clf_acc, "frechet_floor": floor}
+    results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
 
     if args.npz:
-        with np.load(args.npz) as f:
-            x = torch.as_tensor(f["images"], dtype=torch.float32)[:, None] / 127.5 - 1
-            y = torch.as_tensor(f["labels"], dtype=torch.long)
+        x, y = read_npz(args.npz)
         results.update(evaluate_images(clf, x, y, real_x))
-        print_report(results, floor, clf_acc)
+        print_report(results, clf_acc)
     elif args.sweep_guidance:
-        scales = [float(s) for s in args.sweep_guidance.split(",")]
+        try:
+            scales = [float(s) for s in args.sweep_guidance.split(",")]
+        except ValueError:
+            raise SampleError(f"--sweep-guidance {args.sweep_guidance}: expected numbers like 0,1,2,3,5")
         seed, sweep = args.seed, []
         for w in scales:
             args.guidance, args.seed = w, seed
@@ -232,7 +238,7 @@ def main(argv=None):
             print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}")
             sweep.append({"guidance": w, **r})
         results["sweep"] = sweep
-        save_sweep_figure(sweep, floor, base + "_guidance_sweep.png")
+        save_sweep_figure(sweep, base + "_guidance_sweep.png")
         print(base + "_guidance_sweep.png")
     elif args.lora:
         results["lora"] = lora_comparison(args, model, device, diff_cfg, dataset)
@@ -240,7 +246,7 @@ def main(argv=None):
         r, x, _ = evaluate_checkpoint(model, diff_cfg, clf, real_x, args.n, args, device)
         results.update(r, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                        style=style_measures(x), real_style=style_measures(real_x))
-        print_report(results, floor, clf_acc)
+        print_report(results, clf_acc)
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
 
@@ -250,7 +256,7 @@ def main(argv=None):
     return 0
 
 
-def save_sweep_figure(sweep, floor, path):
+def save_sweep_figure(sweep, path):
     """Accuracy and Frechet distance against the guidance scale: the quality/diversity trade-off."""
     import matplotlib
     matplotlib.use("Agg")
@@ -261,13 +267,26 @@ def save_sweep_figure(sweep, floor, path):
     ax1.set(xlabel="guidance scale w", ylabel="label accuracy (%)")
     ax2 = ax1.twinx()
     ax2.plot(w, [s["frechet"] for s in sweep], "s--", color="C1")
-    ax2.axhline(floor, color="C1", lw=0.8, ls=":")
+    ax2.plot(w, [s["frechet_floor"] for s in sweep], ":", color="C1", lw=0.8)
     ax2.set_ylabel("Frechet distance (dotted: real floor)", color="C1")
     ax1.set_title("classifier-free guidance: accuracy vs. diversity")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
     plt.close(fig)
 
+
+
+def read_npz(path):
+    """images uint8 (N, 28, 28) and labels (N,) saved by `sample.py --npz` -> tensors in [-1, 1]."""
+    try:
+        with np.load(path) as f:
+            x = torch.as_tensor(f["images"], dtype=torch.float32)[:, None] / 127.5 - 1
+            y = torch.as_tensor(f["labels"], dtype=torch.long)
+    except (OSError, KeyError, ValueError) as e:
+        raise SampleError(f"{path}: not an npz of images and labels from sample.py ({e})") from e
+    if x.shape[1:] != (1, 28, 28) or len(x) != len(y) or len(y) == 0:
+        raise SampleError(f"{path}: expected images (N, 28, 28) and labels (N,), got {tuple(x.shape)}")
+    return x, y
 
 
 def style_measures(x):
@@ -287,10 +306,12 @@ def style_measures(x):
     return {"ink": (x > 0).double().mean().item(), "slant": (-mu11 / mu02.clamp(min=1e-8)).mean().item()}
 
 
-def styled_reference(style, dataset, data_dir):
+def styled_reference(style, dataset, data_dir, folder=None):
     """Real test digits in the adapter's style (or the user's folder): the style target."""
     if style == "folder":
-        return load_dataset("folder", data_dir)[0]
+        if folder is None:
+            raise SampleError("this adapter was trained on a folder of digits: pass it as --style-dir")
+        return load_dataset("folder", folder)[0]
     return apply_style(load_dataset(dataset, data_dir, "test", verbose=False)[0], style)
 
 
@@ -307,11 +328,12 @@ def print_style_table(rows, style):
     return shift
 
 
-def style_evaluation(base_model, tuned, diff_cfg, dataset, style, data_dir, n, device, seed=0):
-    """Accuracy and style measures of base and fine-tuned samples next to real (styled) digits."""
+def style_evaluation(base_model, tuned, diff_cfg, dataset, style, data_dir, n, device, seed=0, folder=None):
+    """Accuracy and style measures of base and fine-tuned samples next to real (styled) digits.
+    data_dir: the MNIST root and classifier cache; folder: the user's digits, for style "folder"."""
     clf, _ = get_classifier(dataset, data_dir)
     real_x, real_y, dataset = load_dataset(dataset, data_dir, "test", verbose=False)
-    styled = styled_reference(style, dataset, data_dir)
+    styled = styled_reference(style, dataset, data_dir, folder)
     args = argparse.Namespace(**{**SAMPLE_DEFAULTS, "seed": seed})
     rows = {"real test digits": {**style_measures(real_x), "accuracy": evaluate_images(clf, real_x, real_y, real_x)["accuracy"]},
             f"real {style} digits": {**style_measures(styled), "accuracy": None}}
@@ -329,7 +351,8 @@ def lora_comparison(args, tuned, device, diff_cfg, dataset):
     (the style of the first adapter)."""
     style = read_adapter(args.lora[0])[1].get("style") or "bold"
     base_model = load_model(args.checkpoint, device)[0]
-    return style_evaluation(base_model, tuned, diff_cfg, dataset, style, args.data_dir, args.n, device, args.seed)
+    return style_evaluation(base_model, tuned, diff_cfg, dataset, style, args.data_dir, args.n, device, args.seed,
+                            folder=args.style_dir)
 
 
 if __name__ == "__main__":

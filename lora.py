@@ -92,6 +92,13 @@ def inject_lora(model, targets, r, alpha, dropout=0.0, use_rslora=False):
     no-op adapter is the classic LoRA bug), and so is wrapping a layer twice.
     """
     patterns = resolve_targets(targets)
+    if not patterns:
+        raise LoraError(f"no LoRA targets in {targets!r}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LoraError(f"target pattern {pattern!r} is not a valid regular expression ({e})") from e
     modules = dict(model.named_modules())
     if any(isinstance(m, LoraLayer) for m in modules.values()):
         raise LoraError("the model already has LoRA layers; wrapping them again is refused")
@@ -175,17 +182,21 @@ def load_adapter(model, path, model_config, fingerprint=None):
     """Inject LoRA as the adapter file describes and load its tensors, checking everything:
     the base model config, the base weights' fingerprint, missing/unexpected keys, shapes."""
     tensors, meta = read_adapter(path)
-    stored = json.loads(meta["model_config"])
+    try:
+        stored = json.loads(meta["model_config"])
+        targets, r, alpha = json.loads(meta["targets"]), int(meta["r"]), float(meta["alpha"])
+        expected_fingerprint, rslora = meta["base_fingerprint"], meta["rslora"] == "True"
+    except (KeyError, ValueError) as e:
+        raise LoraError(f"{path}: adapter metadata is incomplete or malformed ({e})") from e
     model_config = json.loads(json.dumps(model_config))      # tuples -> lists, as stored
     if stored != model_config:
         diff = sorted(k for k in set(stored) | set(model_config) if stored.get(k) != model_config.get(k))
         raise LoraError(f"{path}: adapter was trained on another model (config differs in {diff})")
     fingerprint = fingerprint or base_fingerprint(model)
-    if meta["base_fingerprint"] != fingerprint:
+    if expected_fingerprint != fingerprint:
         raise LoraError(f"{path}: adapter was trained on other base weights "
-                        f"(fingerprint {meta['base_fingerprint']} != this checkpoint's {fingerprint})")
-    inject_lora(model, json.loads(meta["targets"]), int(meta["r"]), float(meta["alpha"]),
-                use_rslora=meta["rslora"] == "True")
+                        f"(fingerprint {expected_fingerprint} != this checkpoint's {fingerprint})")
+    inject_lora(model, targets, r, alpha, use_rslora=rslora)
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

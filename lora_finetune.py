@@ -17,11 +17,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import lora
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_checkpoint, load_model, save_checkpoint
 from config import LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict
 from dataset import DataError, apply_style, load_dataset
 from diffusion import Diffusion
-from train import (TrainingError, fit, pick_device, prepare_out_dir, rng_state, save_loss_curve,
+from train import (Dist, TrainingError, fit, prepare_out_dir, rng_state, save_loss_curve,
                    set_rng_state, warmup_cosine)
 from unet import count_params
 
@@ -72,7 +72,7 @@ def side_by_side(models, titles, diffusion, path, n=6, seed=0, scales=None):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -85,7 +85,8 @@ def main(argv=None):
         raise TrainingError(str(e)) from e
     kind = "full" if lcfg.full else "lora"
     tcfg.out = tcfg.out or os.path.join("runs", f"{kind}-{lcfg.style}")
-    ckpt_path = prepare_out_dir(tcfg.out, args.resume, args.overwrite, "finetune_ckpt.pt")
+    ckpt_path = (prepare_out_dir(tcfg.out, args.resume, args.overwrite, "finetune_ckpt.pt")
+                 if os.environ.get("RANK", "0") == "0" else os.path.join(tcfg.out, "finetune_ckpt.pt"))
     resume = load_checkpoint(ckpt_path) if args.resume else None
     if resume is not None:  # the stored configuration wins, as in train.py
         lcfg = config_from_dict(LoraConfig, resume["config"]["lora"])
@@ -93,7 +94,8 @@ def main(argv=None):
                               "max_steps": tcfg.max_steps, "threads": tcfg.threads})
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    device = pick_device(tcfg.device)
+    dist = Dist(tcfg.device)
+    device = dist.device
     torch.manual_seed(tcfg.seed)
 
     model, diff_cfg, base_ckpt = load_model(args.checkpoint, device)    # EMA weights of the base
@@ -116,9 +118,10 @@ def main(argv=None):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    print(f"base: {args.checkpoint} | data: {data_name}, {len(x):,} images | "
-          f"{'full fine-tuning' if lcfg.full else f'LoRA r={lcfg.r} alpha={lcfg.alpha} on {len(names)} layers ({lcfg.targets})'}")
-    print(f"trainable {trainable:,} / {total_params:,} = {100 * trainable / total_params:.1f}%")
+    if dist.main:
+        what = "full fine-tuning" if lcfg.full else f"LoRA r={lcfg.r} alpha={lcfg.alpha} on {len(names)} layers ({lcfg.targets})"
+        print(f"base: {args.checkpoint} | data: {data_name}, {len(x):,} images | {what}")
+        print(f"trainable {trainable:,} / {total_params:,} = {100 * trainable / total_params:.1f}%")
 
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -149,8 +152,11 @@ def main(argv=None):
             "losses": state["losses"], "rng": rng_state(), "base_fingerprint": fingerprint})
 
     t0 = time.perf_counter()
-    outcome = fit(model, diffusion, (x, y), tcfg, state, save, device, params, desc=kind)
+    outcome = fit(dist.wrap(model), diffusion, (x, y), tcfg, state, save, dist, params, desc=kind)
     seconds = time.perf_counter() - t0
+    dist.close()
+    if not dist.main:                       # figures, files and evaluation are rank 0's
+        return 0 if outcome == "done" else 130
     save_loss_curve(state["losses"], os.path.join(tcfg.out, "loss.png"), f"{kind} fine-tuning loss")
     if outcome == "interrupted":
         print(f"interrupted at step {state['step']}: continue with "
@@ -185,8 +191,9 @@ def main(argv=None):
         print(sweep)
     if tcfg.eval_n:
         from evaluate import style_evaluation
+        folder = tcfg.data_dir if lcfg.style == "folder" else None      # then MNIST lives in data/
         style_evaluation(base_model, tuned, diff_cfg, base_ckpt.get("data", "auto"), data_name,
-                         tcfg.data_dir, tcfg.eval_n, device)
+                         "data" if folder else tcfg.data_dir, tcfg.eval_n, device, folder=folder)
     return 0
 
 

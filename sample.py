@@ -62,8 +62,8 @@ def check_sampling_args(args, timesteps):
         raise SampleError(f"--steps {args.steps}: must be between 1 and {timesteps}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         raise SampleError(f"--guidance {args.guidance}: must be a finite number >= 0")
-    if not math.isfinite(args.eta) or args.eta < 0:
-        raise SampleError(f"--eta {args.eta}: must be a finite number >= 0")
+    if not 0 <= args.eta <= 1:   # also refuses nan
+        raise SampleError(f"--eta {args.eta}: must be between 0 (deterministic DDIM) and 1")
 
 
 def parse_label(text):
@@ -133,13 +133,13 @@ def main(argv=None):
     labels = parse_label(args.label)
     if args.n < 1:
         raise SampleError(f"--n {args.n}: must be >= 1")
+    device = pick_device(args.device)
+    model, diff_cfg, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
+    check_sampling_args(args, diff_cfg.timesteps)
     out = args.out or os.path.join(os.path.dirname(args.checkpoint), f"sample_{args.label}.png")
     check_writable(out, "--out")
     if args.npz:
         check_writable(args.npz, "--npz")
-    device = pick_device(args.device)
-    model, diff_cfg, _ = load_model_for_sampling(args, device)
-    check_sampling_args(args, diff_cfg.timesteps)
 
     x, y, frames = generate(model, diff_cfg, labels, args.n, args, device, trajectory=args.show_steps)
     from torchvision.utils import save_image

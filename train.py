@@ -18,10 +18,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, configs_from_checkpoint, load_checkpoint, load_state, save_checkpoint
-from config import (DiffusionConfig, ModelConfig, Parser, TrainConfig, add_config_flags,
+from checkpoint import (CheckpointError, atomic_write, configs_from_checkpoint, load_checkpoint, load_state,
+                        save_checkpoint)
+from config import (PRESETS, DiffusionConfig, ModelConfig, Parser, TrainConfig, add_config_flags,
                     config_from_args, config_from_dict)
-from dataset import DataError, epoch_permutation, load_dataset
+from dataset import DataError, load_dataset
 from diffusion import Diffusion
 from unet import UNet, count_params
 
@@ -91,7 +92,7 @@ def save_loss_curve(losses, path, title="training loss"):
     ax.set(xlabel="step", ylabel="MSE", title=title, yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -102,7 +103,8 @@ def save_sample_grid(model, diffusion, path, n_per_label=10, seed=0, **sample_kw
     y = torch.arange(10, device=device).repeat_interleave(n_per_label)
     g = torch.Generator(device).manual_seed(seed)
     x = diffusion.sample(model, y, generator=g, **sample_kwargs)
-    save_image((x + 1) / 2, path, nrow=n_per_label, padding=2, pad_value=0.5)
+    atomic_write(path, lambda tmp: save_image((x + 1) / 2, tmp, format="png", nrow=n_per_label,
+                                              padding=2, pad_value=0.5))
 
 
 class StopFlag:
@@ -110,74 +112,162 @@ class StopFlag:
 
     def __init__(self):
         self.set = False
-        signal.signal(signal.SIGINT, self._handler)
+        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handler(self, signum, frame):
         if self.set:                     # second Ctrl-C: stop at once
             raise KeyboardInterrupt
         self.set = True
 
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
-def fit(model, diffusion, data, tcfg, state, save, device, params, desc="train"):
+
+class Dist:
+    """Where this process stands: rank, world size, device. Under torchrun (RANK set in the
+    environment) it joins the process group -- NCCL on CUDA, gloo on CPU; under plain
+    `python train.py` there is no process group at all and rank 0 of 1 does everything."""
+
+    def __init__(self, device_name):
+        self.enabled = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if not self.enabled:
+            self.rank, self.world, self.device = 0, 1, pick_device(device_name)
+            return
+        import torch.distributed as dist
+        self.device = pick_device(device_name)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def wrap(self, model):
+        """DistributedDataParallel averages gradients across processes; a no-op for one process."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def any(self, flag):
+        """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, value):
+        """Average of a scalar tensor over all ranks (the global batch's loss)."""
+        if not self.enabled:
+            return value.item()
+        import torch.distributed as dist
+        t = value.detach().clone().reshape(1)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def max_param_difference(self, model):
+        """Largest difference between this rank's parameters and rank 0's (0 when in sync)."""
+        if not self.enabled:
+            return 0.0
+        import torch.distributed as dist
+        diff = 0.0
+        for p in model.parameters():
+            ref = p.detach().clone()
+            dist.broadcast(ref, src=0)
+            diff = max(diff, (p.detach() - ref).abs().max().item())
+        t = torch.tensor([diff], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train"):
     """The flat training loop shared by train.py and lora_finetune.py.
 
-    data: (x, y) tensors on `device`; params: the parameters to clip; state: dict with
-    optimizer, scheduler, ema (or None), step, losses; save(state): writes a checkpoint.
-    Returns "done" or "interrupted".
+    model: the (possibly DDP-wrapped) network; data: (x, y) tensors on the device; params:
+    the parameters to clip; state: dict with optimizer, scheduler, ema, step, losses;
+    save(state): writes a checkpoint (rank 0 only). Returns "done" or "interrupted".
+
+    Step s uses global batch s of a DistributedSampler's shuffle, and randomness (t, noise,
+    dropped labels) drawn from a generator seeded by (seed, s) for the whole global batch;
+    each of the N ranks takes every N-th sample. So 1 or N processes, and a resumed run,
+    all see the same samples with the same noise at every step (with --dropout 0, the
+    default: dropout masks come from each process's own RNG).
     """
+    from torch.utils.data import DistributedSampler
     x_all, y_all = data
-    n = len(x_all)
-    steps_per_epoch = max(1, n // tcfg.batch_size)
+    n, B = len(x_all), tcfg.batch_size
+    if B % dist.world:
+        raise TrainingError(f"--batch-size {B} must be divisible by the {dist.world} processes")
+    steps_per_epoch = max(1, n // B)
     total = tcfg.epochs * steps_per_epoch
     stop_at = min(total, tcfg.max_steps) if tcfg.max_steps else total
+    sampler = DistributedSampler(range(n), num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                 seed=tcfg.seed, drop_last=True)
     opt, sched, ema = state["optimizer"], state["scheduler"], state["ema"]
+    mine, b = slice(dist.rank, B, dist.world), B // dist.world       # this rank's share of a batch
     stop = StopFlag()
     model.train()
-    perm, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
-    bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True)
-    while state["step"] < stop_at:
-        step = state["step"]
-        epoch, i = divmod(step, steps_per_epoch)
-        t0 = time.perf_counter()
-        if perm is None or i == 0:
-            perm = epoch_permutation(n, tcfg.seed, epoch).to(device)
-        idx = perm[i * tcfg.batch_size:(i + 1) * tcfg.batch_size]
-        x0, y = x_all[idx], y_all[idx]                                # (B, 1, 28, 28), (B,)
-        t_data += time.perf_counter() - t0
+    order, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
+    bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
+               disable=not dist.main)
+    try:
+        while state["step"] < stop_at:
+            step = state["step"]
+            epoch, i = divmod(step, steps_per_epoch)
+            t0 = time.perf_counter()
+            if order is None or i == 0:
+                sampler.set_epoch(epoch)
+                order = torch.tensor(list(sampler), device=x_all.device)     # this rank's shuffle
+            idx = order[i * b:(i + 1) * b]
+            x0, y = x_all[idx], y_all[idx]                                # (B/N, 1, 28, 28), (B/N,)
+            g = torch.Generator(x_all.device).manual_seed(tcfg.seed * 1_000_003 + step)
+            t, noise, drop = diffusion.draw(B, x0.shape[1:], x_all.device, generator=g)
+            t_data += time.perf_counter() - t0
 
-        loss = diffusion.loss(model, x0, y)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {step}; stopped without saving "
-                                "(the last good checkpoint is untouched). Try a lower --lr.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainingError(f"gradient became {grad_norm.item()} at step {step}; stopped without "
-                                "saving (the last good checkpoint is untouched). Try a lower --lr.")
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        state["step"] = step = step + 1
-        n_img += len(idx)
-        bar.update(1)
+            loss = diffusion.loss(model, x0, y, (t[mine], noise[mine], drop[mine]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()                                               # DDP: gradients averaged
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            if not torch.isfinite(grad_norm):                             # the same on every rank
+                raise TrainingError(f"loss became non-finite ({loss.item()}, gradient norm {grad_norm.item()}) "
+                                    f"at step {step}; stopped without saving (the last good checkpoint "
+                                    "is untouched). Try a lower --lr.")
+            opt.step()
+            sched.step()
+            ema.update_parameters(getattr(model, "module", model))
+            state["step"] = step = step + 1
+            n_img += B
+            bar.update(1)
 
-        if step % tcfg.log_every == 0 or step == stop_at:
-            now = time.perf_counter()
-            state["losses"].append((step, loss.item()))
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{n_img / (now - t_last):.0f}",
-                            data_ms=f"{1000 * t_data / max(1, n_img // tcfg.batch_size):.2f}")
-            t_last, n_img, t_data = now, 0, 0.0
-        if step % tcfg.ckpt_every == 0 or step == stop_at or stop.set:
-            save(state)
-        if tcfg.sample_every and step % tcfg.sample_every == 0 and "sample" in state:
-            state["sample"](step)
-            model.train()
-        if stop.set:
-            bar.close()
-            return "interrupted"
-    bar.close()
+            if step % tcfg.log_every == 0 or step == stop_at:
+                now = time.perf_counter()
+                loss_value = dist.mean(loss)                              # over the global batch
+                state["losses"].append((step, loss_value))
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n_img / (now - t_last):.0f}",
+                                data_ms=f"{1000 * t_data / max(1, n_img // B):.2f}")
+                t_last, n_img, t_data = now, 0, 0.0
+            interrupted = dist.any(stop.set)
+            if dist.main and (step % tcfg.ckpt_every == 0 or step == stop_at or interrupted):
+                save(state)
+            if dist.main and tcfg.sample_every and step % tcfg.sample_every == 0 and "sample" in state:
+                state["sample"](step)
+                model.train()
+            if interrupted:
+                return "interrupted"
+    finally:
+        stop.restore()
+        bar.close()
     return "done"
 
 
@@ -200,9 +290,13 @@ def parse_args(argv=None):
     add_config_flags(p, ModelConfig, "model")
     add_config_flags(p, DiffusionConfig, "diffusion")
     add_config_flags(p, TrainConfig, "training")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: the defaults below; gpu: a wider, deeper model and longer run for full MNIST")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with its stored configuration")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
     return p.parse_args(argv)
 
 
@@ -213,17 +307,20 @@ def main(argv=None):
         model_cfg, diff_cfg = config_from_args(ModelConfig, args), config_from_args(DiffusionConfig, args)
     except ValueError as e:
         raise TrainingError(str(e)) from e
-    ckpt_path = prepare_out_dir(tcfg.out, args.resume, args.overwrite)
+    ckpt_path = (prepare_out_dir(tcfg.out, args.resume, args.overwrite) if os.environ.get("RANK", "0") == "0"
+                 else os.path.join(tcfg.out, "ckpt.pt"))          # only rank 0 judges and writes the folder
     ckpt = None
     if args.resume:  # the stored configuration wins; only where/how long to run comes from flags
         ckpt = load_checkpoint(ckpt_path)
         model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
         stored = config_from_dict(TrainConfig, ckpt["config"]["train"])
         tcfg = TrainConfig(**{**asdict(stored), "device": tcfg.device, "threads": tcfg.threads,
-                              "out": tcfg.out, "max_steps": tcfg.max_steps})
+                              "out": tcfg.out, "max_steps": tcfg.max_steps,
+                              "dataset": ckpt.get("data", stored.dataset)})  # the data it really used
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    device = pick_device(tcfg.device)
+    dist = Dist(tcfg.device)
+    device = dist.device
     torch.manual_seed(tcfg.seed)
 
     x, y, name = load_dataset(tcfg.dataset, tcfg.data_dir, split="train")
@@ -234,9 +331,10 @@ def main(argv=None):
     model = UNet(model_cfg).to(device, memory_format=layout)
     diffusion = Diffusion(diff_cfg, model_cfg.num_classes).to(device)
     config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
-    print(json.dumps(config))
-    print(f"data: {name}, {len(x):,} training images | model: {count_params(model):,} parameters "
-          f"| device: {device}, {torch.get_num_threads()} threads")
+    if dist.main:
+        print(json.dumps(config))
+        print(f"data: {name}, {len(x):,} training images | model: {count_params(model):,} parameters "
+              f"| device: {device}, {torch.get_num_threads()} threads | processes: {dist.world}")
 
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -265,8 +363,15 @@ def main(argv=None):
     state["sample"] = lambda step: save_sample_grid(ema.module.eval(), diffusion,
                                                     os.path.join(tcfg.out, f"samples_{step:06d}.png"))
     t0 = time.perf_counter()
-    outcome = fit(model, diffusion, (x, y), tcfg, state, save, device, params)
+    outcome = fit(dist.wrap(model), diffusion, (x, y), tcfg, state, save, dist, params)
     minutes = (time.perf_counter() - t0) / 60
+    if dist.enabled:
+        diff = dist.max_param_difference(model)
+        if dist.main:
+            print(f"{dist.world} processes: parameters agree across ranks (max difference {diff:.3g})")
+        dist.close()
+        if not dist.main:
+            return 0 if outcome == "done" else 130
     save_loss_curve(state["losses"], os.path.join(tcfg.out, "loss.png"))
     if outcome == "interrupted":
         print(f"interrupted at step {state['step']}: checkpoint saved to {ckpt_path}; "
@@ -290,7 +395,7 @@ def final_evaluation(model, diff_cfg, dataset, tcfg, device):
     args = argparse.Namespace(**SAMPLE_DEFAULTS)
     r, _, _ = evaluate.evaluate_checkpoint(model.eval(), diff_cfg, clf, real_x, tcfg.eval_n, args, device)
     print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
-    evaluate.print_report(r, evaluate.real_floor(clf, real_x), clf_acc)
+    evaluate.print_report(r, clf_acc)
 
 
 if __name__ == "__main__":
@@ -298,3 +403,5 @@ if __name__ == "__main__":
         sys.exit(main())
     except (TrainingError, CheckpointError, DataError) as e:
         sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("train.py: interrupted")

@@ -1,6 +1,6 @@
 """LoRA: exact at init, merge/unmerge identities, only adapters train, adapter files are checked."""
-import json
 import os
+import re
 from dataclasses import asdict
 
 import pytest
@@ -106,6 +106,9 @@ def test_inject_errors():
     lora.inject_lora(model, "attn", 4, 4.0)
     with pytest.raises(lora.LoraError, match="already has LoRA"):
         lora.inject_lora(model, "attn", 4, 4.0)
+    for bad, message in ((",", "no LoRA targets"), ("(", "not a valid regular expression")):
+        with pytest.raises(lora.LoraError, match=message):
+            lora.inject_lora(UNet(TINY), bad, 4, 4.0)
 
 
 def test_trainable_fraction_of_presets():
@@ -155,14 +158,14 @@ def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         meta = f.metadata()
     first = sorted(tensors)[0]
-    for name, broken in (("missing", {k: v for k, v in tensors.items() if k != first}),
-                         ("unexpected", {**tensors, "mid.0.lora_X": torch.zeros(1)}),
-                         ("shape", {**tensors, first: torch.zeros(3, 3)})):
+    for name, broken, message in (("missing", {k: v for k, v in tensors.items() if k != first}, f"missing ['{first}']"),
+                                  ("unexpected", {**tensors, "mid.0.lora_X": torch.zeros(1)}, "unexpected ['mid.0.lora_X']"),
+                                  ("shape", {**tensors, first: torch.zeros(3, 3)}, "has shape (3, 3)")):
         path = str(tmp_path / f"{name}.safetensors")
         save_file(broken, path, metadata=meta)
         fresh = UNet(TINY)
         fresh.load_state_dict(base_sd)
-        with pytest.raises(lora.LoraError, match=name):
+        with pytest.raises(lora.LoraError, match=re.escape(message)):
             lora.load_adapter(fresh, path, asdict(TINY))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(100))
