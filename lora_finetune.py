@@ -21,8 +21,8 @@ from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_c
 from config import LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict
 from dataset import DataError, apply_style, load_dataset
 from diffusion import Diffusion
-from train import (Dist, TrainingError, fit, prepare_out_dir, rng_state, save_loss_curve,
-                   set_rng_state, warmup_cosine)
+from train import (Dist, TrainingError, fit, loop_state_dict, prepare_out_dir, restore_loop_state,
+                   save_loss_curve, warmup_cosine)
 from unet import count_params
 
 # Fine-tuning needs far fewer steps and a gentler start than training from scratch.
@@ -137,19 +137,11 @@ def main(argv=None):
             if set(resume[key]) != set(trained(module)):
                 raise TrainingError(f"{ckpt_path}: {key} tensors do not match this set-up")
             module.load_state_dict(resume[key], strict=False)  # keys checked just above
-        ema.n_averaged.fill_(resume["ema_n_averaged"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        state.update(step=resume["step"], losses=[tuple(l) for l in resume["losses"]])
-        set_rng_state(resume["rng"])
-        print(f"resumed {ckpt_path} at step {state['step']}")
+        restore_loop_state(state, resume, ckpt_path)
 
     def save(state):
-        save_checkpoint(ckpt_path, {
-            "model": trained(model), "ema": trained(ema.module),
-            "ema_n_averaged": int(ema.n_averaged), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "step": state["step"], "config": config,
-            "losses": state["losses"], "rng": rng_state(), "base_fingerprint": fingerprint})
+        save_checkpoint(ckpt_path, {"model": trained(model), "ema": trained(ema.module), "config": config,
+                                    "base_fingerprint": fingerprint, **loop_state_dict(state)})
 
     t0 = time.perf_counter()
     outcome = fit(dist.wrap(model), diffusion, (x, y), tcfg, state, save, dist, params, desc=kind)

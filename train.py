@@ -271,6 +271,23 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train"):
     return "done"
 
 
+def loop_state_dict(state):
+    """What --resume needs besides the weights: optimiser, LR schedule, EMA count, step, losses, RNG."""
+    return {"ema_n_averaged": int(state["ema"].n_averaged), "optimizer": state["optimizer"].state_dict(),
+            "scheduler": state["scheduler"].state_dict(), "step": state["step"], "losses": state["losses"],
+            "rng": rng_state()}
+
+
+def restore_loop_state(state, ckpt, path):
+    """The inverse of loop_state_dict: continue exactly where the checkpoint stopped."""
+    state["ema"].n_averaged.fill_(ckpt["ema_n_averaged"])
+    state["optimizer"].load_state_dict(ckpt["optimizer"])
+    state["scheduler"].load_state_dict(ckpt["scheduler"])
+    state.update(step=ckpt["step"], losses=[tuple(l) for l in ckpt["losses"]])
+    set_rng_state(ckpt["rng"])
+    print(f"resumed {path} at step {state['step']}")
+
+
 def rng_state():
     """Everything random the loop draws from (t, noise, label dropout), for exact resume."""
     state = {"torch": torch.get_rng_state()}
@@ -345,19 +362,11 @@ def main(argv=None):
     if ckpt is not None:
         load_state(model, ckpt["model"], ckpt_path)
         load_state(ema.module, ckpt["ema"], ckpt_path, "ema")
-        ema.n_averaged.fill_(ckpt["ema_n_averaged"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        state.update(step=ckpt["step"], losses=[tuple(l) for l in ckpt["losses"]])
-        set_rng_state(ckpt["rng"])
-        print(f"resumed {ckpt_path} at step {state['step']}")
+        restore_loop_state(state, ckpt, ckpt_path)
 
     def save(state):
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "ema": ema.module.state_dict(),
-            "ema_n_averaged": int(ema.n_averaged), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "step": state["step"], "config": config,
-            "losses": state["losses"], "rng": rng_state(), "data": name})
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.module.state_dict(),
+                                    "config": config, "data": name, **loop_state_dict(state)})
 
     grid = os.path.join(tcfg.out, "samples.png")
     state["sample"] = lambda step: save_sample_grid(ema.module.eval(), diffusion,
