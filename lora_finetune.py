@@ -7,7 +7,6 @@ folder of digits). The training loop is train.py's; only this set-up differs. Wr
 adapter (safetensors, a few % of the model), a loss curve, base-vs-LoRA samples and a
 strength sweep. `--full` fine-tunes every weight instead: the baseline LoRA is measured against.
 """
-import json
 import os
 import sys
 import time

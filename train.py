@@ -396,7 +396,6 @@ def main(argv=None):
 
 def final_evaluation(model, diff_cfg, dataset, tcfg, device):
     """Score the EMA weights with evaluate.py's classifier, so every run says how good it is."""
-    import argparse
     import evaluate
     from sample import SAMPLE_DEFAULTS
     clf, clf_acc = evaluate.get_classifier(dataset, tcfg.data_dir)

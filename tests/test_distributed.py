@@ -1,6 +1,5 @@
 """torchrun + DDP on CPU (gloo, 2 processes): same optimisation as one process, rank 0 writes."""
 import os
-import sys
 
 import torch
 

@@ -1,6 +1,5 @@
 """Faults users meet: kill -9 and Ctrl-C mid-run, corrupt and hostile files, bad data, NaNs."""
 import os
-import pickle
 import random
 import signal
 import subprocess

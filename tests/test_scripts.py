@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, TINY_FLAGS, assert_close, run_script
+from conftest import TINY, TINY_FLAGS, run_script
 from checkpoint import load_checkpoint, load_model, save_checkpoint
 from unet import UNet
 
