@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from config import DiffusionConfig, ModelConfig, Parser
+from checkpoint import write_json
+from config import PRESETS, DiffusionConfig, ModelConfig, Parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,21 +41,46 @@ def timed(fn, warmup, reps):
 
 
 def matmul_peak(device, n=2048, reps=5):
-    """Float32 GFLOP/s of a large matmul on this device and thread count: the practical peak."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    """GFLOP/s of a large fp32 (and bf16) matmul on this device and thread count: the practical
+    peak that the training step's FLOP/s is compared against."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sec, _ = timed(lambda: (a @ b, sync()), 2, reps)
-    return {"matmul_gflops": 2 * n ** 3 / sec / 1e9}
+    if device.type == "cuda":
+        n = 8192
+        torch.backends.cuda.matmul.allow_tf32 = False      # a true fp32 peak; TF32 is measured apart
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        sec, _ = timed(lambda a=a, b=b: (a @ b, sync()), 2, reps)
+        out[f"{name}_gflops"] = 2 * n ** 3 / sec / 1e9
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        sec, _ = timed(lambda: (a @ b, sync()), 2, reps)
+        out["tf32_gflops"] = 2 * n ** 3 / sec / 1e9
+    return out
 
 
-def train_step_fn(mode, device, batch, cfg=None, lora_targets=None, full=True):
-    """One training step of the default model under `mode`; returns (step_fn, model, optimizer)."""
+MODES = {  # name: (channels_last, bf16 autocast, torch.compile)
+    "eager": (False, False, False), "channels_last": (True, False, False), "bf16": (True, True, False),
+    "compile": (True, False, True), "compile_bf16": (True, True, True)}
+
+
+def model_config(preset):
+    """The ModelConfig of a config.py preset (cpu = the defaults)."""
+    from dataclasses import fields
+    names = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in PRESETS[preset].items() if k in names})
+
+
+def train_step_fn(mode, device, batch, cfg, lora_targets=None):
+    """One training step of the model under `mode` (MODES); returns (step_fn, optimizer, data)."""
     from diffusion import Diffusion
     from unet import UNet
-    cfg = cfg or ModelConfig()
-    model = UNet(cfg).to(device)
-    layout = torch.contiguous_format if mode == "eager" else torch.channels_last
-    model = model.to(memory_format=layout)
+    channels_last, bf16, compiled = MODES[mode]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = UNet(cfg).to(device).to(memory_format=layout)
     if lora_targets:
         import lora
         lora.inject_lora(model, lora_targets, 4, 4.0)
@@ -64,8 +90,8 @@ def train_step_fn(mode, device, batch, cfg=None, lora_targets=None, full=True):
     opt = torch.optim.AdamW(params, lr=1e-4)
     data = (torch.rand(4500, 1, 28, 28, device=device) * 2 - 1).contiguous(memory_format=layout)
     labels = torch.randint(0, 10, (4500,), device=device)
-    fwd = torch.compile(model) if mode == "compile" else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16")
+    fwd = torch.compile(model) if compiled else model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def step():
         idx = torch.randint(0, 4500, (batch,), device=device)
@@ -78,20 +104,23 @@ def train_step_fn(mode, device, batch, cfg=None, lora_targets=None, full=True):
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return step, model, opt, data
+    return step, opt, data
 
 
 def section_train(args, device):
-    mode = args.mode
-    step, model, opt, data = train_step_fn(mode, device, args.batch, lora_targets=args.lora_targets)
-    sec, first = timed(step, 3 if mode != "compile" else 4, args.reps)
+    """Median time of a training step under one mode; FLOPs per image; optimizer state; memory."""
+    cfg = model_config(args.preset)
+    step, opt, data = train_step_fn(args.mode, device, args.batch, cfg, lora_targets=args.lora_targets)
+    sec, first = timed(step, 4 if "compile" in args.mode else 3, args.reps)
     idx = torch.randint(0, 4500, (args.batch,), device=device)
     data_sec, _ = timed(lambda: data[idx], 3, 20)
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
     out = {"img_per_s": args.batch / sec, "ms_per_step": 1000 * sec, "data_ms_per_step": 1000 * data_sec,
            "first_step_s": first, "optimizer_state_mb": state / 2 ** 20, "peak_rss_mb": peak_rss_mb()}
-    if mode == "eager" and not args.lora_targets:
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    if args.mode == "eager" and not args.lora_targets:
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
             step()
@@ -101,18 +130,18 @@ def section_train(args, device):
 
 def section_sample(args, device):
     """Sampling 100 images (10 per digit) with several samplers, and their accuracy."""
+    import evaluate
     from checkpoint import load_model
     from diffusion import Diffusion
-    import evaluate
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     d = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     clf = evaluate.get_classifier(ckpt.get("data", "auto"), "data", progress=False)[0]
     y = torch.arange(10, device=device).repeat_interleave(args.n // 10)
 
-    def unbatched(x, t, labels):   # guidance as two separate passes, for comparison
-        null = torch.full_like(labels, model.cfg.num_classes)
-        return model(x, t, labels), model(x, t, null)
+    def guided(x, t, labels):      # guidance as two separate passes, for comparison
+        cond, uncond = model(x, t, labels), model(x, t, torch.full_like(labels, model.cfg.num_classes))
+        return uncond + 2.0 * (cond - uncond)
 
     results = {}
     runs = [("ddim20", "ddim", 20, True), ("ddim50", "ddim", 50, True), ("ddim50_unbatched", "ddim", 50, False)]
@@ -124,7 +153,6 @@ def section_sample(args, device):
         if batched:
             x = d.sample(model, y, sampler, steps, 2.0, generator=g)
         else:
-            guided = lambda x, t, labels: (lambda c, u: u + 2.0 * (c - u))(*unbatched(x, t, labels))
             x = d.sample(guided, y, sampler, steps, 1.0, generator=g)
         sec = time.perf_counter() - t0
         acc = (evaluate.classify(clf, x.cpu())[0].argmax(1) == y.cpu()).float().mean().item()
@@ -138,29 +166,45 @@ def section_sample(args, device):
 
 
 def section_lora_sampling(args, device):
-    """Base vs LoRA-unmerged vs LoRA-merged: DDIM 20 steps, 100 images."""
+    """Base vs LoRA-unmerged vs LoRA-merged: one guided network call on the batch DDIM sampling
+    of n images makes (2n images), timed round-robin so that drift hits all three alike."""
+    import copy
+
     import lora
     from checkpoint import load_model
     from diffusion import Diffusion
-    out = {}
+    base, diff_cfg, _ = load_model(args.checkpoint, device)
+    unmerged = copy.deepcopy(base)
+    lora.inject_lora(unmerged, "attn", 4, 4.0)
+    for layer in lora.lora_layers(unmerged):
+        torch.nn.init.normal_(layer.lora_B, std=0.01)    # a trained-looking adapter, not B = 0
+    merged = copy.deepcopy(unmerged)
+    for layer in lora.lora_layers(merged):
+        layer.merge()
+    models = {"base": base, "unmerged": unmerged, "merged": merged}
+    d = Diffusion(diff_cfg, base.cfg.num_classes).to(device)
     y = torch.arange(10, device=device).repeat_interleave(args.n // 10)
-    for variant in ("base", "unmerged", "merged", "base_again"):
-        model, diff_cfg, _ = load_model(args.checkpoint, device)
-        if variant in ("unmerged", "merged"):
-            lora.inject_lora(model, "attn", 4, 4.0)
-            if variant == "merged":
-                for layer in lora.lora_layers(model):
-                    layer.merge()
-        d = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
-        sec, _ = timed(lambda: d.sample(model, y, "ddim", 20, 2.0), 1, 3)
-        out[variant] = {"seconds": sec}
-    return out
+    x = torch.randn(len(y), 1, 28, 28, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for model in models.values():                                   # warm-up
+            d.predict_eps_x0(model, x, 500, y, 2.0)
+        for _ in range(args.reps * 3):
+            for name, model in models.items():
+                t = time.perf_counter()
+                d.predict_eps_x0(model, x, 500, y, 2.0)
+                sync()
+                times[name].append(time.perf_counter() - t)
+    return {k: {"ms_per_call": 1000 * statistics.median(v)} for k, v in times.items()}
 
 
 def section_cli(args, device):
     """Where `python sample.py --label 7` spends its time, measured inside one process."""
-    t0 = time.perf_counter()
-    import sample  # noqa: F401  (the import is what is timed)
+    code = "import time; t = time.perf_counter(); import sample; print(time.perf_counter() - t)"
+    import_s = float(subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                                    check=True).stdout)     # torch + this project, in a fresh process
+    import sample
     t1 = time.perf_counter()
     from checkpoint import load_model
     model, diff_cfg, _ = load_model(args.checkpoint, device)
@@ -168,7 +212,7 @@ def section_cli(args, device):
     ns = argparse.Namespace(sampler="ddim", steps=50, guidance=2.0, eta=0.0, seed=0)
     sample.generate(model, diff_cfg, [7], 10, ns, device)
     t3 = time.perf_counter()
-    return {"import_s": t1 - t0, "load_s": t2 - t1, "sample_s": t3 - t2}
+    return {"import_s": import_s, "load_s": t2 - t1, "sample_s": t3 - t2}
 
 
 SECTIONS = {"matmul": lambda a, d: matmul_peak(d), "train": section_train, "sample": section_sample,
@@ -178,11 +222,12 @@ SECTIONS = {"matmul": lambda a, d: matmul_peak(d), "train": section_train, "samp
 def run_section(name, args, **extra):
     """Run one section in a fresh process; returns its JSON result."""
     cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--section", name, "--device", args.device,
-           "--batch", str(args.batch), "--reps", str(args.reps), "--n", str(args.n),
+           "--batch", str(args.batch), "--reps", str(args.reps), "--n", str(args.n), "--preset", args.preset,
            "--checkpoint", args.checkpoint, "--threads", str(args.threads), "--full-ddpm", str(args.full_ddpm)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    print(f"bench.py: {name} {' '.join(f'{k}={v}' for k, v in extra.items())}", file=sys.stderr, flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:   # e.g. torch.compile without a working compiler: report, go on
         last = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
         print(f"bench.py: section {name} {extra} failed: {last}", file=sys.stderr)
@@ -194,80 +239,115 @@ def main():
     p = Parser(description="Benchmark training and sampling speed, memory and hardware utilisation.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and images: seconds, not minutes")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="model size for the training rows (config.py presets; default: cpu = the default model)")
     p.add_argument("--checkpoint", default=os.path.join("runs", "mnist", "ckpt.pt"), help="model for sampling")
-    p.add_argument("--batch", type=int, default=64, help="training batch (default: 64, train.py's)")
+    p.add_argument("--batch", type=int, default=0, help="training batch (default: the preset's, 64 for cpu)")
     p.add_argument("--reps", type=int, default=8, help="timed training steps per variant")
-    p.add_argument("--n", type=int, default=100, help="images per sampling measurement")
+    p.add_argument("--n", type=int, default=100, help="images per sampling measurement (a multiple of 10)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--modes", default="", help=f"training variants out of {','.join(MODES)} (default: all; "
+                   "on a CPU all but compile_bf16)")
     p.add_argument("--json", default=os.path.join("runs", "bench.json"), help="where to write the results")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
     p.add_argument("--lora-targets", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--full-ddpm", type=int, default=0,
-                   help="1: run DDPM's 1,000 steps for real (minutes) to get its accuracy; "
-                        "0: time 20 steps and scale")
+    p.add_argument("--full-ddpm", type=int, default=-1,
+                   help="1: run DDPM's 1,000 steps for real to get its accuracy (minutes on a CPU); "
+                        "0: time 20 steps and scale (default: 1 on cuda, 0 on cpu)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device {args.device}: expected cpu, or cuda on a machine that has it")
     device = torch.device(args.device)
+    args.batch = args.batch or PRESETS[args.preset].get("batch_size", 64)
+    if args.full_ddpm < 0:
+        args.full_ddpm = int(device.type == "cuda")
     if args.section:                       # child process: one measurement, JSON on stdout
         print(json.dumps(SECTIONS[args.section](args, device)))
         return
-    if args.quick:
+    modes = [m for m in (args.modes or ",".join(MODES)).split(",") if m]
+    if not args.modes and device.type == "cpu":
+        modes.remove("compile_bf16")
+    if not modes or any(m not in MODES for m in modes) or "eager" not in modes:
+        p.error(f"--modes: a list of {', '.join(MODES)} that includes eager (the FLOP count)")
+    if args.quick:                         # no compile: it alone takes minutes on a small CPU
         args.reps, args.n = 3, 20
+        modes = [m for m in modes if "compile" not in m]
+    if args.n < 10 or args.n % 10 or args.batch < 1 or args.reps < 1:
+        p.error("--n must be a positive multiple of 10; --batch and --reps >= 1")
     if not os.path.isfile(args.checkpoint):
-        raise SystemExit(f"bench.py: error: {args.checkpoint} not found (run `python train.py` first)")
-    R = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-         "device": args.device, "batch": args.batch, "n": args.n}
+        p.error(f"{args.checkpoint} not found (run `python train.py` first)")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    R = {"machine": f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+         "device": args.device, "preset": args.preset, "batch": args.batch, "n": args.n}
     R["matmul"] = run_section("matmul", args)
-    modes = ["eager", "channels_last", "bf16", "compile"]
-    R["train"] = {m: run_section("train", args, mode=m) for m in modes}
+    R["train"] = {}
+    for m in modes:
+        R["train"][m] = run_section("train", args, mode=m)
+        write_json(args.json, R)                  # partial results survive an interrupted run
     R["lora_train"] = run_section("train", args, mode="channels_last", lora_targets="attn")
     R["sample"] = run_section("sample", args)
+    write_json(args.json, R)
     R["lora_sampling"] = run_section("lora_sampling", args)
+    out_png = os.path.join("runs", "bench_sample_7.png")
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--label", "7", "--checkpoint",
-                    args.checkpoint, "--out", os.path.join("runs", "bench_sample_7.png")], check=True,
-                   capture_output=True)
-    R["sample_cli"] = {"end_to_end_s": time.perf_counter() - t0, **run_section("cli", args)}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--label", "7", "--checkpoint",
+                        args.checkpoint, "--device", args.device, "--out", out_png], capture_output=True, text=True,
+                       check=False)
+    R["sample_cli"] = {"end_to_end_s": time.perf_counter() - t0 if r.returncode == 0 else None,
+                       **run_section("cli", args)}
+    write_json(args.json, R)
     report(R)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(R, f, indent=1)
     print(args.json)
 
 
 def report(R):
-    peak = R["matmul"]["matmul_gflops"]
-    flop = R["train"]["eager"]["gflop_per_image"]
-    print(f"machine: {R['machine']} | matmul peak {peak:.0f} GFLOP/s | "
-          f"{flop:.3f} GFLOP per training image (forward + backward)")
-    print(f"{'training (batch %d)' % R['batch']:<26}{'img/s':>8}{'ms/step':>9}{'util.':>7}{'RSS MB':>8}{'opt MB':>8}")
+    """The table the README quotes."""
+    peak = R["matmul"]
+    flop = R["train"]["eager"].get("gflop_per_image", float("nan"))
+    print(f"machine: {R['machine']} | matmul peak fp32 {peak['fp32_gflops']:.0f}, bf16 {peak['bf16_gflops']:.0f}"
+          + (f", tf32 {peak['tf32_gflops']:.0f}" if "tf32_gflops" in peak else "") + " GFLOP/s | "
+          f"{flop:.3f} GFLOP per training image (forward + backward) | preset {R['preset']}")
+    mem = "GPU MB" if R["device"] == "cuda" else "RSS MB"
+    print(f"{f"training (batch {R['batch']})":<28}{'img/s':>8}{'ms/step':>9}{'util.':>7}{mem:>8}{'opt MB':>8}")
     rows = {**{f"full, {m}": r for m, r in R["train"].items()}, "LoRA attn r4, channels_last": R["lora_train"]}
     for name, r in rows.items():
         if "error" in r:
-            print(f"{name:<26} failed: {r['error']}")
+            print(f"{name:<28} failed: {r['error']}")
             continue
-        util = f"{100 * flop * r['img_per_s'] / peak:.0f}%" if name.startswith("full") else "-"
-        print(f"{name:<26}{r['img_per_s']:8.0f}{r['ms_per_step']:9.0f}{util:>7}{r['peak_rss_mb']:8.0f}"
+        ref = peak["bf16_gflops"] if "bf16" in name else peak.get("tf32_gflops", peak["fp32_gflops"])
+        util = f"{100 * flop * r['img_per_s'] / ref:.0f}%" if name.startswith("full") else "-"
+        memory = r.get("peak_gpu_mb", r["peak_rss_mb"])
+        print(f"{name:<28}{r['img_per_s']:8.0f}{r['ms_per_step']:9.1f}{util:>7}{memory:8.0f}"
               f"{r['optimizer_state_mb']:8.2f}")
-    print(f"compile: first step {R['train']['compile'].get('first_step_s', float('nan')):.0f}s | data time per step "
-          f"{R['train']['eager']['data_ms_per_step']:.2f} ms")
+    for m, r in R["train"].items():
+        if "compile" in m and "error" not in r:
+            print(f"{m}: first step (compilation) {r['first_step_s']:.0f} s")
+    print(f"data time per step (indexing the in-memory tensor): {R['train']['eager']['data_ms_per_step']:.3f} ms")
     s = R["sample"]
-    print(f"{'sampling %d images' % R['n']:<26}{'seconds':>8}{'accuracy':>9}")
-    for name in ("ddpm1000", "ddim50", "ddim20", "ddim50_unbatched"):
-        acc = "-" if s[name]["accuracy"] is None else f"{100 * s[name]['accuracy']:.0f}%"
-        note = " (20 steps timed, x50)" if s[name].get("extrapolated") else ""
-        print(f"{name:<26}{s[name]['seconds']:8.1f}{acc:>9}{note}")
-    print(f"DDIM 50 is {s['ddpm1000']['seconds'] / s['ddim50']['seconds']:.1f}x faster than DDPM 1000 | "
-          f"sampling peak RSS {s['peak_rss_mb']:.0f} MB")
+    if "error" in s:
+        print(f"sampling failed: {s['error']}")
+    else:
+        print(f"{f"sampling {R['n']} images":<28}{'seconds':>8}{'accuracy':>9}")
+        for name in ("ddpm1000", "ddim50", "ddim20", "ddim50_unbatched"):
+            acc = "-" if s[name]["accuracy"] is None else f"{100 * s[name]['accuracy']:.0f}%"
+            note = " (20 steps timed, x50)" if s[name].get("extrapolated") else ""
+            print(f"{name:<28}{s[name]['seconds']:8.2f}{acc:>9}{note}")
+        print(f"DDIM 50 is {s['ddpm1000']['seconds'] / s['ddim50']['seconds']:.1f}x faster than DDPM 1000; "
+              f"batching guidance {s['ddim50_unbatched']['seconds'] / s['ddim50']['seconds']:.2f}x | "
+              f"sampling peak RSS {s['peak_rss_mb']:.0f} MB")
     ls = R["lora_sampling"]
-    print("LoRA sampling (DDIM 20): " + ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in ls.items())
-          + f" | merged/base {ls['merged']['seconds'] / ls['base']['seconds']:.3f}, "
-          f"unmerged/base {ls['unmerged']['seconds'] / ls['base']['seconds']:.3f}")
+    if "error" not in ls:
+        print(f"one guided network call ({R['n']} images x 2): "
+              + ", ".join(f"{k} {v['ms_per_call']:.2f} ms" for k, v in ls.items())
+              + f" | merged/base {ls['merged']['ms_per_call'] / ls['base']['ms_per_call']:.3f}, "
+              f"unmerged/base {ls['unmerged']['ms_per_call'] / ls['base']['ms_per_call']:.3f}")
     c = R["sample_cli"]
-    print(f"python sample.py --label 7: {c['end_to_end_s']:.1f}s end to end (imports {c['import_s']:.1f}s, "
-          f"load {c['load_s']:.2f}s, sampling {c['sample_s']:.1f}s)")
+    if "error" not in c and c["end_to_end_s"]:
+        print(f"python sample.py --label 7: {c['end_to_end_s']:.1f} s end to end; in-process: imports "
+              f"{c['import_s']:.1f} s, load {c['load_s']:.2f} s, sampling {c['sample_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ A checkpoint is a dict {"model", "ema", "optimizer", "scheduler", "step", "confi
 of tensors and plain Python values, so `torch.load(weights_only=True)` can read it and no
 pickled code ever runs.
 """
+import json
 import os
 
 import torch
@@ -33,6 +34,14 @@ def atomic_write(path, write_fn, suffix=""):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write, suffix=".json")
 
 
 def save_checkpoint(path, ckpt):

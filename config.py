@@ -68,6 +68,8 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda | mps
     threads: int = 0                # CPU threads for torch (0 = torch's default)
     channels_last: bool = True      # NHWC memory layout: faster convolutions on CPU (measured)
+    precision: str = "fp32"         # fp32 | bf16 (autocast: bfloat16 matmuls/convs, fp32 weights)
+    compile: bool = False           # torch.compile the network (pays a compile time up front)
     sample_every: int = 0           # steps between sample grids (0 = only at the end)
     ckpt_every: int = 500           # steps between checkpoints
     log_every: int = 10             # steps between progress-bar updates of the loss
@@ -81,13 +83,14 @@ class TrainConfig:
         _check(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         _check(self.dataset in ("auto", "mnist", "mnist-5k", "folder"), f"unknown dataset {self.dataset!r}")
+        _check(self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r} (fp32 or bf16)")
 
 
 @dataclass
 class LoraConfig:
     """What lora_finetune.py adapts, and how."""
     style: str = "bold"             # bold | italic (built-in), or "folder" for --data-dir images
-    targets: str = "attn"           # attn | attn+ff | all-linear | comma-separated regexes
+    targets: str = "attn"           # attn | attn+ff | all-linear | conv | attn+conv | regexes
     r: int = 4                      # rank of the update B A
     alpha: float = 4.0              # scaling = alpha / r
     lora_dropout: float = 0.0
@@ -123,10 +126,11 @@ HELP = {
     "ema_decay": "decay of the exponential moving average of the weights", "seed": "random seed",
     "device": "auto (cuda > mps > cpu), cpu, cuda or mps", "threads": "CPU threads (0 = default)",
     "channels_last": "NHWC memory layout for the convolutions",
+    "precision": "fp32, or bf16 autocast (CUDA, or CPUs with bf16 units)", "compile": "torch.compile the network",
     "sample_every": "steps between sample grids (0 = at the end)", "ckpt_every": "steps between checkpoints",
     "log_every": "steps between loss updates", "eval_n": "samples per digit in the final evaluation (0 = skip)",
     "style": "bold or italic (built-in styles of the MNIST train split) or folder (--data-dir)",
-    "targets": "LoRA targets: attn, attn+ff, all-linear or comma-separated regexes",
+    "targets": "LoRA targets: attn, attn+ff, all-linear, conv, attn+conv or comma-separated regexes",
     "r": "LoRA rank", "alpha": "LoRA alpha (scaling = alpha / r)", "lora_dropout": "dropout on the LoRA path",
     "rslora": "rank-stabilised scaling alpha / sqrt(r)", "full": "full fine-tuning baseline instead of LoRA",
     "in_channels": "image channels", "num_classes": "number of labels",

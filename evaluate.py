@@ -7,7 +7,6 @@ distance between generated and real test digits in the classifier's penultimate 
 the real test set -- the floor that finite samples allow.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import CheckpointError, atomic_write, load_model
+from checkpoint import CheckpointError, atomic_write, load_model, write_json
 from config import Parser
 from dataset import DataError, load_dataset
 from dataset import apply_style
@@ -251,7 +250,7 @@ def main(argv=None):
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
 
     out = args.json or base + "_eval.json"
-    atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1)), suffix=".json")
+    write_json(out, results)
     print(out)
     return 0
 

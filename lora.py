@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021): fine-tune a frozen nn.Linear W through a low-rank update.
+"""LoRA (Hu et al. 2021): fine-tune a frozen layer W through a low-rank update.
 
     y = x W^T + b  +  scale * scaling * dropout(x) A^T B^T,    scaling = alpha / r
 
@@ -6,6 +6,9 @@ A (r x in) starts random, B (out x r) starts at zero, so training starts exactly
 model; only A and B (r * (in + out) numbers per layer) are trained and saved. merge() folds
 the update into W for zero-overhead inference; unmerge() takes it out again. Both are
 explicit calls -- never a side effect of .eval().
+
+An nn.Conv2d is handled the same way by reading its weight (out, in, k, k) as an
+(out, in*k*k) matrix: A becomes a k x k convolution to r channels, B a 1 x 1 convolution back.
 """
 import hashlib
 import json
@@ -13,15 +16,20 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import atomic_write
 
-PRESETS = {  # the qualified names of the UNet's nn.Linear layers each preset wraps
-    "attn": [r"\.attn\.to_(q|k|v|out)$"],                      # the article's choice
-    "attn+ff": [r"\.attn\.to_(q|k|v|out)$", r"\.ff\.net\.(0|2)$"],
-    "all-linear": [r".*"],                                     # every nn.Linear in the model
+ATTN = r"\.attn\.to_(q|k|v|out)$"
+PRESETS = {  # regexes on the qualified names of the UNet's nn.Linear / nn.Conv2d layers
+    "attn": [ATTN],                                            # the article's choice
+    "attn+ff": [ATTN, r"\.ff\.net\.(0|2)$"],
+    "all-linear": [ATTN, r"\.ff\.net\.(0|2)$", r"time_proj$", r"^time_mlp\.(0|2)$"],   # every nn.Linear
+    "conv": [r"\.conv(1|2)$"],                                  # the ResnetBlocks' 3x3 convolutions
+    "attn+conv": [ATTN, r"\.conv(1|2)$"],
 }
+LORA_TYPES = (nn.Linear, nn.Conv2d)
 
 
 class LoraError(Exception):
@@ -29,22 +37,24 @@ class LoraError(Exception):
 
 
 class LoraLayer(nn.Module):
-    """Wraps an nn.Linear: frozen base weight and bias, trainable lora_A and lora_B."""
+    """Wraps an nn.Linear or nn.Conv2d: frozen base weight and bias, trainable lora_A and lora_B."""
 
-    def __init__(self, base: nn.Linear, r, alpha, dropout=0.0, use_rslora=False):
+    def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False):
         super().__init__()
         if r < 1:
             raise LoraError(f"rank r must be >= 1, got {r}")
+        if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise LoraError("LoRA on a grouped or non-zero-padded convolution is not supported")
         self.base = base
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        w = base.weight
+        w = base.weight                                         # (out, in) or (out, in, k, k)
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r   # rsLoRA: alpha / sqrt(r)
         self.scale = 1.0                    # run-time strength: 0 = base model, 1 = full adapter
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, w[0].numel(), device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))            # as nn.Linear does
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged_scale = None            # the scale folded into W, or None when unmerged
@@ -53,11 +63,20 @@ class LoraLayer(nn.Module):
         out = self.base(x)
         if self.merged_scale is not None or self.scale == 0:
             return out
-        return out + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * (self.scaling * self.scale)
+        return out + self.low_rank(self.dropout(x)) * (self.scaling * self.scale)
+
+    def low_rank(self, x):
+        """x A^T B^T: through r numbers per position (per pixel, for a convolution)."""
+        if isinstance(self.base, nn.Linear):
+            return x @ self.lora_A.T @ self.lora_B.T
+        c = self.base
+        h = F.conv2d(x, self.lora_A.view(self.r, *c.weight.shape[1:]), None, c.stride, c.padding, c.dilation)
+        return F.conv2d(h, self.lora_B[:, :, None, None])                # (B, out, H', W')
 
     def delta_weight(self, scale):
-        """scale * scaling * B @ A, computed in float32: the update as an (out, in) matrix."""
-        return (self.lora_B.float() @ self.lora_A.float()) * (self.scaling * scale)
+        """scale * scaling * B @ A, computed in float32, in the shape of W."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * (self.scaling * scale)
+        return delta.view(self.base.weight.shape)
 
     @torch.no_grad()
     def merge(self):
@@ -86,9 +105,9 @@ def resolve_targets(targets):
 
 
 def inject_lora(model, targets, r, alpha, dropout=0.0, use_rslora=False):
-    """Replace the nn.Linear modules whose qualified names match `targets` by LoraLayers.
+    """Replace the nn.Linear / nn.Conv2d modules whose qualified names match `targets` by LoraLayers.
 
-    Returns the wrapped names. A pattern that matches no nn.Linear is an error (a silent
+    Returns the wrapped names. A pattern that matches no such layer is an error (a silent
     no-op adapter is the classic LoRA bug), and so is wrapping a layer twice.
     """
     patterns = resolve_targets(targets)
@@ -104,9 +123,9 @@ def inject_lora(model, targets, r, alpha, dropout=0.0, use_rslora=False):
         raise LoraError("the model already has LoRA layers; wrapping them again is refused")
     names = []
     for pattern in patterns:
-        found = [n for n, m in modules.items() if isinstance(m, nn.Linear) and re.search(pattern, n)]
+        found = [n for n, m in modules.items() if isinstance(m, LORA_TYPES) and re.search(pattern, n)]
         if not found:
-            raise LoraError(f"target pattern {pattern!r} matches no nn.Linear layer")
+            raise LoraError(f"target pattern {pattern!r} matches no nn.Linear or nn.Conv2d layer")
         names += [n for n in found if n not in names]
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -209,7 +228,7 @@ def load_adapter(model, path, model_config, fingerprint=None):
 
 
 def remove_lora(model):
-    """Put the base nn.Linear back in place of each LoraLayer (keeping W as it is, merged or not)."""
+    """Put the base layer back in place of each LoraLayer (keeping W as it is, merged or not)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoraLayer):
             parent_name, _, child = name.rpartition(".")

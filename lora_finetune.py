@@ -7,7 +7,9 @@ folder of digits). The training loop is train.py's; only this set-up differs. Wr
 adapter (safetensors, a few % of the model), a loss curve, base-vs-LoRA samples and a
 strength sweep. `--full` fine-tunes every weight instead: the baseline LoRA is measured against.
 """
+import argparse
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict
@@ -16,7 +18,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import lora
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_checkpoint, load_model, save_checkpoint
+from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_checkpoint, load_model,
+                        save_checkpoint, write_json)
 from config import LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict
 from dataset import DataError, apply_style, load_dataset
 from diffusion import Diffusion
@@ -38,6 +41,8 @@ def parse_args(argv=None):
                    help="styled: the base's training digits in --style; folder: your digits in --data-dir")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw base-vs-tuned and strength-sweep figures (--no-figures: skip them, for sweeps)")
     return p.parse_args(argv)
 
 
@@ -171,11 +176,16 @@ def main(argv=None):
           f"({100 * size / (4 * total_params):.1f}%) | trainable {trainable:,} / {total_params:,} "
           f"= {100 * trainable / total_params:.1f}%")
 
+    summary = {"config": config, "steps": state["step"], "ms_per_step": 1000 * seconds / max(1, state["step"]),
+               "trainable": trainable, "total_params": total_params, "file_bytes": size,
+               "base_checkpoint_bytes": base_size,
+               "peak_rss_mb_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     base_model = load_model(args.checkpoint, device)[0]
     compare = os.path.join(tcfg.out, "base_vs_tuned.png")
-    side_by_side([base_model, tuned], ["base model", f"{kind} ({data_name})"], diffusion, compare)
-    print(compare)
-    if not lcfg.full:
+    if args.figures:
+        side_by_side([base_model, tuned], ["base model", f"{kind} ({data_name})"], diffusion, compare)
+        print(compare)
+    if args.figures and not lcfg.full:
         sweep = os.path.join(tcfg.out, "strength_sweep.png")
         scales = [0.0, 0.25, 0.5, 0.75, 1.0]
         side_by_side([tuned] * 5, [f"scale {s}" for s in scales], diffusion, sweep, n=3, scales=scales)
@@ -183,8 +193,11 @@ def main(argv=None):
     if tcfg.eval_n:
         from evaluate import style_evaluation
         folder = tcfg.data_dir if lcfg.style == "folder" else None      # then MNIST lives in data/
-        style_evaluation(base_model, tuned, diff_cfg, base_ckpt.get("data", "auto"), data_name,
-                         "data" if folder else tcfg.data_dir, tcfg.eval_n, device, folder=folder)
+        summary["evaluation"] = style_evaluation(base_model, tuned, diff_cfg, base_ckpt.get("data", "auto"), data_name,
+                                                 "data" if folder else tcfg.data_dir, tcfg.eval_n, device, folder=folder)
+    summary_path = os.path.join(tcfg.out, "summary.json")
+    write_json(summary_path, summary)
+    print(summary_path)
     return 0
 
 

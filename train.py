@@ -35,7 +35,7 @@ def pick_device(name):
     """'auto' -> cuda > mps > cpu; an explicit device that is not available is an error."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return pick_device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda: CUDA is not available on this machine")
@@ -43,6 +43,9 @@ def pick_device(name):
         raise TrainingError("--device mps: MPS is not available on this machine")
     if name not in ("cpu", "cuda", "mps"):
         raise TrainingError(f"--device {name}: expected auto, cpu, cuda or mps")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True    # TF32 tensor cores for fp32 matmuls/convs
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
@@ -218,6 +221,8 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train"):
     mine, b = slice(dist.rank, B, dist.world), B // dist.world       # this rank's share of a batch
     stop = StopFlag()
     model.train()
+    net = torch.compile(model) if tcfg.compile else model          # compiled once, on the first step
+    autocast = torch.autocast(x_all.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
     order, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
     bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
                disable=not dist.main)
@@ -235,7 +240,8 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train"):
             t, noise, drop = diffusion.draw(B, x0.shape[1:], x_all.device, generator=g)
             t_data += time.perf_counter() - t0
 
-            loss = diffusion.loss(model, x0, y, (t[mine], noise[mine], drop[mine]))
+            with autocast:
+                loss = diffusion.loss(net, x0, y, (t[mine], noise[mine], drop[mine]))
             opt.zero_grad(set_to_none=True)
             loss.backward()                                               # DDP: gradients averaged
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)

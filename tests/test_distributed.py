@@ -34,6 +34,6 @@ def test_resume_under_torchrun_and_lora(tmp_path, tiny_ckpt):
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
     lora_out = str(tmp_path / "lora")
     r = run_script(*TORCHRUN, "lora_finetune.py", "--checkpoint", tiny_ckpt, "--max-steps", "2", "--batch-size", "16",
-                   "--eval-n", "0", "--out", lora_out)
+                   "--eval-n", "0", "--no-figures", "--out", lora_out)
     assert r.returncode == 0 and r.stdout.count("trainable") == 2, r.stderr[-3000:]   # 2 = header + saved line
     assert os.path.exists(os.path.join(lora_out, "adapter.safetensors"))

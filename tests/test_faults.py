@@ -33,16 +33,16 @@ def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path):
     """SIGKILL at a random moment (saves happen every step, so often mid-write): the last
     checkpoint still loads, and --resume ends bit-identical to a run never interrupted."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert run_script("train.py", *FLAGS, "--max-steps", "150", "--out", a).returncode == 0
-    proc = start_training(b, "--max-steps", "150")
+    assert run_script("train.py", *FLAGS, "--max-steps", "80", "--out", a).returncode == 0
+    proc = start_training(b, "--max-steps", "80")
     wait_for(os.path.join(b, "ckpt.pt"), proc)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))
     assert proc.poll() is None, "the run ended before the kill: nothing was tested"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     step = load_checkpoint(os.path.join(b, "ckpt.pt"))["step"]          # still loadable
-    assert 1 <= step < 150
-    r = run_script("train.py", "--resume", "--out", b, "--max-steps", "150")
+    assert 1 <= step < 80
+    r = run_script("train.py", "--resume", "--out", b, "--max-steps", "80")
     assert r.returncode == 0, r.stderr
     ca, cb = load_checkpoint(os.path.join(a, "ckpt.pt")), load_checkpoint(os.path.join(b, "ckpt.pt"))
     for key in ("model", "ema"):
@@ -135,14 +135,15 @@ def test_lora_few_shot_folder(tiny_ckpt, tmp_path):
     root = _digit_folder(str(tmp_path / "digits"))
     out = str(tmp_path / "lora")
     r = run_script("lora_finetune.py", "--checkpoint", tiny_ckpt, "--dataset", "folder", "--data-dir", root,
-                   "--max-steps", "2", "--eval-n", "0", "--out", out)
+                   "--max-steps", "2", "--eval-n", "0", "--no-figures", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "100 images" in r.stdout and os.path.exists(os.path.join(out, "adapter.safetensors"))
 
 
 def test_lora_finetune_resume_and_no_clobber(tiny_ckpt, tmp_path):
     out = str(tmp_path / "lora")
-    flags = ["--checkpoint", tiny_ckpt, "--eval-n", "0", "--out", out, "--batch-size", "16", "--epochs", "1"]
+    flags = ["--checkpoint", tiny_ckpt, "--eval-n", "0", "--no-figures", "--out", out, "--batch-size", "16",
+             "--epochs", "1"]
     assert run_script("lora_finetune.py", *flags, "--max-steps", "2").returncode == 0
     r = run_script("lora_finetune.py", *flags, "--max-steps", "2")
     assert r.returncode != 0 and "--resume" in r.stderr
@@ -154,7 +155,7 @@ def test_lora_finetune_resume_and_no_clobber(tiny_ckpt, tmp_path):
 def test_truncated_adapter_is_refused(tiny_ckpt, tmp_path):
     out = str(tmp_path / "lora")
     assert run_script("lora_finetune.py", "--checkpoint", tiny_ckpt, "--max-steps", "1", "--eval-n", "0",
-                      "--batch-size", "16", "--out", out).returncode == 0
+                      "--no-figures", "--batch-size", "16", "--out", out).returncode == 0
     adapter = os.path.join(out, "adapter.safetensors")
     cut = str(tmp_path / "cut.safetensors")
     open(cut, "wb").write(open(adapter, "rb").read()[:300])

@@ -1,4 +1,5 @@
 """LoRA: exact at init, merge/unmerge identities, only adapters train, adapter files are checked."""
+import json
 import os
 import re
 from dataclasses import asdict
@@ -56,8 +57,9 @@ def test_layer_math_and_scaling():
     assert not lin.weight.requires_grad and not lin.bias.requires_grad
 
 
-def test_merge_equals_unmerged_and_unmerge_restores():
-    model, _ = lora_model()
+@pytest.mark.parametrize("targets", ["attn", "attn+conv"])
+def test_merge_equals_unmerged_and_unmerge_restores(targets):
+    model, _ = lora_model(targets)
     randomize_B(model)
     lora.set_scale(model, 0.7)
     before = {n: p.clone() for n, p in model.named_parameters()}
@@ -75,8 +77,33 @@ def test_merge_equals_unmerged_and_unmerge_restores():
     assert all(layer.merged_scale is None for layer in lora.lora_layers(model))
 
 
+def test_conv_lora_is_a_low_rank_update_of_the_kernel():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    layer = lora.LoraLayer(conv, r=2, alpha=4.0)
+    assert layer.lora_A.shape == (2, 4 * 3 * 3) and layer.lora_B.shape == (6, 2)
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.equal(layer(x), conv(x))                      # B = 0: exactly the base conv
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    delta = 2.0 * (layer.lora_B @ layer.lora_A).view(6, 4, 3, 3)   # scaling alpha / r = 2, rank <= 2
+    expected = nn.functional.conv2d(x, conv.weight + delta, conv.bias, stride=2, padding=1)
+    assert_close(layer(x), expected, atol=1e-5, msg="conv LoRA vs conv with W + scaling B A")
+    assert torch.linalg.matrix_rank(delta.view(6, -1)) == 2
+
+
+def test_presets_wrap_the_layers_they_name():
+    model = UNet(TINY)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(lora.inject_lora(model, "all-linear", 2, 2.0)) == linears     # every nn.Linear, no conv
+    model = UNet(TINY)
+    names = lora.inject_lora(model, "conv", 2, 2.0)
+    resnet_convs = [n for n, m in model.named_modules() if re.search(r"\.conv(1|2)$", n)]
+    assert names and set(names) == set(resnet_convs)
+    assert all(isinstance(model.get_submodule(n).base, nn.Conv2d) for n in names)
+
+
 def test_only_lora_trains_and_every_adapter_gets_gradient():
-    model, names = lora_model("attn+ff")
+    model, names = lora_model([lora.ATTN, r"\.ff\.net\.(0|2)$", r"\.conv(1|2)$"])
     lora.mark_only_lora_trainable(model)
     model.train()
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -114,7 +141,7 @@ def test_inject_errors():
 def test_trainable_fraction_of_presets():
     total = sum(p.numel() for p in UNet(TINY).parameters())
     counts = {}
-    for preset in ("attn", "attn+ff", "all-linear"):
+    for preset in ("attn", "attn+ff", "all-linear", "conv"):
         model, _ = lora_model(preset)
         lora.mark_only_lora_trainable(model)
         counts[preset] = lora.count_trainable(model)
@@ -199,11 +226,13 @@ def test_composing_two_adapters_adds_their_deltas(tmp_path):
 def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path):
     out = str(tmp_path / "lora")
     r = run_script("lora_finetune.py", "--checkpoint", tiny_ckpt, "--style", "italic", "--max-steps", "3",
-                   "--batch-size", "16", "--eval-n", "0", "--out", out, "--r", "2")
+                   "--batch-size", "16", "--eval-n", "0", "--out", out, "--r", "2", "--targets", "attn+conv")
     assert r.returncode == 0, r.stderr
     assert "trainable" in r.stdout and "%" in r.stdout
     for f in ("adapter.safetensors", "base_vs_tuned.png", "strength_sweep.png", "loss.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["steps"] == 3 and 0 < summary["trainable"] < summary["total_params"]
     png = str(tmp_path / "s.png")
     r = run_script("sample.py", "--checkpoint", tiny_ckpt, "--lora", os.path.join(out, "adapter.safetensors"),
                    "--lora-scale", "0.5", "--merge", "--steps", "3", "--n", "2", "--out", png)
@@ -215,7 +244,7 @@ def test_sample_refuses_adapter_of_another_base(tiny_ckpt, tmp_path):
     assert run_script("train.py", *TINY_FLAGS, "--max-steps", "1", "--seed", "5", "--out", other).returncode == 0
     out = str(tmp_path / "lora")
     assert run_script("lora_finetune.py", "--checkpoint", os.path.join(other, "ckpt.pt"), "--max-steps", "1",
-                      "--batch-size", "16", "--eval-n", "0", "--out", out).returncode == 0
+                      "--batch-size", "16", "--eval-n", "0", "--no-figures", "--out", out).returncode == 0
     r = run_script("sample.py", "--checkpoint", tiny_ckpt, "--lora", os.path.join(out, "adapter.safetensors"),
                    "--steps", "2", "--out", str(tmp_path / "x.png"))
     assert r.returncode != 0 and "other base weights" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,115 @@
+"""Which layers, which rank? `python lora_table.py --style italic` runs lora_finetune.py once per
+row (target preset x rank) and tabulates trainable parameters vs style shift vs accuracy.
+
+Every row trains for the same steps with the same data and seed, with alpha = r (scaling 1),
+and is judged by evaluate.py's style measures. A row whose summary.json exists is read, not
+re-run, so an interrupted table continues where it stopped. Flags it does not know
+(--epochs, --lr, ...) are passed on to lora_finetune.py. About 5 minutes per row on 2 CPU cores.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from checkpoint import atomic_write, write_json
+from config import Parser
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROWS = "attn:1,attn:4,attn:16,attn+ff:4,all-linear:4"
+
+
+def parse_rows(text):
+    """'attn:4,attn+ff:4' -> [("attn", 4), ("attn+ff", 4)]."""
+    rows = []
+    for item in text.split(","):
+        targets, _, r = item.partition(":")
+        if not targets or not r.isdigit() or int(r) < 1:
+            raise ValueError(f"bad row {item!r}: expected TARGETS:RANK, e.g. attn:4")
+        rows.append((targets, int(r)))
+    return rows
+
+
+def run_row(targets, r, args, extra):
+    """Fine-tune one row (unless already done) and return its summary.json."""
+    out = os.path.join(args.out, f"{targets}-r{r}")
+    summary = os.path.join(out, "summary.json")
+    if not os.path.isfile(summary):
+        cmd = [sys.executable, os.path.join(HERE, "lora_finetune.py"), "--style", args.style, "--targets", targets,
+               "--r", str(r), "--alpha", str(r), "--eval-n", str(args.eval_n), "--out", out, "--overwrite",
+               "--no-figures", "--checkpoint", args.checkpoint, *extra]
+        print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"lora_table.py: error: row {targets} r={r} failed (see its output above)")
+    with open(summary) as f:
+        return json.load(f)
+
+
+def table_rows(summaries, style):
+    """One dict per row with the numbers the table shows."""
+    rows = []
+    for (targets, r), s in summaries:
+        ev = s["evaluation"]
+        rows.append({"targets": targets, "r": r, "trainable": s["trainable"],
+                     "fraction": s["trainable"] / s["total_params"], "adapter_kib": s["file_bytes"] / 1024,
+                     "ink_shift": ev["shift"]["ink"], "slant_shift": ev["shift"]["slant"],
+                     "accuracy": ev["rows"]["fine-tuned model"]["accuracy"], "ms_per_step": s["ms_per_step"]})
+    return rows
+
+
+def print_table(rows, style):
+    """Markdown, ready for the README."""
+    measure = "ink" if style == "bold" else "slant"
+    print(f"| targets | rank | trainable params | % of model | adapter | {measure} shift | accuracy | ms/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for w in rows:
+        print(f"| {w['targets']} | {w['r']} | {w['trainable']:,} | {100 * w['fraction']:.1f}% | "
+              f"{w['adapter_kib']:.0f} KiB | {100 * w[measure + '_shift']:.0f}% | {100 * w['accuracy']:.1f}% | "
+              f"{w['ms_per_step']:.0f} |")
+
+
+def plot(rows, style, path):
+    """Style shift against trainable parameters (log scale), one labelled point per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    measure = "ink" if style == "bold" else "slant"
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for w in rows:
+        ax.scatter(w["trainable"], 100 * w[measure + "_shift"], color="C0" if w["targets"] == "attn" else "C1")
+        ax.annotate(f"{w['targets']} r{w['r']}\n{100 * w['accuracy']:.0f}% acc", (w["trainable"], 100 * w[measure + "_shift"]),
+                    fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.axhline(80, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"{measure} shift, base -> real {style} (%)")
+    ax.set_title(f"LoRA on {style} digits: where and how big")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def main():
+    p = Parser(description="LoRA target presets x ranks: trainable parameters vs style shift vs accuracy.")
+    p.add_argument("--style", choices=["bold", "italic"], default="italic", help="built-in style (default: italic)")
+    p.add_argument("--rows", default=ROWS, help=f"TARGETS:RANK list (default: {ROWS})")
+    p.add_argument("--eval-n", type=int, default=10, help="samples per digit judged per row (default: 10)")
+    p.add_argument("--checkpoint", default=os.path.join("runs", "mnist", "ckpt.pt"), help="base model")
+    p.add_argument("--out", default="", help="folder of the rows (default: runs/lora-table-STYLE)")
+    args, extra = p.parse_known_args()
+    try:
+        rows = parse_rows(args.rows)
+    except ValueError as e:
+        p.error(str(e))
+    if args.eval_n < 1:
+        p.error("--eval-n must be >= 1")
+    args.out = args.out or os.path.join("runs", f"lora-table-{args.style}")
+    summaries = [((t, r), run_row(t, r, args, extra)) for t, r in rows]
+    rows = table_rows(summaries, args.style)
+    print_table(rows, args.style)
+    write_json(os.path.join(args.out, "table.json"), rows)
+    plot(rows, args.style, os.path.join(args.out, "table.png"))
+    print(os.path.join(args.out, "table.png"))
+
+
+if __name__ == "__main__":
+    main()
