@@ -16,7 +16,7 @@ import time
 import torch
 
 from checkpoint import write_json
-from config import PRESETS, DiffusionConfig, ModelConfig, Parser
+from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,7 +28,7 @@ def peak_rss_mb():
 def timed(fn, warmup, reps):
     """Median wall time of fn() over reps calls after warmup calls; also the first call's time."""
     first = None
-    for i in range(warmup):
+    for _ in range(warmup):
         t = time.perf_counter()
         fn()
         first = first or time.perf_counter() - t
@@ -72,7 +72,7 @@ def model_config(preset):
     return ModelConfig(**{k: v for k, v in PRESETS[preset].items() if k in names})
 
 
-def train_step_fn(mode, device, batch, cfg, lora_targets=None):
+def train_step_fn(mode, device, batch, cfg, lora_config=None):
     """One training step of the model under `mode` (MODES); returns (step_fn, optimizer, data)."""
     from diffusion import Diffusion
     from unet import UNet
@@ -81,9 +81,9 @@ def train_step_fn(mode, device, batch, cfg, lora_targets=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = UNet(cfg).to(device).to(memory_format=layout)
-    if lora_targets:
+    if lora_config:
         import lora
-        lora.inject_lora(model, lora_targets, 4, 4.0)
+        lora.inject_lora(model, lora_config.targets, lora_config.r, lora_config.alpha)
         lora.mark_only_lora_trainable(model)
     diffusion = Diffusion(DiffusionConfig(), cfg.num_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,7 +110,7 @@ def train_step_fn(mode, device, batch, cfg, lora_targets=None):
 def section_train(args, device):
     """Median time of a training step under one mode; FLOPs per image; optimizer state; memory."""
     cfg = model_config(args.preset)
-    step, opt, data = train_step_fn(args.mode, device, args.batch, cfg, lora_targets=args.lora_targets)
+    step, opt, data = train_step_fn(args.mode, device, args.batch, cfg, LoraConfig() if args.lora else None)
     sec, first = timed(step, 4 if "compile" in args.mode else 3, args.reps)
     idx = torch.randint(0, 4500, (args.batch,), device=device)
     data_sec, _ = timed(lambda: data[idx], 3, 20)
@@ -120,7 +120,7 @@ def section_train(args, device):
            "first_step_s": first, "optimizer_state_mb": state / 2 ** 20, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    if args.mode == "eager" and not args.lora_targets:
+    if args.mode == "eager" and not args.lora:
         from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as counter:
             step()
@@ -175,7 +175,8 @@ def section_lora_sampling(args, device):
     from diffusion import Diffusion
     base, diff_cfg, _ = load_model(args.checkpoint, device)
     unmerged = copy.deepcopy(base)
-    lora.inject_lora(unmerged, "attn", 4, 4.0)
+    lc = LoraConfig()                                       # lora_finetune.py's defaults
+    lora.inject_lora(unmerged, lc.targets, lc.r, lc.alpha)
     for layer in lora.lora_layers(unmerged):
         torch.nn.init.normal_(layer.lora_B, std=0.01)    # a trained-looking adapter, not B = 0
     merged = copy.deepcopy(unmerged)
@@ -251,7 +252,7 @@ def main():
     p.add_argument("--json", default=os.path.join("runs", "bench.json"), help="where to write the results")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="eager", help=argparse.SUPPRESS)
-    p.add_argument("--lora-targets", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--full-ddpm", type=int, default=-1,
                    help="1: run DDPM's 1,000 steps for real to get its accuracy (minutes on a CPU); "
                         "0: time 20 steps and scale (default: 1 on cuda, 0 on cpu)")
@@ -287,7 +288,7 @@ def main():
     for m in modes:
         R["train"][m] = run_section("train", args, mode=m)
         write_json(args.json, R)                  # partial results survive an interrupted run
-    R["lora_train"] = run_section("train", args, mode="channels_last", lora_targets="attn")
+    R["lora_train"] = run_section("train", args, mode="channels_last", lora=1)
     R["sample"] = run_section("sample", args)
     write_json(args.json, R)
     R["lora_sampling"] = run_section("lora_sampling", args)
@@ -312,7 +313,8 @@ def report(R):
           f"{flop:.3f} GFLOP per training image (forward + backward) | preset {R['preset']}")
     mem = "GPU MB" if R["device"] == "cuda" else "RSS MB"
     print(f"{f"training (batch {R['batch']})":<28}{'img/s':>8}{'ms/step':>9}{'util.':>7}{mem:>8}{'opt MB':>8}")
-    rows = {**{f"full, {m}": r for m, r in R["train"].items()}, "LoRA attn r4, channels_last": R["lora_train"]}
+    lc = LoraConfig()
+    rows = {**{f"full, {m}": r for m, r in R["train"].items()}, f"LoRA {lc.targets} r{lc.r}, chan.last": R["lora_train"]}
     for name, r in rows.items():
         if "error" in r:
             print(f"{name:<28} failed: {r['error']}")

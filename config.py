@@ -90,16 +90,18 @@ class TrainConfig:
 class LoraConfig:
     """What lora_finetune.py adapts, and how."""
     style: str = "bold"             # bold | italic (built-in), or "folder" for --data-dir images
-    targets: str = "attn"           # attn | attn+ff | all-linear | conv | attn+conv | regexes
+    targets: str = "attn"           # attn | attn+ff | all-linear | conv | attn+conv | all | regexes
     r: int = 4                      # rank of the update B A
     alpha: float = 4.0              # scaling = alpha / r
     lora_dropout: float = 0.0
     rslora: bool = False            # scaling = alpha / sqrt(r) instead
+    lr_ratio_b: float = 1.0         # LoRA+ (Hayou et al. 2024): B learns this many times faster than A
     full: bool = False              # baseline: fine-tune every weight instead of LoRA
 
     def __post_init__(self):
         _check(self.r >= 1, "r must be >= 1")
         _check(self.alpha > 0, "alpha must be > 0")
+        _check(self.lr_ratio_b > 0, "lr_ratio_b must be > 0")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
         _check(self.style in ("bold", "italic", "folder"), f"unknown style {self.style!r}")
 
@@ -130,9 +132,11 @@ HELP = {
     "sample_every": "steps between sample grids (0 = at the end)", "ckpt_every": "steps between checkpoints",
     "log_every": "steps between loss updates", "eval_n": "samples per digit in the final evaluation (0 = skip)",
     "style": "bold or italic (built-in styles of the MNIST train split) or folder (--data-dir)",
-    "targets": "LoRA targets: attn, attn+ff, all-linear, conv, attn+conv or comma-separated regexes",
+    "targets": "LoRA targets: attn, attn+ff, all-linear, conv, attn+conv, all or comma-separated regexes",
     "r": "LoRA rank", "alpha": "LoRA alpha (scaling = alpha / r)", "lora_dropout": "dropout on the LoRA path",
-    "rslora": "rank-stabilised scaling alpha / sqrt(r)", "full": "full fine-tuning baseline instead of LoRA",
+    "rslora": "rank-stabilised scaling alpha / sqrt(r)",
+    "lr_ratio_b": "learning rate of lora_B / that of lora_A (LoRA+; 1 = plain LoRA)",
+    "full": "full fine-tuning baseline instead of LoRA",
     "in_channels": "image channels", "num_classes": "number of labels",
 }
 

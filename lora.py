@@ -28,6 +28,7 @@ PRESETS = {  # regexes on the qualified names of the UNet's nn.Linear / nn.Conv2
     "all-linear": [ATTN, r"\.ff\.net\.(0|2)$", r"time_proj$", r"^time_mlp\.(0|2)$"],   # every nn.Linear
     "conv": [r"\.conv(1|2)$"],                                  # the ResnetBlocks' 3x3 convolutions
     "attn+conv": [ATTN, r"\.conv(1|2)$"],
+    "all": [r".*"],                                            # every nn.Linear and nn.Conv2d
 }
 LORA_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -142,6 +143,14 @@ def mark_only_lora_trainable(model):
     """requires_grad on parameters (not modules): True for lora_A/lora_B, False for the rest."""
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
+
+
+def param_groups(model, lr, ratio_b=1.0):
+    """Optimizer groups for the trainable LoRA tensors: A at lr, B at ratio_b * lr. LoRA+
+    (Hayou et al. 2024) shows B should learn faster than A; ratio_b = 1 is plain LoRA."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if not n.endswith("lora_B")], "lr": lr},
+            {"params": [p for n, p in trainable if n.endswith("lora_B")], "lr": lr * ratio_b}]
 
 
 def lora_state_dict(model):

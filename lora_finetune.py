@@ -128,7 +128,8 @@ def main(argv=None):
         print(f"trainable {trainable:,} / {total_params:,} = {100 * trainable / total_params:.1f}%")
 
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    groups = params if lcfg.full else lora.param_groups(model, tcfg.lr, lcfg.lr_ratio_b)
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = warmup_cosine(opt, tcfg.warmup_steps, tcfg.epochs * max(1, len(x) // tcfg.batch_size))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
     state = {"optimizer": opt, "scheduler": sched, "ema": ema, "step": 0, "losses": []}
@@ -141,7 +142,7 @@ def main(argv=None):
             if set(resume[key]) != set(trained(module)):
                 raise TrainingError(f"{ckpt_path}: {key} tensors do not match this set-up")
             module.load_state_dict(resume[key], strict=False)  # keys checked just above
-        restore_loop_state(state, resume, ckpt_path)
+        restore_loop_state(state, resume, ckpt_path, verbose=dist.main)
 
     def save(state):
         save_checkpoint(ckpt_path, {"model": trained(model), "ema": trained(ema.module), "config": config,

@@ -59,12 +59,11 @@ def table_rows(summaries, style):
 def print_table(rows, style):
     """Markdown, ready for the README."""
     measure = "ink" if style == "bold" else "slant"
-    print(f"| targets | rank | trainable params | % of model | adapter | {measure} shift | accuracy | ms/step |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| targets | rank | trainable params | % of model | adapter | {measure} shift | accuracy |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for w in rows:
         print(f"| {w['targets']} | {w['r']} | {w['trainable']:,} | {100 * w['fraction']:.1f}% | "
-              f"{w['adapter_kib']:.0f} KiB | {100 * w[measure + '_shift']:.0f}% | {100 * w['accuracy']:.1f}% | "
-              f"{w['ms_per_step']:.0f} |")
+              f"{w['adapter_kib']:.0f} KiB | {100 * w[measure + '_shift']:.0f}% | {100 * w['accuracy']:.1f}% |")
 
 
 def plot(rows, style, path):

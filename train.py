@@ -174,6 +174,15 @@ class Dist:
         dist.all_reduce(t)
         return t.item() / self.world
 
+    def share(self, obj):
+        """Rank 0's value of a picklable obj, on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def max_param_difference(self, model):
         """Largest difference between this rank's parameters and rank 0's (0 when in sync)."""
         if not self.enabled:
@@ -284,14 +293,15 @@ def loop_state_dict(state):
             "rng": rng_state()}
 
 
-def restore_loop_state(state, ckpt, path):
+def restore_loop_state(state, ckpt, path, verbose=True):
     """The inverse of loop_state_dict: continue exactly where the checkpoint stopped."""
     state["ema"].n_averaged.fill_(ckpt["ema_n_averaged"])
     state["optimizer"].load_state_dict(ckpt["optimizer"])
     state["scheduler"].load_state_dict(ckpt["scheduler"])
     state.update(step=ckpt["step"], losses=[tuple(l) for l in ckpt["losses"]])
     set_rng_state(ckpt["rng"])
-    print(f"resumed {path} at step {state['step']}")
+    if verbose:                                   # rank 0 only, under torchrun
+        print(f"resumed {path} at step {state['step']}")
 
 
 def rng_state():
@@ -346,7 +356,11 @@ def main(argv=None):
     device = dist.device
     torch.manual_seed(tcfg.seed)
 
-    x, y, name = load_dataset(tcfg.dataset, tcfg.data_dir, split="train")
+    if dist.main:    # rank 0 resolves --dataset auto (downloading MNIST) before the others look
+        x, y, name = load_dataset(tcfg.dataset, tcfg.data_dir, split="train")
+    name = dist.share(name if dist.main else None)
+    if not dist.main:
+        x, y, name = load_dataset(name, tcfg.data_dir, split="train", verbose=False)
     if len(x) < tcfg.batch_size:
         raise TrainingError(f"--batch-size {tcfg.batch_size} is larger than the dataset ({len(x)} images)")
     layout = torch.channels_last if tcfg.channels_last else torch.contiguous_format
@@ -368,7 +382,7 @@ def main(argv=None):
     if ckpt is not None:
         load_state(model, ckpt["model"], ckpt_path)
         load_state(ema.module, ckpt["ema"], ckpt_path, "ema")
-        restore_loop_state(state, ckpt, ckpt_path)
+        restore_loop_state(state, ckpt, ckpt_path, verbose=dist.main)
 
     def save(state):
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "ema": ema.module.state_dict(),

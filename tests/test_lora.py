@@ -102,6 +102,16 @@ def test_presets_wrap_the_layers_they_name():
     assert all(isinstance(model.get_submodule(n).base, nn.Conv2d) for n in names)
 
 
+def test_param_groups_give_B_its_own_learning_rate():
+    model, names = lora_model("attn")
+    lora.mark_only_lora_trainable(model)
+    a_group, b_group = lora.param_groups(model, 1e-3, 16.0)
+    assert a_group["lr"] == 1e-3 and b_group["lr"] == 16e-3
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert {by_id[id(p)] for p in b_group["params"]} == {f"{n}.lora_B" for n in names}
+    assert {by_id[id(p)] for p in a_group["params"]} == {f"{n}.lora_A" for n in names}
+
+
 def test_only_lora_trains_and_every_adapter_gets_gradient():
     model, names = lora_model([lora.ATTN, r"\.ff\.net\.(0|2)$", r"\.conv(1|2)$"])
     lora.mark_only_lora_trainable(model)
