@@ -113,7 +113,8 @@ def section_train(args, device):
     step, opt, data = train_step_fn(args.mode, device, args.batch, cfg, LoraConfig() if args.lora else None)
     sec, first = timed(step, 4 if "compile" in args.mode else 3, args.reps)
     idx = torch.randint(0, 4500, (args.batch,), device=device)
-    data_sec, _ = timed(lambda: data[idx], 3, 20)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    data_sec, _ = timed(lambda: (data[idx], sync()), 3, 20)
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
     out = {"img_per_s": args.batch / sec, "ms_per_step": 1000 * sec, "data_ms_per_step": 1000 * data_sec,
@@ -305,14 +306,17 @@ def main():
 
 
 def report(R):
-    """The table the README quotes."""
-    peak = R["matmul"]
-    flop = R["train"]["eager"].get("gflop_per_image", float("nan"))
+    """The table the README quotes (a failed section is reported, not fatal)."""
+    peak, eager = R["matmul"], R["train"]["eager"]
+    flop = eager.get("gflop_per_image", float("nan"))
+    if "error" in peak:
+        peak = {"fp32_gflops": float("nan"), "bf16_gflops": float("nan")}
     print(f"machine: {R['machine']} | matmul peak fp32 {peak['fp32_gflops']:.0f}, bf16 {peak['bf16_gflops']:.0f}"
           + (f", tf32 {peak['tf32_gflops']:.0f}" if "tf32_gflops" in peak else "") + " GFLOP/s | "
           f"{flop:.3f} GFLOP per training image (forward + backward) | preset {R['preset']}")
     mem = "GPU MB" if R["device"] == "cuda" else "RSS MB"
-    print(f"{f"training (batch {R['batch']})":<28}{'img/s':>8}{'ms/step':>9}{'util.':>7}{mem:>8}{'opt MB':>8}")
+    header = f"training (batch {R['batch']})"
+    print(f"{header:<28}{'img/s':>8}{'ms/step':>9}{'util.':>7}{mem:>8}{'opt MB':>8}")
     lc = LoraConfig()
     rows = {**{f"full, {m}": r for m, r in R["train"].items()}, f"LoRA {lc.targets} r{lc.r}, chan.last": R["lora_train"]}
     for name, r in rows.items():
@@ -327,12 +331,14 @@ def report(R):
     for m, r in R["train"].items():
         if "compile" in m and "error" not in r:
             print(f"{m}: first step (compilation) {r['first_step_s']:.0f} s")
-    print(f"data time per step (indexing the in-memory tensor): {R['train']['eager']['data_ms_per_step']:.3f} ms")
+    if "error" not in eager:
+        print(f"data time per step (indexing the in-memory tensor): {eager['data_ms_per_step']:.3f} ms")
     s = R["sample"]
     if "error" in s:
         print(f"sampling failed: {s['error']}")
     else:
-        print(f"{f"sampling {R['n']} images":<28}{'seconds':>8}{'accuracy':>9}")
+        header = f"sampling {R['n']} images"
+        print(f"{header:<28}{'seconds':>8}{'accuracy':>9}")
         for name in ("ddpm1000", "ddim50", "ddim20", "ddim50_unbatched"):
             acc = "-" if s[name]["accuracy"] is None else f"{100 * s[name]['accuracy']:.0f}%"
             note = " (20 steps timed, x50)" if s[name].get("extrapolated") else ""

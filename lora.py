@@ -105,7 +105,7 @@ def resolve_targets(targets):
     return list(targets)
 
 
-def inject_lora(model, targets, r, alpha, dropout=0.0, use_rslora=False):
+def inject_lora(model, targets, r, alpha, dropout=0.0, use_rslora=False, types=LORA_TYPES):
     """Replace the nn.Linear / nn.Conv2d modules whose qualified names match `targets` by LoraLayers.
 
     Returns the wrapped names. A pattern that matches no such layer is an error (a silent
@@ -124,7 +124,7 @@ def inject_lora(model, targets, r, alpha, dropout=0.0, use_rslora=False):
         raise LoraError("the model already has LoRA layers; wrapping them again is refused")
     names = []
     for pattern in patterns:
-        found = [n for n, m in modules.items() if isinstance(m, LORA_TYPES) and re.search(pattern, n)]
+        found = [n for n, m in modules.items() if isinstance(m, types) and re.search(pattern, n)]
         if not found:
             raise LoraError(f"target pattern {pattern!r} matches no nn.Linear or nn.Conv2d layer")
         names += [n for n in found if n not in names]
@@ -149,6 +149,8 @@ def param_groups(model, lr, ratio_b=1.0):
     """Optimizer groups for the trainable LoRA tensors: A at lr, B at ratio_b * lr. LoRA+
     (Hayou et al. 2024) shows B should learn faster than A; ratio_b = 1 is plain LoRA."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if ratio_b == 1.0:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
     return [{"params": [p for n, p in trainable if not n.endswith("lora_B")], "lr": lr},
             {"params": [p for n, p in trainable if n.endswith("lora_B")], "lr": lr * ratio_b}]
 
@@ -184,7 +186,9 @@ def save_adapter(path, model, targets, r, alpha, use_rslora, model_config, finge
     """Write only the LoRA tensors as safetensors, with what load_adapter needs to check."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    layers = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     meta = {"format": "sd-lora-mnist/1", "targets": json.dumps(resolve_targets(targets)), "r": str(r),
+            "layers": json.dumps(layers),
             "alpha": str(alpha), "rslora": str(bool(use_rslora)), "model_config": json.dumps(model_config),
             "base_fingerprint": fingerprint, "style": style}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
@@ -224,7 +228,10 @@ def load_adapter(model, path, model_config, fingerprint=None):
     if expected_fingerprint != fingerprint:
         raise LoraError(f"{path}: adapter was trained on other base weights "
                         f"(fingerprint {expected_fingerprint} != this checkpoint's {fingerprint})")
-    inject_lora(model, targets, r, alpha, use_rslora=rslora)
+    if "layers" in meta:     # the exact layers it was trained on
+        inject_lora(model, ["^" + re.escape(n) + "$" for n in json.loads(meta["layers"])], r, alpha, use_rslora=rslora)
+    else:                    # files from before LoRA on convolutions: their patterns meant nn.Linear
+        inject_lora(model, targets, r, alpha, use_rslora=rslora, types=nn.Linear)
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

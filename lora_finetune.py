@@ -148,7 +148,7 @@ def main(argv=None):
         save_checkpoint(ckpt_path, {"model": trained(model), "ema": trained(ema.module), "config": config,
                                     "base_fingerprint": fingerprint, **loop_state_dict(state)})
 
-    t0 = time.perf_counter()
+    t0, first_step = time.perf_counter(), state["step"]
     outcome = fit(dist.wrap(model), diffusion, (x, y), tcfg, state, save, dist, params, desc=kind)
     seconds = time.perf_counter() - t0
     dist.close()
@@ -171,13 +171,15 @@ def main(argv=None):
         lora.save_adapter(out_file, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora,
                           model_config, fingerprint, style=lcfg.style)
     size = os.path.getsize(out_file)
-    print(f"trained {state['step']} steps in {seconds / 60:.1f} min ({1000 * seconds / max(1, state['step']):.0f} ms/step)")
+    print(f"trained {state['step']} steps in {seconds / 60:.1f} min "
+          f"({1000 * seconds / max(1, state['step'] - first_step):.0f} ms/step)")
     print(f"saved {out_file}: {size / 1024:.1f} KiB vs base checkpoint {base_size / 1024:.1f} KiB "
           f"({100 * size / base_size:.1f}%) and base weights {4 * total_params / 1024:.1f} KiB "
           f"({100 * size / (4 * total_params):.1f}%) | trainable {trainable:,} / {total_params:,} "
           f"= {100 * trainable / total_params:.1f}%")
 
-    summary = {"config": config, "steps": state["step"], "ms_per_step": 1000 * seconds / max(1, state["step"]),
+    summary = {"config": config, "steps": state["step"],
+               "ms_per_step": 1000 * seconds / max(1, state["step"] - first_step),
                "trainable": trainable, "total_params": total_params, "file_bytes": size,
                "base_checkpoint_bytes": base_size,
                "peak_rss_mb_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

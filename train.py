@@ -6,6 +6,7 @@ saves and exits; `--resume` continues bit-exactly where a run stopped. lora_fine
 reuses these pieces with a different setup.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -231,7 +232,8 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train"):
     stop = StopFlag()
     model.train()
     net = torch.compile(model) if tcfg.compile else model          # compiled once, on the first step
-    autocast = torch.autocast(x_all.device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+    autocast = (torch.autocast(x_all.device.type, dtype=torch.bfloat16) if tcfg.precision == "bf16"
+                else contextlib.nullcontext())
     order, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
     bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
                disable=not dist.main)
