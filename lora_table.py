@@ -73,11 +73,15 @@ def plot(rows, style, path):
     import matplotlib.pyplot as plt
     measure = "ink" if style == "bold" else "slant"
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for w in rows:
-        ax.scatter(w["trainable"], 100 * w[measure + "_shift"], color="C0" if w["targets"] == "attn" else "C1")
-        ax.annotate(f"{w['targets']} r{w['r']}\n{100 * w['accuracy']:.0f}% acc", (w["trainable"], 100 * w[measure + "_shift"]),
-                    fontsize=7, xytext=(4, -10), textcoords="offset points")
+    for i, w in enumerate(sorted(rows, key=lambda w: w["trainable"])):
+        point = (w["trainable"], 100 * w[measure + "_shift"])
+        ax.scatter(*point, color="C0" if w["targets"] == "attn" else "C1")
+        ax.annotate(f"{w['targets']} r{w['r']}", point, fontsize=7, xytext=(5, 6 if i % 2 else -11),
+                    textcoords="offset points")
     ax.axhline(80, color="gray", lw=0.8, ls="--")
+    budget = 0.03 * rows[0]["trainable"] / rows[0]["fraction"]                # 3% of the model
+    ax.axvline(budget, color="gray", lw=0.8, ls=":")
+    ax.text(budget, ax.get_ylim()[0], " 3% of the model", fontsize=7, color="gray", va="bottom")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"{measure} shift, base -> real {style} (%)")
