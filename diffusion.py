@@ -25,6 +25,18 @@ def cosine_betas(T, s=0.008):
     return betas.clamp(max=0.999)
 
 
+# Images per network call when sampling on a CPU. Bigger batches fall out of cache there:
+# 2.3 ms per image at 100, 2.9 at 200, 3.6 at 400 (default model, 2-core Xeon). GPUs take all.
+CPU_CHUNK = 100
+
+
+def run_in_chunks(model, x, t, y):
+    """model(x, t, y), on a CPU in chunks of CPU_CHUNK images (each image is independent)."""
+    if x.device.type != "cpu" or len(x) <= CPU_CHUNK:
+        return model(x, t, y)
+    return torch.cat([model(*c) for c in zip(x.split(CPU_CHUNK), t.split(CPU_CHUNK), y.split(CPU_CHUNK))])
+
+
 def extract(a, t, ndim):
     """Gather a[t] for a batch of timesteps and shape it (B, 1, 1, 1) to broadcast over images."""
     return a[t].view(-1, *([1] * (ndim - 1)))
@@ -100,15 +112,16 @@ class Diffusion(nn.Module):
         """Network output -> (eps, x_0), with classifier-free guidance.
 
         guidance w: out = out_uncond + w * (out_cond - out_uncond); w = 1 is the plain
-        conditional model. The conditional and unconditional passes run as one batch.
+        conditional model. The conditional and unconditional passes run as one batch
+        (on a CPU, in chunks of CPU_CHUNK images: faster there, the same numbers).
         """
         tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         if guidance == 1.0:
-            out = model(x_t, tt, y)
+            out = run_in_chunks(model, x_t, tt, y)
         else:
             null = torch.full_like(y, self.null_label)
-            out_cond, out_uncond = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                         torch.cat([y, null])).chunk(2)
+            out_cond, out_uncond = run_in_chunks(model, torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+                                                 torch.cat([y, null])).chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
         a, s = self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
         if self.cfg.prediction == "eps":

@@ -4,6 +4,7 @@ import torch
 
 from conftest import TINY, assert_close
 from config import DiffusionConfig
+import diffusion
 from diffusion import Diffusion, cosine_betas, linear_betas
 from unet import UNet
 
@@ -66,6 +67,27 @@ def test_guidance_combines_cond_and_uncond_in_one_batch():
     a, s = d.sqrt_alphas_cumprod[5], d.sqrt_one_minus_alphas_cumprod[5]
     x0 = ((0 - s * 6.0) / a).clamp(-1, 1)
     assert_close(out, torch.full_like(out, float((0 - a * x0) / s)), atol=1e-5)
+
+
+def test_cpu_chunks_give_the_same_numbers():
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    d = Diffusion(DiffusionConfig(timesteps=50), num_classes=10)
+    n = diffusion.CPU_CHUNK + 37                          # the guided batch is 2n: three chunks
+    x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return model(*args)
+    with torch.no_grad():
+        eps, x0 = d.predict_eps_x0(counted, x, 20, y, guidance=2.0)
+        tt = torch.full((2 * n,), 20)
+        out_c, out_u = model(torch.cat([x, x]), tt, torch.cat([y, torch.full_like(y, 10)])).chunk(2)
+    assert max(calls) <= diffusion.CPU_CHUNK and sum(calls) == 2 * n
+    a, s = d.sqrt_alphas_cumprod[20], d.sqrt_one_minus_alphas_cumprod[20]
+    v = out_u + 2.0 * (out_c - out_u)
+    assert_close(x0, (a * x - s * v).clamp(-1, 1), atol=1e-4, msg="chunked vs one batch")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
