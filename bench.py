@@ -25,6 +25,11 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def synchronizer(device):
+    """A call that waits for the device's queued work (GPU kernels run asynchronously)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def timed(fn, warmup, reps):
     """Median wall time of fn() over reps calls after warmup calls; also the first call's time."""
     first = None
@@ -43,7 +48,7 @@ def timed(fn, warmup, reps):
 def matmul_peak(device, n=2048, reps=5):
     """GFLOP/s of a large fp32 (and bf16) matmul on this device and thread count: the practical
     peak that the training step's FLOP/s is compared against."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     if device.type == "cuda":
         n = 8192
         torch.backends.cuda.matmul.allow_tf32 = False      # a true fp32 peak; TF32 is measured apart
@@ -102,8 +107,8 @@ def train_step_fn(mode, device, batch, cfg, lora_config=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
+    sync = synchronizer(device)
     return step, opt, data
 
 
@@ -113,7 +118,7 @@ def section_train(args, device):
     step, opt, data = train_step_fn(args.mode, device, args.batch, cfg, LoraConfig() if args.lora else None)
     sec, first = timed(step, 4 if "compile" in args.mode else 3, args.reps)
     idx = torch.randint(0, 4500, (args.batch,), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     data_sec, _ = timed(lambda: (data[idx], sync()), 3, 20)
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
@@ -191,7 +196,7 @@ def section_lora_sampling(args, device):
     d = Diffusion(diff_cfg, base.cfg.num_classes).to(device)
     y = torch.arange(10, device=device).repeat_interleave(args.n // 10)
     x = torch.randn(len(y), 1, 28, 28, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     times = {k: [] for k in models}
     with torch.no_grad():
         for model in models.values():                                   # warm-up

@@ -44,6 +44,11 @@ def run_row(targets, r, args, extra):
         return json.load(f)
 
 
+def style_measure(style):
+    """The measure a style moves: stroke ink for bold, slant for italic."""
+    return "ink" if style == "bold" else "slant"
+
+
 def table_rows(summaries, style):
     """One dict per row with the numbers the table shows."""
     rows = []
@@ -58,7 +63,7 @@ def table_rows(summaries, style):
 
 def print_table(rows, style):
     """Markdown, ready for the README."""
-    measure = "ink" if style == "bold" else "slant"
+    measure = style_measure(style)
     print(f"| targets | rank | trainable params | % of model | adapter | {measure} shift | accuracy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for w in rows:
@@ -71,7 +76,7 @@ def plot(rows, style, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    measure = "ink" if style == "bold" else "slant"
+    measure = style_measure(style)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, w in enumerate(sorted(rows, key=lambda w: w["trainable"])):
         point = (w["trainable"], 100 * w[measure + "_shift"])
