@@ -63,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    t_power: float = 1.0            # timesteps drawn with density ~ t^(k-1): 1 uniform (DDPM), > 1 noisier
     ema_decay: float = 0.995
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | mps
@@ -81,6 +82,7 @@ class TrainConfig:
         for name in ("warmup_steps", "sample_every", "eval_n", "threads", "weight_decay", "max_steps"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         _check(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
+        _check(self.t_power > 0, "t_power must be > 0 (1 = uniform timesteps)")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         _check(self.dataset in ("auto", "mnist", "mnist-5k", "folder"), f"unknown dataset {self.dataset!r}")
         _check(self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r} (fp32 or bf16)")
@@ -125,6 +127,8 @@ HELP = {
     "max_steps": "stop after this many optimiser steps in all; the LR schedule still spans --epochs (0 = off)", "batch_size": "images per optimiser step",
     "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay",
     "warmup_steps": "linear warm-up steps before the cosine decay", "grad_clip": "max gradient norm",
+    "t_power": "training timesteps drawn with density ~ t^(k-1): 1 = uniform (DDPM); "
+               "2 = more of the noisy steps, where a digit's overall shape is decided",
     "ema_decay": "decay of the exponential moving average of the weights", "seed": "random seed",
     "device": "auto (cuda > mps > cpu), cpu, cuda or mps", "threads": "CPU threads (0 = default)",
     "channels_last": "NHWC memory layout for the convolutions",

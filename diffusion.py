@@ -77,9 +77,18 @@ class Diffusion(nn.Module):
         return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
-    def draw(self, B, shape, device, generator=None):
-        """The randomness of one training batch: timesteps t, noise eps, which labels to drop."""
-        t = torch.randint(0, self.T, (B,), device=device, generator=generator)
+    def draw(self, B, shape, device, generator=None, t_power=1.0):
+        """The randomness of one training batch: timesteps t, noise eps, which labels to drop.
+
+        t is uniform on 0..T-1 (DDPM), or with t_power k != 1 drawn as T * u^(1/k), u uniform:
+        density ~ t^(k-1). k = 2 puts 75% of the samples in the noisier half (t >= T/2), where
+        a digit's overall shape -- its slant, say -- is decided; uniform puts 50% there.
+        """
+        if t_power == 1.0:
+            t = torch.randint(0, self.T, (B,), device=device, generator=generator)
+        else:
+            u = torch.rand(B, device=device, generator=generator)
+            t = (self.T * u ** (1.0 / t_power)).long().clamp(max=self.T - 1)
         noise = torch.randn((B, *shape), device=device, generator=generator)
         drop = torch.rand(B, device=device, generator=generator) < self.cfg.p_uncond
         return t, noise, drop

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p = Parser(description="LoRA fine-tuning of a trained checkpoint on a new handwriting style.")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"base model (default: {DEFAULT_CHECKPOINT})")
     add_config_flags(p, LoraConfig, "LoRA")
-    add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS, skip=("channels_last", "dataset"))
+    add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS, skip=("dataset",))
     p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
                    help="styled: the base's training digits in --style; folder: your digits in --data-dir")
     p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
@@ -110,7 +110,8 @@ def main(argv=None):
     data_name = lcfg.style
     if len(x) < tcfg.batch_size:
         tcfg.batch_size = len(x)          # few-shot folders: one batch is the whole set
-    x, y = x.to(device), y.to(device)
+    layout = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    x, y = x.to(device).contiguous(memory_format=layout), y.to(device)
     total_params = count_params(model)
     if lcfg.full:
         names = []
@@ -119,7 +120,7 @@ def main(argv=None):
     else:
         names = lora.inject_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout, lcfg.rslora)
         lora.mark_only_lora_trainable(model)
-    model.train()
+    model.to(memory_format=layout).train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     if dist.main:

@@ -2,12 +2,14 @@
 row (target preset x rank) and tabulates trainable parameters vs style shift vs accuracy.
 
 Every row trains for the same steps with the same data and seed, with alpha = r (scaling 1),
-and is judged by evaluate.py's style measures. A row whose summary.json exists is read, not
-re-run, so an interrupted table continues where it stopped. Flags it does not know
-(--epochs, --lr, ...) are passed on to lora_finetune.py. About 5 minutes per row on 2 CPU cores.
+and is judged by evaluate.py's style measures. A row already finished with the same flags is
+read, not re-run, so an interrupted table continues where it stopped; changed flags re-run it.
+Flags it does not know (--epochs, --lr, ...) are passed on to lora_finetune.py. About 5
+minutes per row on 2 CPU cores.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,17 +33,33 @@ def parse_rows(text):
 
 def run_row(targets, r, args, extra):
     """Fine-tune one row (unless already done) and return its summary.json."""
-    out = os.path.join(args.out, f"{targets}-r{r}")
-    summary = os.path.join(out, "summary.json")
-    if not os.path.isfile(summary):
-        cmd = [sys.executable, os.path.join(HERE, "lora_finetune.py"), "--style", args.style, "--targets", targets,
-               "--r", str(r), "--alpha", str(r), "--eval-n", str(args.eval_n), "--out", out, "--overwrite",
-               "--no-figures", "--checkpoint", args.checkpoint, *extra]
+    out = os.path.join(args.out, row_folder(targets, r))
+    summary, flags_file = os.path.join(out, "summary.json"), os.path.join(out, "row_flags.json")
+    flags = ["--style", args.style, "--targets", targets, "--r", str(r), "--alpha", str(r),
+             "--eval-n", str(args.eval_n), "--checkpoint", os.path.abspath(args.checkpoint), *extra]
+    if not (os.path.isfile(summary) and read_json(flags_file) == flags):     # new, unfinished or changed
+        cmd = [sys.executable, os.path.join(HERE, "lora_finetune.py"), *flags, "--out", out, "--overwrite",
+               "--no-figures"]
         print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit(f"lora_table.py: error: row {targets} r={r} failed (see its output above)")
+        write_json(flags_file, flags)
     with open(summary) as f:
         return json.load(f)
+
+
+def row_folder(targets, r):
+    """A row's folder name: the targets (a preset, or regexes made file-name safe) and the rank."""
+    return re.sub(r"[^A-Za-z0-9+.-]+", "_", targets).strip("_") + f"-r{r}"
+
+
+def read_json(path):
+    """The JSON in path, or None if there is none (a row never finished)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def style_measure(style):

@@ -248,7 +248,7 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train"):
             idx = order[i * b:(i + 1) * b]
             x0, y = x_all[idx], y_all[idx]                                # (B/N, 1, 28, 28), (B/N,)
             g = torch.Generator(x_all.device).manual_seed(tcfg.seed * 1_000_003 + step)
-            t, noise, drop = diffusion.draw(B, x0.shape[1:], x_all.device, generator=g)
+            t, noise, drop = diffusion.draw(B, x0.shape[1:], x_all.device, generator=g, t_power=tcfg.t_power)
             t_data += time.perf_counter() - t0
 
             with autocast:

@@ -114,3 +114,16 @@ def test_loss_label_dropout_uses_null_label():
            torch.full((1000,), 3))
     frac = (seen[0] == 10).float().mean().item()
     assert 0.4 < frac < 0.6 and set(seen[0].tolist()) == {3, 10}
+
+
+@pytest.mark.parametrize("k", [1.0, 2.0, 3.0])
+def test_t_power_draws_timesteps_with_density_t_to_the_k_minus_1(k):
+    d = Diffusion(DiffusionConfig(timesteps=1000))
+    t, _, _ = d.draw(200_000, (1, 1, 1), "cpu", torch.Generator().manual_seed(0), t_power=k)
+    assert t.min() >= 0 and t.max() <= 999
+    u = (t.double() + 0.5) / 1000
+    for q in (0.25, 0.5, 0.75):          # P(t / T < q) = q^k for density ~ t^(k-1)
+        assert abs((u < q).double().mean().item() - q ** k) < 0.005
+    if k == 1.0:                         # uniform keeps DDPM's exact draw (old runs reproduce)
+        same = torch.randint(0, 1000, (200_000,), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(t, same)

@@ -57,6 +57,33 @@ def test_layer_math_and_scaling():
     assert not lin.weight.requires_grad and not lin.bias.requires_grad
 
 
+@pytest.mark.parametrize("base", [nn.Linear(6, 5), nn.Conv2d(4, 6, 3, padding=1)], ids=["linear", "conv"])
+def test_one_op_forward_equals_the_classic_low_rank_path(base):
+    layer = lora.LoraLayer(base, r=2, alpha=4.0).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.scale = 0.5
+    x = torch.randn(3, 6) if isinstance(base, nn.Linear) else torch.randn(3, 4, 7, 7)
+    classic = base(x) + layer.low_rank(x) * (2.0 * 0.5)           # x W^T + b + s x A^T B^T
+    assert_close(layer(x), classic, atol=1e-5, msg="x (W + s B A)^T + b vs the classic form")
+    out = layer(x)
+    out.sum().backward()                                          # gradients reach A and B
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_lora_dropout_acts_in_training_only():
+    lin = nn.Linear(6, 5)
+    layer = lora.LoraLayer(lin, r=2, alpha=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(8, 6)
+    full = lin(x) + x @ layer.lora_A.T @ layer.lora_B.T
+    torch.manual_seed(0)
+    dropped = layer.train()(x)
+    assert not torch.allclose(dropped, full, atol=1e-4)           # some inputs to A were dropped
+    assert_close(layer.eval()(x), full, atol=1e-5)                # eval: no dropout
+
+
 @pytest.mark.parametrize("targets", ["attn", "attn+conv"])
 def test_merge_equals_unmerged_and_unmerge_restores(targets):
     model, _ = lora_model(targets)
