@@ -163,6 +163,15 @@ def test_only_lora_trains_and_every_adapter_gets_gradient():
     assert any(n.endswith("to_q") for n in names) and any(n.endswith("to_k") for n in names)
 
 
+def test_default_lora_set_up_trains_under_3_percent_of_the_default_model():
+    from config import LoraConfig, ModelConfig
+    model, lc = UNet(ModelConfig()), LoraConfig()
+    total = sum(p.numel() for p in model.parameters())
+    lora.inject_lora(model, lc.targets, lc.r, lc.alpha)
+    lora.mark_only_lora_trainable(model)
+    assert 0.01 < lora.count_trainable(model) / total <= 0.03
+
+
 def test_inject_errors():
     model = UNet(TINY)
     with pytest.raises(lora.LoraError, match="matches no"):
