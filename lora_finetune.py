@@ -3,9 +3,10 @@
 Loads the EMA weights written by `python train.py`, wraps the ResnetBlocks' 3x3 convolutions
 in rank-2 LoraLayers (lora.py; `--targets attn` for the article's cross-attention projections),
 freezes everything else and trains only A and B on styled digits the base model never saw
-(bold or italic versions of the training split, or your own folder of digits). The training loop is train.py's; only this set-up differs. Writes the
-adapter (safetensors, a few % of the model), a loss curve, base-vs-LoRA samples and a
-strength sweep. `--full` fine-tunes every weight instead: the baseline LoRA is measured against.
+(bold or italic versions of the training split, or your own folder of digits). The training
+loop is train.py's; only this set-up differs. Writes the adapter (safetensors, a few % of
+the model), a loss curve, base-vs-LoRA samples and a strength sweep. `--full` fine-tunes
+every weight instead: the baseline LoRA is measured against.
 """
 import argparse
 import os
