@@ -4,6 +4,7 @@ training, plus the small helpers that turn their fields into command-line flags.
 Every checkpoint stores `asdict()` of these, so a model can always be rebuilt exactly.
 """
 import argparse
+import math
 import sys
 from dataclasses import dataclass, fields
 
@@ -108,6 +109,27 @@ class LoraConfig:
         _check(self.style in ("bold", "italic", "folder"), f"unknown style {self.style!r}")
 
 
+@dataclass
+class SampleConfig:
+    """How to draw digits from a trained model (sample.py, evaluate.py, training's figures)."""
+    sampler: str = "ddim"           # ddim: few deterministic steps; ddpm: all T ancestral steps
+    steps: int = 50                 # DDIM steps (ddpm uses all T)
+    guidance: float = 2.0           # classifier-free guidance scale w; 1 = the plain conditional model
+    eta: float = 0.0                # DDIM noise: 0 deterministic, 1 ~ DDPM
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.sampler in ("ddim", "ddpm"), f"unknown sampler {self.sampler!r} (ddim or ddpm)")
+        _check(self.steps >= 1, f"steps {self.steps}: must be >= 1")
+        _check(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance {self.guidance}: must be a finite number >= 0")
+        _check(0 <= self.eta <= 1, f"eta {self.eta}: must be between 0 (deterministic DDIM) and 1")   # refuses nan
+        _check(0 <= self.seed < 2 ** 63, f"seed {self.seed}: must be in 0 .. 2^63 - 1")
+
+    def check_steps(self, timesteps):
+        """The model's T bounds the number of DDIM steps."""
+        _check(self.steps <= timesteps, f"steps {self.steps}: must be between 1 and {timesteps} (the model's T)")
+
+
 def _check(ok, message):
     if not ok:
         raise ValueError(message)
@@ -141,6 +163,9 @@ HELP = {
     "rslora": "rank-stabilised scaling alpha / sqrt(r)",
     "lr_ratio_b": "learning rate of lora_B / that of lora_A (LoRA+; 1 = plain LoRA)",
     "full": "full fine-tuning baseline instead of LoRA",
+    "sampler": "ddim: few deterministic steps; ddpm: all T ancestral steps",
+    "steps": "DDIM steps", "guidance": "classifier-free guidance scale w; 1 = no guidance",
+    "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",
     "in_channels": "image channels", "num_classes": "number of labels",
 }
 

@@ -1,0 +1,118 @@
+"""Where a process runs: the device (cuda > mps > cpu) and, under torchrun, its place in
+the process group. Every script imports this; it imports nothing of the project.
+
+Under plain `python train.py` there is no process group at all and rank 0 of 1 does
+everything; under `torchrun` (RANK and WORLD_SIZE in the environment) each process joins
+the group -- NCCL on CUDA, gloo on CPU -- and rank 0 alone prints, saves and evaluates.
+"""
+import os
+
+import torch
+
+
+class DeviceError(Exception):
+    """A device or process group that cannot be had; the message says which and why."""
+
+
+def pick_device(name):
+    """'auto' -> cuda > mps > cpu; an explicit device that is not available is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return pick_device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"--device {name}: expected auto, cpu, cuda or mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: CUDA is not available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("--device mps: MPS is not available on this machine")
+    if name == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True    # TF32 tensor cores for fp32 matmuls/convs
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def launched_by_torchrun():
+    """True when a launcher set RANK and WORLD_SIZE: this process belongs to a process group."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class Dist:
+    """Where this process stands: rank, world size, device (see the module docstring)."""
+
+    def __init__(self, device_name):
+        self.enabled = launched_by_torchrun()
+        self.device = pick_device(device_name)
+        if not self.enabled:
+            self.rank, self.world = 0, 1
+            return
+        import torch.distributed as dist
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise DeviceError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: "
+                              "start several processes with torchrun, or unset RANK for one")
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        try:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        except (RuntimeError, ValueError) as e:
+            raise DeviceError(f"could not join the process group ({str(e).splitlines()[0][:200]})") from e
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def wrap(self, model):
+        """DistributedDataParallel averages gradients across processes; a no-op for one process."""
+        if not self.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def any(self, flag):
+        """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, value):
+        """Average of a scalar tensor over all ranks (the global batch's loss)."""
+        if not self.enabled:
+            return value.item()
+        import torch.distributed as dist
+        t = value.detach().clone().reshape(1)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def share(self, obj):
+        """Rank 0's value of a picklable obj, on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def max_param_difference(self, model):
+        """Largest difference between this rank's parameters and rank 0's (0 when in sync)."""
+        if not self.enabled:
+            return 0.0
+        import torch.distributed as dist
+        diff = 0.0
+        for p in model.parameters():
+            ref = p.detach().clone()
+            dist.broadcast(ref, src=0)
+            diff = max(diff, (p.detach() - ref).abs().max().item())
+        t = torch.tensor([diff], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
