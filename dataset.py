@@ -44,14 +44,12 @@ def load_mnist_5k(split):
     return to_tensor(X[idx].reshape(-1, 28, 28), y[idx])
 
 
-def load_mnist(root, split, download=True):
+def load_mnist(root, split):
     """torchvision's MNIST from `root`, downloading it there when it is missing."""
     from torchvision.datasets import MNIST
     try:
         ds = MNIST(root, train=split == "train", download=False)
     except RuntimeError:
-        if not download:
-            raise DataError(f"MNIST not found in {root}")
         try:
             ds = MNIST(root, train=split == "train", download=True)
         except Exception as e:  # network errors come in many types; any of them means "not here"

@@ -5,28 +5,31 @@ generated samples: label accuracy (overall and per digit), mean confidence, and 
 distance between generated and real test digits in the classifier's penultimate features
 (FID's idea with an MNIST-sized network), next to the same distance between two halves of
 the real test set -- the floor that finite samples allow.
+
+Read top to bottom: the classifier, the measures, sampling and scoring a model, the LoRA
+style comparison, the reports, the command line.
 """
-import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import CheckpointError, atomic_write, load_model, write_json
-from config import Parser
-from dataset import DataError, load_dataset
-from dataset import apply_style
+from checkpoint import CheckpointError, atomic_write, dataset_of, load_model, write_json
+from config import Parser, SampleConfig, add_config_flags
+from dataset import DataError, apply_style, load_dataset
+from device import DeviceError, pick_device
 from lora import LoraError, read_adapter
-from sample import SampleError, add_sampling_flags, check_sampling_args, generate, load_model_for_sampling
-from sample import SAMPLE_DEFAULTS
-from train import TrainingError, pick_device
+from sample import SampleError, add_model_flags, generate, load_model_for_sampling, sample_config
 
 CLASSIFIER_VERSION = 2    # bump when the classifier or its training changes: invalidates caches
 
+
+# ----- the classifier -----
 
 class Classifier(nn.Module):
     """Two conv blocks and an MLP head; `features` is the 128-d penultimate layer."""
@@ -100,19 +103,6 @@ def classify(clf, x, batch_size=1000):
     return torch.cat(probs), torch.cat(feats)
 
 
-def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D):
-    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), computed in float64."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # Tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
-
-
 def get_classifier(dataset, data_dir, progress=True):
     """The classifier for `dataset`, trained once and cached in data_dir; reports its test accuracy."""
     path = os.path.join(data_dir, f"classifier_{dataset}_v{CLASSIFIER_VERSION}.pt")
@@ -127,6 +117,22 @@ def get_classifier(dataset, data_dir, progress=True):
     acc = (classify(clf, xt)[0].argmax(1) == yt).float().mean().item()
     atomic_write(path, lambda tmp: torch.save({"model": clf.state_dict(), "test_accuracy": acc}, tmp))
     return clf, acc
+
+
+# ----- the measures -----
+
+
+def frechet_distance(a, b):
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D):
+    |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), computed in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    # Tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
 
 
 def evaluate_images(clf, x, y, real_x):
@@ -162,20 +168,94 @@ def frechet_vs_real(gen_feats, half_a, half_b):
             frechet_distance(half_a[:k], half_b))
 
 
-def evaluate_checkpoint(model, diff_cfg, clf, real_x, n, args, device, batch=200):
-    """Sample n per digit from the model and score them; adds sampling time."""
+def style_measures(x):
+    """Two classical handwriting measures of images (N, 1, 28, 28) in [-1, 1], averaged:
+    ink   -- fraction of pixels above mid-grey (stroke thickness);
+    slant -- -mu11 / mu02 of the intensity's second moments, as in deskewing
+             (x shift per row; > 0 leans right)."""
+    w = ((x[:, 0] + 1) / 2).double()                                   # (N, 28, 28) in [0, 1]
+    rows = torch.arange(28, dtype=torch.float64).view(1, 28, 1)
+    cols = torch.arange(28, dtype=torch.float64).view(1, 1, 28)
+    mass = w.sum(dim=(1, 2)).clamp(min=1e-8)
+    r_mean = (w * rows).sum(dim=(1, 2)) / mass
+    c_mean = (w * cols).sum(dim=(1, 2)) / mass
+    dr, dc = rows - r_mean.view(-1, 1, 1), cols - c_mean.view(-1, 1, 1)
+    mu11 = (w * dr * dc).sum(dim=(1, 2)) / mass
+    mu02 = (w * dr * dr).sum(dim=(1, 2)) / mass
+    return {"ink": (x > 0).double().mean().item(), "slant": (-mu11 / mu02.clamp(min=1e-8)).mean().item()}
+
+
+# ----- sampling and scoring a model -----
+
+
+def evaluate_model(model, diffusion, clf, real_x, n, scfg, batch=200):
+    """Sample n per digit from the model and score them; adds sampling time.
+    Chunks of `batch` images, chunk i seeded with scfg.seed + i (fresh noise per chunk)."""
     labels = list(range(10))
     t0 = time.perf_counter()
     xs, ys = [], []
     per_chunk = max(1, batch // 10)
     for i, start in enumerate(range(0, n, per_chunk)):
-        chunk_args = argparse.Namespace(**{**vars(args), "seed": args.seed + i})  # fresh noise per chunk
-        x, y, _ = generate(model, diff_cfg, labels, min(per_chunk, n - start), chunk_args, device)
+        x, y, _ = generate(model, diffusion, labels, min(per_chunk, n - start), replace(scfg, seed=scfg.seed + i))
         xs.append(x.cpu())
         ys.append(y.cpu())
     seconds = time.perf_counter() - t0
     x, y = torch.cat(xs), torch.cat(ys)
     return {**evaluate_images(clf, x, y, real_x), "sampling_seconds": seconds}, x, y
+
+
+# ----- the LoRA style comparison -----
+
+
+def styled_reference(style, dataset, data_dir, folder=None):
+    """Real test digits in the adapter's style (or the user's folder): the style target."""
+    if style == "folder":
+        if folder is None:
+            raise SampleError("this adapter was trained on a folder of digits: pass it as --style-dir")
+        return load_dataset("folder", folder)[0]
+    return apply_style(load_dataset(dataset, data_dir, "test", verbose=False)[0], style)
+
+
+def print_style_table(rows, style):
+    """rows: name -> {"accuracy", "ink", "slant"}; the share of the way the tuned model moved."""
+    print(f"{'':<22}{'accuracy':>9}{'ink':>8}{'slant':>8}")
+    for name, r in rows.items():
+        acc = f"{100 * r['accuracy']:.1f}%" if r.get("accuracy") is not None else "-"
+        print(f"{name:<22}{acc:>9}{r['ink']:8.3f}{r['slant']:8.3f}")
+    base, tuned, target = rows["base model"], rows["fine-tuned model"], rows[f"real {style} digits"]
+    shift = {m: (tuned[m] - base[m]) / (target[m] - base[m]) if abs(target[m] - base[m]) > 1e-9 else float("nan")
+             for m in ("ink", "slant")}
+    print(f"style shift, base -> target: ink {100 * shift['ink']:.0f}%, slant {100 * shift['slant']:.0f}%")
+    return shift
+
+
+def style_evaluation(base_model, tuned, diffusion, dataset, style, data_dir, n, scfg, folder=None):
+    """Accuracy and style measures of base and fine-tuned samples next to real (styled) digits.
+    data_dir: the MNIST root and classifier cache; folder: the user's digits, for style "folder"."""
+    clf, _ = get_classifier(dataset, data_dir)
+    real_x, real_y, dataset = load_dataset(dataset, data_dir, "test", verbose=False)
+    styled = styled_reference(style, dataset, data_dir, folder)
+    rows = {"real test digits": {**style_measures(real_x), "accuracy": evaluate_images(clf, real_x, real_y, real_x)["accuracy"]},
+            f"real {style} digits": {**style_measures(styled), "accuracy": None}}
+    if style != "folder":
+        rows[f"real {style} digits"]["accuracy"] = evaluate_images(clf, styled, real_y, real_x)["accuracy"]
+    for name, model in (("base model", base_model), ("fine-tuned model", tuned)):
+        r, x, _ = evaluate_model(model.eval(), diffusion, clf, real_x, n, scfg)
+        rows[name] = {**style_measures(x), "accuracy": r["accuracy"], "frechet": r["frechet"]}
+    shift = print_style_table(rows, style)
+    return {"rows": rows, "shift": shift}
+
+
+def lora_comparison(args, tuned, diffusion, dataset, scfg):
+    """evaluate.py --lora: the adapted model against the base model and the styled real data
+    (the style of the first adapter)."""
+    style = read_adapter(args.lora[0])[1].get("style") or "bold"
+    base_model = load_model(args.checkpoint, diffusion.betas.device)[0]
+    return style_evaluation(base_model, tuned, diffusion, dataset, style, args.data_dir, args.n, scfg,
+                            folder=args.style_dir)
+
+
+# ----- reports -----
 
 
 def print_report(r, clf_acc):
@@ -186,73 +266,6 @@ def print_report(r, clf_acc):
     print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | "
           f"Frechet {r['frechet']:.2f} (real-vs-real floor {r['frechet_floor']:.2f}) | n={r['n']}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
-
-
-def parse_args(argv=None):
-    p = Parser(description="Measure how well generated digits match their labels and real data.")
-    p.add_argument("--n", type=int, default=100, help="samples per digit (default: 100)")
-    p.add_argument("--npz", default=None, help="evaluate images/labels saved by `sample.py --npz` instead")
-    p.add_argument("--dataset", default=None,
-                   help="real data for the classifier and the floor (default: the checkpoint's)")
-    p.add_argument("--data-dir", default="data", help="MNIST root and classifier cache (default: data)")
-    p.add_argument("--sweep-guidance", default=None,
-                   help="comma-separated guidance scales, e.g. 0,1,2,3,5: writes a trade-off figure")
-    p.add_argument("--style-dir", default=None, help="with --lora of a folder-trained adapter: that folder")
-    p.add_argument("--json", default=None, help="where to write the results (default: next to the input)")
-    add_sampling_flags(p)
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.n < 1:
-        raise SampleError(f"--n {args.n}: must be >= 1")
-    device = pick_device(args.device)
-    model = None
-    if args.npz is None:
-        model, diff_cfg, ckpt = load_model_for_sampling(args, device)
-        check_sampling_args(args, diff_cfg.timesteps)
-        dataset = args.dataset or ckpt.get("data", "auto")
-    else:
-        dataset = args.dataset or "auto"
-    real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
-    clf, clf_acc = get_classifier(dataset, args.data_dir)
-    base = os.path.splitext(args.npz or args.checkpoint)[0]
-    results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
-
-    if args.npz:
-        x, y = read_npz(args.npz)
-        results.update(evaluate_images(clf, x, y, real_x))
-        print_report(results, clf_acc)
-    elif args.sweep_guidance:
-        try:
-            scales = [float(s) for s in args.sweep_guidance.split(",")]
-        except ValueError:
-            raise SampleError(f"--sweep-guidance {args.sweep_guidance}: expected numbers like 0,1,2,3,5")
-        seed, sweep = args.seed, []
-        for w in scales:
-            args.guidance, args.seed = w, seed
-            check_sampling_args(args, diff_cfg.timesteps)
-            r, _, _ = evaluate_checkpoint(model, diff_cfg, clf, real_x, args.n, args, device)
-            print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}")
-            sweep.append({"guidance": w, **r})
-        results["sweep"] = sweep
-        save_sweep_figure(sweep, base + "_guidance_sweep.png")
-        print(base + "_guidance_sweep.png")
-    elif args.lora:
-        results["lora"] = lora_comparison(args, model, device, diff_cfg, dataset)
-    else:
-        r, x, _ = evaluate_checkpoint(model, diff_cfg, clf, real_x, args.n, args, device)
-        results.update(r, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                       style=style_measures(x), real_style=style_measures(real_x))
-        print_report(results, clf_acc)
-        print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
-              f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
-
-    out = args.json or base + "_eval.json"
-    write_json(out, results)
-    print(out)
-    return 0
 
 
 def save_sweep_figure(sweep, path):
@@ -288,74 +301,85 @@ def read_npz(path):
     return x, y
 
 
-def style_measures(x):
-    """Two classical handwriting measures of images (N, 1, 28, 28) in [-1, 1], averaged:
-    ink   -- fraction of pixels above mid-grey (stroke thickness);
-    slant -- -mu11 / mu02 of the intensity's second moments, as in deskewing
-             (x shift per row; > 0 leans right)."""
-    w = ((x[:, 0] + 1) / 2).double()                                   # (N, 28, 28) in [0, 1]
-    rows = torch.arange(28, dtype=torch.float64).view(1, 28, 1)
-    cols = torch.arange(28, dtype=torch.float64).view(1, 1, 28)
-    mass = w.sum(dim=(1, 2)).clamp(min=1e-8)
-    r_mean = (w * rows).sum(dim=(1, 2)) / mass
-    c_mean = (w * cols).sum(dim=(1, 2)) / mass
-    dr, dc = rows - r_mean.view(-1, 1, 1), cols - c_mean.view(-1, 1, 1)
-    mu11 = (w * dr * dc).sum(dim=(1, 2)) / mass
-    mu02 = (w * dr * dr).sum(dim=(1, 2)) / mass
-    return {"ink": (x > 0).double().mean().item(), "slant": (-mu11 / mu02.clamp(min=1e-8)).mean().item()}
+# ----- the command line -----
 
 
-def styled_reference(style, dataset, data_dir, folder=None):
-    """Real test digits in the adapter's style (or the user's folder): the style target."""
-    if style == "folder":
-        if folder is None:
-            raise SampleError("this adapter was trained on a folder of digits: pass it as --style-dir")
-        return load_dataset("folder", folder)[0]
-    return apply_style(load_dataset(dataset, data_dir, "test", verbose=False)[0], style)
+def parse_args(argv=None):
+    p = Parser(description="Measure how well generated digits match their labels and real data.")
+    p.add_argument("--n", type=int, default=100, help="samples per digit (default: 100)")
+    p.add_argument("--npz", default=None, help="evaluate images/labels saved by `sample.py --npz` instead")
+    p.add_argument("--dataset", default=None,
+                   help="real data for the classifier and the floor (default: the checkpoint's)")
+    p.add_argument("--data-dir", default="data", help="MNIST root and classifier cache (default: data)")
+    p.add_argument("--sweep-guidance", default=None,
+                   help="comma-separated guidance scales, e.g. 0,1,2,3,5: writes a trade-off figure")
+    p.add_argument("--style-dir", default=None, help="with --lora of a folder-trained adapter: that folder")
+    p.add_argument("--json", default=None, help="where to write the results (default: next to the input)")
+    add_model_flags(p)
+    add_config_flags(p, SampleConfig, "sampling")
+    return p.parse_args(argv)
 
 
-def print_style_table(rows, style):
-    """rows: name -> {"accuracy", "ink", "slant"}; the share of the way the tuned model moved."""
-    print(f"{'':<22}{'accuracy':>9}{'ink':>8}{'slant':>8}")
-    for name, r in rows.items():
-        acc = f"{100 * r['accuracy']:.1f}%" if r.get("accuracy") is not None else "-"
-        print(f"{name:<22}{acc:>9}{r['ink']:8.3f}{r['slant']:8.3f}")
-    base, tuned, target = rows["base model"], rows["fine-tuned model"], rows[f"real {style} digits"]
-    shift = {m: (tuned[m] - base[m]) / (target[m] - base[m]) if abs(target[m] - base[m]) > 1e-9 else float("nan")
-             for m in ("ink", "slant")}
-    print(f"style shift, base -> target: ink {100 * shift['ink']:.0f}%, slant {100 * shift['slant']:.0f}%")
-    return shift
+def main(argv=None):
+    args = parse_args(argv)
+    if args.n < 1:
+        raise SampleError(f"--n {args.n}: must be >= 1")
+    device = pick_device(args.device)
+    model = None
+    if args.npz is None:
+        model, diffusion, ckpt = load_model_for_sampling(args, device)
+        scfg = sample_config(args, diffusion.T)
+        dataset = args.dataset or dataset_of(ckpt)
+    else:
+        dataset = args.dataset or "auto"
+    real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
+    clf, clf_acc = get_classifier(dataset, args.data_dir)
+    base = os.path.splitext(args.npz or args.checkpoint)[0]
+    results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
+
+    if args.npz:
+        x, y = read_npz(args.npz)
+        results.update(evaluate_images(clf, x, y, real_x))
+        print_report(results, clf_acc)
+    elif args.sweep_guidance:
+        try:
+            scales = [float(s) for s in args.sweep_guidance.split(",")]
+        except ValueError:
+            raise SampleError(f"--sweep-guidance {args.sweep_guidance}: expected numbers like 0,1,2,3,5")
+        sweep = []
+        for w in scales:
+            r, _, _ = evaluate_model(model, diffusion, clf, real_x, args.n, sample_config(args, diffusion.T, guidance=w))
+            print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}")
+            sweep.append({"guidance": w, **r})
+        results["sweep"] = sweep
+        save_sweep_figure(sweep, base + "_guidance_sweep.png")
+        print(base + "_guidance_sweep.png")
+    elif args.lora:
+        results["lora"] = lora_comparison(args, model, diffusion, dataset, scfg)
+    else:
+        r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg)
+        results.update(r, sampler=scfg.sampler, steps=scfg.steps, guidance=scfg.guidance,
+                       style=style_measures(x), real_style=style_measures(real_x))
+        print_report(results, clf_acc)
+        print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
+              f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
+
+    out = args.json or base + "_eval.json"
+    write_json(out, results)
+    print(out)
+    return 0
 
 
-def style_evaluation(base_model, tuned, diff_cfg, dataset, style, data_dir, n, device, seed=0, folder=None):
-    """Accuracy and style measures of base and fine-tuned samples next to real (styled) digits.
-    data_dir: the MNIST root and classifier cache; folder: the user's digits, for style "folder"."""
-    clf, _ = get_classifier(dataset, data_dir)
-    real_x, real_y, dataset = load_dataset(dataset, data_dir, "test", verbose=False)
-    styled = styled_reference(style, dataset, data_dir, folder)
-    args = argparse.Namespace(**{**SAMPLE_DEFAULTS, "seed": seed})
-    rows = {"real test digits": {**style_measures(real_x), "accuracy": evaluate_images(clf, real_x, real_y, real_x)["accuracy"]},
-            f"real {style} digits": {**style_measures(styled), "accuracy": None}}
-    if style != "folder":
-        rows[f"real {style} digits"]["accuracy"] = evaluate_images(clf, styled, real_y, real_x)["accuracy"]
-    for name, model in (("base model", base_model), ("fine-tuned model", tuned)):
-        r, x, _ = evaluate_checkpoint(model.eval(), diff_cfg, clf, real_x, n, args, device)
-        rows[name] = {**style_measures(x), "accuracy": r["accuracy"], "frechet": r["frechet"]}
-    shift = print_style_table(rows, style)
-    return {"rows": rows, "shift": shift}
+ERRORS = (SampleError, CheckpointError, DeviceError, DataError, LoraError)
 
 
-def lora_comparison(args, tuned, device, diff_cfg, dataset):
-    """evaluate.py --lora: the adapted model against the base model and the styled real data
-    (the style of the first adapter)."""
-    style = read_adapter(args.lora[0])[1].get("style") or "bold"
-    base_model = load_model(args.checkpoint, device)[0]
-    return style_evaluation(base_model, tuned, diff_cfg, dataset, style, args.data_dir, args.n, device, args.seed,
-                            folder=args.style_dir)
+def cli(argv=None):
+    """main() with every expected failure as one line on stderr and a non-zero exit."""
+    try:
+        return main(argv)
+    except ERRORS as e:
+        sys.exit(f"evaluate.py: error: {e}")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (SampleError, CheckpointError, TrainingError, DataError, LoraError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    sys.exit(cli())

@@ -1,7 +1,7 @@
 """Teach the pretrained model a new handwriting style with LoRA: `python lora_finetune.py`.
 
 Loads the EMA weights written by `python train.py`, wraps the ResnetBlocks' 3x3 convolutions
-in rank-2 LoraLayers (lora.py; `--targets attn` for the article's cross-attention projections),
+in rank-2 LoraLayers (lora.py; `--targets qkv` for the article's cross-attention projections),
 freezes everything else and trains only A and B on styled digits the base model never saw
 (bold or italic versions of the training split, or your own folder of digits). The training
 loop is train.py's; only this set-up differs. Writes the adapter (safetensors, a few % of
@@ -13,19 +13,21 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import lora
-from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_checkpoint, load_model,
+from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_finite, dataset_of, load_model,
                         save_checkpoint, write_json)
-from config import LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict
+from config import (LoraConfig, Parser, SampleConfig, TrainConfig, add_config_flags, config_from_args, config_from_dict,
+                    explicit_flags)
 from dataset import DataError, apply_style, load_dataset
+from device import DeviceError
 from diffusion import Diffusion
-from train import (Dist, TrainingError, fit, loop_state_dict, prepare_out_dir, restore_loop_state,
-                   save_loss_curve, warmup_cosine)
+from evaluate import style_evaluation
+from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, open_run,
+                  place_data, restore_loop_state)
 from unet import count_params
 
 # Fine-tuning needs far fewer steps and a gentler start than training from scratch.
@@ -34,6 +36,8 @@ from unet import count_params
 FINETUNE_DEFAULTS = {"out": "", "epochs": 12, "lr": 2e-3, "warmup_steps": 20, "ema_decay": 0.99,
                      "t_power": 2.0, "ckpt_every": 200, "eval_n": 20}
 
+RUN_FILES = ("loss.png", "summary.json", "base_vs_tuned.png")   # in --out besides the checkpoint (more: see main)
+
 
 def parse_args(argv=None):
     p = Parser(description="LoRA fine-tuning of a trained checkpoint on a new handwriting style.")
@@ -41,20 +45,25 @@ def parse_args(argv=None):
     add_config_flags(p, LoraConfig, "LoRA")
     add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS, skip=("dataset",))
     p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
-                   help="styled: the base's training digits in --style; folder: your digits in --data-dir")
-    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
+                   help="styled: the base's training digits in --style; folder: your digits in --style-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the fine-tuning run in --out with its stored configuration; as in train.py, "
+                        "--max-steps and a larger --epochs extend it (the LR schedule re-spans the new length), "
+                        "and flags that contradict the stored run are refused")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw base-vs-tuned and strength-sweep figures (--no-figures: skip them, for sweeps)")
-    return p.parse_args(argv)
+                   help="draw the loss curve, base-vs-tuned, strength-sweep and update figures (--no-figures: skip them)")
+    args = p.parse_args(argv)
+    args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
+    return args
 
 
-def load_finetune_data(style, data_dir, base_dataset):
+def load_finetune_data(lcfg, data_dir, base_dataset):
     """Styled training digits (the base saw them only unstyled), or the user's folder."""
-    if style == "folder":
-        return load_dataset("folder", data_dir)[:2]
+    if lcfg.style == "folder":
+        return load_dataset("folder", lcfg.style_dir)[:2]
     x, y, _ = load_dataset(base_dataset, data_dir, "train", verbose=False)
-    return apply_style(x, style), y
+    return apply_style(x, lcfg.style), y
 
 
 def side_by_side(models, titles, diffusion, path, n=6, seed=0, scales=None):
@@ -86,35 +95,36 @@ def side_by_side(models, titles, diffusion, path, n=6, seed=0, scales=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        style = "folder" if args.dataset == "folder" else args.style
+        style = "folder" if args.dataset == "folder" or args.style_dir else args.style
         lcfg, tcfg = config_from_args(LoraConfig, args, style=style), config_from_args(TrainConfig, args, dataset="auto")
     except ValueError as e:
         raise TrainingError(str(e)) from e
     kind = "full" if lcfg.full else "lora"
-    tcfg.out = tcfg.out or os.path.join("runs", f"{kind}-{lcfg.style}")
-    ckpt_path = (prepare_out_dir(tcfg.out, args.resume, args.overwrite, "finetune_ckpt.pt")
-                 if os.environ.get("RANK", "0") == "0" else os.path.join(tcfg.out, "finetune_ckpt.pt"))
-    resume = load_checkpoint(ckpt_path) if args.resume else None
+    tcfg = replace(tcfg, out=tcfg.out or os.path.join("runs", f"{kind}-{lcfg.style}"))
+    writes = RUN_FILES + (("ckpt.pt",) if lcfg.full else ("adapter.safetensors", "lora_update.png", "strength_sweep.png",
+                                                          "peft"))
+    given = args.given - {"dataset"} | ({"style"} if args.given & {"dataset", "style_dir"} else set())
+    dist, tcfg, ckpt_path, resume, lock = open_run(
+        tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
+        folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg})
+    with lock:                    # one writer in the run folder until the run ends, however it ends
+        return finetune(args, dist, tcfg, ckpt_path, resume, lcfg)
+
+
+def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
+    """The fine-tuning run itself, its folder locked."""
     if resume is not None:  # the stored configuration wins, as in train.py
         lcfg = config_from_dict(LoraConfig, resume["config"]["lora"])
-        tcfg = TrainConfig(**{**resume["config"]["train"], "device": tcfg.device, "out": tcfg.out,
-                              "max_steps": tcfg.max_steps, "threads": tcfg.threads})
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    dist = Dist(tcfg.device)
+    kind = "full" if lcfg.full else "lora"
     device = dist.device
-    torch.manual_seed(tcfg.seed)
 
     model, diff_cfg, base_ckpt = load_model(args.checkpoint, device)    # EMA weights of the base
     model_config = base_ckpt["config"]["model"]
     fingerprint = lora.base_fingerprint(model)
-    tcfg.dataset = base_ckpt.get("data", "auto")     # the base's data, styled below (or unused)
-    x, y = load_finetune_data(lcfg.style, tcfg.data_dir, tcfg.dataset)
-    data_name = lcfg.style
-    if len(x) < tcfg.batch_size:
-        tcfg.batch_size = len(x)          # few-shot folders: one batch is the whole set
-    layout = torch.channels_last if tcfg.channels_last else torch.contiguous_format
-    x, y = x.to(device).contiguous(memory_format=layout), y.to(device)
+    base_data = dataset_of(base_ckpt)                 # the base's data, styled below (or unused)
+    x, y = load_finetune_data(lcfg, tcfg.data_dir, base_data)
+    tcfg = replace(tcfg, dataset=base_data, batch_size=min(tcfg.batch_size, len(x)))  # few-shot: one batch
+    x, y = place_data(x, y, device, tcfg)
     total_params = count_params(model)
     if lcfg.full:
         names = []
@@ -123,20 +133,19 @@ def main(argv=None):
     else:
         names = lora.inject_lora(model, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.lora_dropout, lcfg.rslora)
         lora.mark_only_lora_trainable(model)
-    model.to(memory_format=layout).train()
+        lora.set_fused(model, lcfg.fused)
+    model.to(memory_format=memory_format(tcfg)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     if dist.main:
         what = "full fine-tuning" if lcfg.full else f"LoRA r={lcfg.r} alpha={lcfg.alpha} on {len(names)} layers ({lcfg.targets})"
-        print(f"base: {args.checkpoint} | data: {data_name}, {len(x):,} images | {what}")
+        print(f"base: {args.checkpoint} | data: {lcfg.style}, {len(x):,} images | {what}")
         print(f"trainable {trainable:,} / {total_params:,} = {100 * trainable / total_params:.1f}%")
 
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     groups = params if lcfg.full else lora.param_groups(model, tcfg.lr, lcfg.lr_ratio_b)
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = warmup_cosine(opt, tcfg.warmup_steps, tcfg.epochs * max(1, len(x) // tcfg.batch_size))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
-    state = {"optimizer": opt, "scheduler": sched, "ema": ema, "step": 0, "losses": []}
+    state = new_loop_state(model, groups, tcfg, len(x))
+    ema = state["ema"]
     trained = (lambda m: m.state_dict()) if lcfg.full else lora.lora_state_dict
     config = {"lora": asdict(lcfg), "train": asdict(tcfg), "base": os.path.abspath(args.checkpoint)}
     if resume is not None:
@@ -145,6 +154,7 @@ def main(argv=None):
         for module, key in ((model, "model"), (ema.module, "ema")):
             if set(resume[key]) != set(trained(module)):
                 raise TrainingError(f"{ckpt_path}: {key} tensors do not match this set-up")
+            check_finite(resume[key], ckpt_path, key)
             module.load_state_dict(resume[key], strict=False)  # keys checked just above
         restore_loop_state(state, resume, ckpt_path, verbose=dist.main)
 
@@ -153,63 +163,77 @@ def main(argv=None):
                                     "base_fingerprint": fingerprint, **loop_state_dict(state)})
 
     t0, first_step = time.perf_counter(), state["step"]
-    outcome = fit(dist.wrap(model), diffusion, (x, y), tcfg, state, save, dist, params, desc=kind)
+    outcome = fit(model, diffusion, (x, y), tcfg, state, save, dist, params, desc=kind)
     seconds = time.perf_counter() - t0
-    dist.close()
-    if not dist.main:                       # figures, files and evaluation are rank 0's
-        return 0 if outcome == "done" else 130
-    save_loss_curve(state["losses"], os.path.join(tcfg.out, "loss.png"), f"{kind} fine-tuning loss")
-    if outcome == "interrupted":
-        print(f"interrupted at step {state['step']}: continue with "
-              f"`python lora_finetune.py --out {tcfg.out} --resume`")
-        return 130
+    code = after_fit(outcome, state, dist, model, tcfg.out, f"{kind} fine-tuning loss",
+                     f"python lora_finetune.py --out {tcfg.out} --resume", args.figures)
+    if code is not None:
+        return code
     tuned = ema.module.eval()
     base_size = os.path.getsize(args.checkpoint)
     if lcfg.full:
         out_file = os.path.join(tcfg.out, "ckpt.pt")
         sd = tuned.state_dict()
         save_checkpoint(out_file, {"model": sd, "ema": sd, "config": base_ckpt["config"],
-                                   "data": base_ckpt.get("data", "auto"), "step": state["step"]})
+                                   "data": base_data, "step": state["step"]})
     else:
         out_file = os.path.join(tcfg.out, "adapter.safetensors")
         lora.save_adapter(out_file, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora,
                           model_config, fingerprint, style=lcfg.style)
+        if lcfg.export_peft:
+            lora.export_peft(tuned, os.path.join(tcfg.out, "peft"))
+            print(f"peft adapter: {os.path.join(tcfg.out, 'peft')} (PeftModel.from_pretrained(UNet(cfg), that folder))")
     size = os.path.getsize(out_file)
-    print(f"trained {state['step']} steps in {seconds / 60:.1f} min "
-          f"({1000 * seconds / max(1, state['step'] - first_step):.0f} ms/step)")
+    ms_per_step = 1000 * seconds / max(1, state["step"] - first_step)
+    print(f"trained {state['step']} steps in {seconds / 60:.1f} min ({ms_per_step:.0f} ms/step)")
     print(f"saved {out_file}: {size / 1024:.1f} KiB vs base checkpoint {base_size / 1024:.1f} KiB "
           f"({100 * size / base_size:.1f}%) and base weights {4 * total_params / 1024:.1f} KiB "
           f"({100 * size / (4 * total_params):.1f}%) | trainable {trainable:,} / {total_params:,} "
           f"= {100 * trainable / total_params:.1f}%")
 
-    summary = {"config": config, "steps": state["step"],
-               "ms_per_step": 1000 * seconds / max(1, state["step"] - first_step),
+    summary = {"config": config, "steps": state["step"], "ms_per_step": ms_per_step,
                "trainable": trainable, "total_params": total_params, "file_bytes": size,
                "base_checkpoint_bytes": base_size,
                "peak_rss_mb_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if not lcfg.full:
+        summary["update"] = lora.update_stats(tuned)      # per layer: |dW| / |W| and dW's singular values
     base_model = load_model(args.checkpoint, device)[0]
-    compare = os.path.join(tcfg.out, "base_vs_tuned.png")
     if args.figures:
-        side_by_side([base_model, tuned], ["base model", f"{kind} ({data_name})"], diffusion, compare)
-        print(compare)
-    if args.figures and not lcfg.full:
-        sweep = os.path.join(tcfg.out, "strength_sweep.png")
-        scales = [0.0, 0.25, 0.5, 0.75, 1.0]
-        side_by_side([tuned] * 5, [f"scale {s}" for s in scales], diffusion, sweep, n=3, scales=scales)
-        print(sweep)
+        draw_figures(base_model, tuned, diffusion, tcfg.out, kind, lcfg)
     if tcfg.eval_n:
-        from evaluate import style_evaluation
-        folder = tcfg.data_dir if lcfg.style == "folder" else None      # then MNIST lives in data/
-        summary["evaluation"] = style_evaluation(base_model, tuned, diff_cfg, base_ckpt.get("data", "auto"), data_name,
-                                                 "data" if folder else tcfg.data_dir, tcfg.eval_n, device, folder=folder)
+        summary["evaluation"] = style_evaluation(base_model, tuned, diffusion, base_data, lcfg.style, tcfg.data_dir,
+                                                 tcfg.eval_n, SampleConfig(), folder=lcfg.style_dir or None)
     summary_path = os.path.join(tcfg.out, "summary.json")
     write_json(summary_path, summary)
     print(summary_path)
     return 0
 
 
-if __name__ == "__main__":
+def draw_figures(base_model, tuned, diffusion, out, kind, lcfg):
+    """Base vs tuned samples, and (LoRA) the same noise at growing adapter strength."""
+    compare = os.path.join(out, "base_vs_tuned.png")
+    side_by_side([base_model, tuned], ["base model", f"{kind} ({lcfg.style})"], diffusion, compare)
+    print(compare)
+    if not lcfg.full:
+        sweep = os.path.join(out, "strength_sweep.png")
+        scales = [0.0, 0.25, 0.5, 0.75, 1.0]
+        side_by_side([tuned] * 5, [f"scale {s}" for s in scales], diffusion, sweep, n=3, scales=scales)
+        update = os.path.join(out, "lora_update.png")
+        lora.save_update_figure(lora.update_stats(tuned), update)
+        print(sweep)
+        print(update)
+
+
+ERRORS = (TrainingError, CheckpointError, DataError, DeviceError, lora.LoraError)
+
+
+def cli(argv=None):
+    """main() with every expected failure as one line on stderr and a non-zero exit."""
     try:
-        sys.exit(main())
-    except (TrainingError, CheckpointError, DataError, lora.LoraError) as e:
+        return main(argv)
+    except ERRORS as e:
         sys.exit(f"lora_finetune.py: error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

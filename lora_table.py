@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 
-from checkpoint import atomic_write, write_json
+from checkpoint import DEFAULT_CHECKPOINT, atomic_write, write_json
 from config import Parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,7 +62,7 @@ def read_json(path):
         return None
 
 
-def style_measure(style):
+def measure_of(style):
     """The measure a style moves: stroke ink for bold, slant for italic."""
     return "ink" if style == "bold" else "slant"
 
@@ -81,7 +81,7 @@ def table_rows(summaries, style):
 
 def print_table(rows, style):
     """Markdown, ready for the README."""
-    measure = style_measure(style)
+    measure = measure_of(style)
     print(f"| targets | rank | trainable params | % of model | adapter | {measure} shift | accuracy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for w in rows:
@@ -94,7 +94,7 @@ def plot(rows, style, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    measure = style_measure(style)
+    measure = measure_of(style)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, w in enumerate(sorted(rows, key=lambda w: w["trainable"])):
         point = (w["trainable"], 100 * w[measure + "_shift"])
@@ -119,7 +119,7 @@ def main():
     p.add_argument("--style", choices=["bold", "italic"], default="italic", help="built-in style (default: italic)")
     p.add_argument("--rows", default=ROWS, help=f"TARGETS:RANK list (default: {ROWS})")
     p.add_argument("--eval-n", type=int, default=10, help="samples per digit judged per row (default: 10)")
-    p.add_argument("--checkpoint", default=os.path.join("runs", "mnist", "ckpt.pt"), help="base model")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="base model")
     p.add_argument("--out", default="", help="folder of the rows (default: runs/lora-table-STYLE)")
     args, extra = p.parse_known_args()
     try:

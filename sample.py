@@ -3,87 +3,102 @@
 Rebuilds the UNet from the checkpoint's config, loads its EMA weights and samples with
 DDIM (default) or DDPM, steered by classifier-free guidance.
 """
-import math
 import os
 import sys
 
 import numpy as np
 import torch
 
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_model
-from config import Parser
-from diffusion import Diffusion
-from lora import LoraError, apply_adapters
-from train import TrainingError, pick_device
+from tqdm import tqdm
 
-SAMPLE_DEFAULTS = {"sampler": "ddim", "steps": 50, "guidance": 2.0, "eta": 0.0, "seed": 0}
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model
+from config import Parser, SampleConfig, add_config_flags, config_from_args
+from device import DeviceError, pick_device
+from diffusion import Diffusion, SamplingError
+from lora import MAX_SCALE, LoraError, apply_adapters, check_scale, set_fused
+
+MAX_BATCH = 1000       # images per network batch, whatever --n: memory stays bounded (a CPU splits further)
+MAX_IMAGES = 100_000   # images per request: 313 MB of float32 pixels, ~80 MB as uint8 in the npz
+GRID_MAX = 100         # images per label in the PNG grid (the npz holds them all)
 
 
 class SampleError(Exception):
     """Bad sampling input; the message says which flag and why."""
 
 
-def add_sampling_flags(p):
-    """Flags shared by sample.py and evaluate.py, so their defaults cannot drift apart."""
-    d = SAMPLE_DEFAULTS
+def add_model_flags(p):
+    """The model to sample from (checkpoint, device, LoRA adapters): shared with evaluate.py."""
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=d["sampler"],
-                   help="ddim: few deterministic steps; ddpm: all T ancestral steps (default: ddim)")
-    p.add_argument("--steps", type=int, default=d["steps"], help="DDIM steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=d["guidance"],
-                   help="classifier-free guidance scale w; 1 = no guidance (default: 2.0)")
-    p.add_argument("--eta", type=float, default=d["eta"], help="DDIM noise: 0 deterministic, 1 ~ DDPM")
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="LoRA adapter (.safetensors) to apply; repeat to compose several")
     p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
-                   help="strength of each --lora, in order (default: 1.0 each)")
+                   help=f"strength of each --lora, in order (default: 1.0 each); |S| <= {MAX_SCALE:g}: "
+                        "beyond that the update swamps the base weights and the samples saturate")
     p.add_argument("--merge", action="store_true",
                    help="fold the adapter into the weights (no extra cost per step)")
 
 
+def sample_config(args, timesteps, **overrides):
+    """The SampleConfig of the parsed flags, checked against the model's T."""
+    try:
+        scfg = config_from_args(SampleConfig, args, **overrides)
+        scfg.check_steps(timesteps)
+    except ValueError as e:
+        raise SampleError(str(e)) from e
+    return scfg
+
+
 def load_model_for_sampling(args, device):
-    """The checkpoint's EMA model, with the --lora adapters applied. -> (model, diffusion config, ckpt)."""
+    """The checkpoint's EMA model with the --lora adapters applied. -> (model, diffusion, ckpt)."""
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise SampleError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: give one per adapter")
-    scales = args.lora_scale or [1.0] * len(args.lora)
-    if any(not math.isfinite(s) for s in scales):
-        raise SampleError("--lora-scale must be finite")
+    scales = [check_scale(s, "--lora-scale") for s in args.lora_scale] or [1.0] * len(args.lora)
     if args.lora:
         apply_adapters(model, args.lora, scales, ckpt["config"]["model"], merge=args.merge)
-    return model, diff_cfg, ckpt
-
-
-def check_sampling_args(args, timesteps):
-    """Refuse what would crash or silently produce garbage."""
-    if not 1 <= args.steps <= timesteps:
-        raise SampleError(f"--steps {args.steps}: must be between 1 and {timesteps}")
-    if not math.isfinite(args.guidance) or args.guidance < 0:
-        raise SampleError(f"--guidance {args.guidance}: must be a finite number >= 0")
-    if not 0 <= args.eta <= 1:   # also refuses nan
-        raise SampleError(f"--eta {args.eta}: must be between 0 (deterministic DDIM) and 1")
+        set_fused(model, True)                   # unmerged: x (W + dW)^T, one op per layer (same numbers)
+    return model, Diffusion(diff_cfg, model.cfg.num_classes).to(device), ckpt
 
 
 def parse_label(text):
     """'7' -> [7]; 'all' -> [0..9]; anything else is an error."""
     if text == "all":
         return list(range(10))
-    if not (text.isdigit() and 0 <= int(text) <= 9):
+    if text not in [str(d) for d in range(10)]:
         raise SampleError(f"--label {text}: must be a digit 0..9 or 'all'")
     return [int(text)]
 
 
-def generate(model, diff_cfg, labels, n, args, device, trajectory=False):
-    """n samples of each label -> (images (N, 1, 28, 28) in [-1, 1], labels (N,), frames or None)."""
-    diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
+def generate(model, diffusion, labels, n, scfg, trajectory=False, progress=False):
+    """n samples of each label -> (images (N, 1, 28, 28) in [-1, 1], labels (N,), frames or None).
+
+    The N = n * len(labels) images (at most MAX_IMAGES) go through the network in batches of
+    at most MAX_BATCH, all drawing their noise from one generator seeded with scfg.seed: a
+    request of up to MAX_BATCH images is a single batch, the same images as unbatched. frames
+    (trajectory=True): the x_t of the first batch. progress: a progress bar over the batches.
+    """
+    device = diffusion.betas.device
     y = torch.tensor(labels, device=device).repeat_interleave(n)
-    g = torch.Generator(device).manual_seed(args.seed)
-    out = diffusion.sample(model, y, args.sampler, args.steps, args.guidance, args.eta,
-                           generator=g, trajectory=trajectory)
-    x, frames = out if trajectory else (out, None)
-    return x, y, frames
+    if len(y) > MAX_IMAGES:
+        raise SampleError(f"{len(y):,} images asked for: at most {MAX_IMAGES:,} per request")
+    g = torch.Generator(device).manual_seed(scfg.seed)
+    xs, frames = [], None
+    with tqdm(total=len(y), desc="sampling", unit="img", disable=None if progress and len(y) > MAX_BATCH else True) as bar:
+        for yb in y.split(MAX_BATCH):
+            out = diffusion.sample(model, yb, scfg.sampler, scfg.steps, scfg.guidance, scfg.eta,
+                                   generator=g, trajectory=trajectory and not xs)
+            x, frames = out if trajectory and not xs else (out, frames)
+            xs.append(x)
+            bar.update(len(yb))
+    return (xs[0] if len(xs) == 1 else torch.cat(xs)), y, frames
+
+
+def save_grid(x, path, nrow):
+    """Images (N, 1, 28, 28) in [-1, 1] -> one PNG grid, nrow images per row."""
+    from torchvision.utils import save_image
+    atomic_write(path, lambda tmp: save_image((x + 1) / 2, tmp, format="png", nrow=nrow, padding=2,
+                                              pad_value=0.5), suffix=".png")
 
 
 def to_uint8(x):
@@ -114,52 +129,56 @@ def save_trajectory(frames, path, n_cols=10, max_rows=10):
 def parse_args(argv=None):
     p = Parser(description="Sample digits from a trained checkpoint.")
     p.add_argument("--label", default="7", help="digit 0..9, or 'all' for a 10-row grid (default: 7)")
-    p.add_argument("--n", type=int, default=10, help="samples per label (default: 10)")
-    p.add_argument("--out", default=None, help="PNG path (default: <checkpoint folder>/sample_<label>.png)")
+    p.add_argument("--n", type=int, default=10,
+                   help=f"samples per label (default: 10; at most {MAX_IMAGES:,} images in all)")
+    p.add_argument("--out", default=None, help="PNG path (default: <checkpoint folder>/sample_<label>.png); "
+                   f"the grid shows the first {GRID_MAX} samples of each label")
     p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here")
     p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
-    add_sampling_flags(p)
+    add_model_flags(p)
+    add_config_flags(p, SampleConfig, "sampling")
     return p.parse_args(argv)
-
-
-def check_writable(path, flag):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise SampleError(f"{flag} {path}: folder {folder} does not exist or is not writable")
 
 
 def main(argv=None):
     args = parse_args(argv)
     labels = parse_label(args.label)
-    if args.n < 1:
-        raise SampleError(f"--n {args.n}: must be >= 1")
+    if not 1 <= args.n <= MAX_IMAGES // len(labels):
+        raise SampleError(f"--n {args.n}: must be between 1 and {MAX_IMAGES // len(labels):,} "
+                          f"(at most {MAX_IMAGES:,} images per request)")
     device = pick_device(args.device)
-    model, diff_cfg, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
-    check_sampling_args(args, diff_cfg.timesteps)
+    model, diffusion, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
+    scfg = sample_config(args, diffusion.T)
     out = args.out or os.path.join(os.path.dirname(args.checkpoint), f"sample_{args.label}.png")
-    check_writable(out, "--out")
-    if args.npz:
-        check_writable(args.npz, "--npz")
+    steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
+    check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
+                  {"--checkpoint": args.checkpoint, "--lora adapter": args.lora})     # before any work
 
-    x, y, frames = generate(model, diff_cfg, labels, args.n, args, device, trajectory=args.show_steps)
-    from torchvision.utils import save_image
-    nrow = args.n if len(labels) > 1 else min(args.n, 10)
-    atomic_write(out, lambda tmp: save_image((x + 1) / 2, tmp, format="png", nrow=nrow,
-                                             padding=2, pad_value=0.5), suffix=".png")
+    x, y, frames = generate(model, diffusion, labels, args.n, scfg, trajectory=args.show_steps, progress=True)
+    per_label = min(args.n, GRID_MAX)
+    grid = x.view(len(labels), args.n, *x.shape[1:])[:, :per_label].reshape(-1, *x.shape[1:])
+    save_grid(grid, out, nrow=per_label if len(labels) > 1 else min(args.n, 10))
     print(out)
     if args.npz:
         atomic_write(args.npz, lambda tmp: np.savez(tmp, images=to_uint8(x), labels=y.cpu().numpy()),
                      suffix=".npz")
         print(args.npz)
     if args.show_steps:
-        steps_path = os.path.splitext(out)[0] + "_steps.png"
         save_trajectory(frames, steps_path)
         print(steps_path)
     return 0
 
 
-if __name__ == "__main__":
+ERRORS = (SampleError, CheckpointError, DeviceError, LoraError, SamplingError)
+
+
+def cli(argv=None):
+    """main() with every expected failure as one line on stderr and a non-zero exit."""
     try:
-        sys.exit(main())
-    except (SampleError, CheckpointError, TrainingError, LoraError) as e:
+        return main(argv)
+    except ERRORS as e:
         sys.exit(f"sample.py: error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

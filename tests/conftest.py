@@ -1,22 +1,44 @@
-"""Shared helpers: the repo root on sys.path, a tiny model config, a tiny trained checkpoint."""
+"""Shared helpers: the repo root on sys.path, THE tiny model (as a config and as flags), a tiny
+trained checkpoint, and two ways to run a script: in this process (fast) or in a fresh one
+(for what only a real process shows: kill -9, Ctrl-C, torchrun, interpreter start-up)."""
+import contextlib
+import importlib
+import io
 import os
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+torch.set_num_threads(1)              # tiny tensors: one thread is as fast, and never stalls on a busy CPU
+os.environ.setdefault("OMP_NUM_THREADS", "1")       # the same for the scripts run as subprocesses
 
 from config import ModelConfig  # noqa: E402
 
+# The tiny model every test uses: 50k parameters, 2 levels, T = 50.
 TINY = ModelConfig(base_channels=8, channel_mults=(1, 2), context_tokens=2, context_dim=16,
                    attn_heads=2, ff_mult=1)
-TINY_FLAGS = ["--base-channels", "8", "--channel-mults", "1,2", "--context-tokens", "2",
-              "--context-dim", "16", "--attn-heads", "2", "--ff-mult", "1", "--timesteps", "50",
-              "--dataset", "mnist-5k", "--batch-size", "16", "--epochs", "1", "--eval-n", "0",
-              "--warmup-steps", "2", "--log-every", "1"]
+TINY_T = 50
+
+
+def model_flags(cfg):
+    """A ModelConfig as train.py flags: --base-channels 8 --channel-mults 1,2 ..."""
+    flags = []
+    for name, value in asdict(cfg).items():
+        if name in ("in_channels", "num_classes"):
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        flags += ["--" + name.replace("_", "-"), text]
+    return flags
+
+
+TINY_FLAGS = [*model_flags(TINY), "--timesteps", str(TINY_T), "--dataset", "mnist-5k", "--batch-size", "16",
+              "--epochs", "1", "--eval-n", "0", "--warmup-steps", "2", "--log-every", "1"]
 
 
 def assert_close(a, b, atol=1e-6, msg=""):
@@ -30,11 +52,45 @@ def run_script(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def run_cli(script, *argv):
+    """Run `python <script> argv` in this process, through the same cli() that the script's
+    __main__ calls: -> CompletedProcess(returncode, stdout, stderr). A traceback is not
+    caught: it fails the test, as it would be a bug."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.cli(list(argv)) or 0
+            except SystemExit as e:               # sys.exit("message"): the message goes to stderr, code 1
+                code = e.code if isinstance(e.code, int) else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+PROGRESS_BAR = re.compile(r"^[\w .-]*:\s+\d+%\|")     # tqdm: "train:  5%|5    | 1/20 [...]"
+
+
+def one_line_error(r, *needles):
+    """The house rule for bad input: non-zero exit, one line on stderr naming the problem
+    (after any progress bar of the work done before the problem showed)."""
+    assert r.returncode != 0, r.stdout
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip() and not PROGRESS_BAR.match(l)]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """A tiny model trained for a few steps by train.py itself."""
     out = tmp_path_factory.mktemp("run")
-    r = run_script("train.py", *TINY_FLAGS, "--max-steps", "3", "--out", str(out))
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return os.path.join(out, "ckpt.pt")
 

@@ -3,20 +3,20 @@ import os
 
 import torch
 
-from conftest import TINY_FLAGS, run_script
+from conftest import TINY_FLAGS, run_cli, run_script
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def test_two_processes_match_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    flags = [*TINY_FLAGS, "--max-steps", "4", "--ckpt-every", "100"]
-    r1 = run_script("train.py", *flags, "--out", one)
+    flags = [*TINY_FLAGS, "--max-steps", "4", "--ckpt-every", "100", "--no-figures"]
+    r1 = run_cli("train.py", *flags, "--out", one)
     r2 = run_script(*TORCHRUN, "train.py", *flags, "--out", two)
     assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-3000:]
     assert "processes: 2" in r2.stdout and "parameters agree across ranks (max difference 0)" in r2.stdout
     assert r2.stdout.count("trained 4 steps") == 1                        # rank 0 alone reports and writes
-    assert sorted(os.listdir(two)) == ["ckpt.pt", "loss.png", "samples.png"]
+    assert sorted(os.listdir(two)) == ["ckpt.pt"]
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, two))
     assert len(a["losses"]) == len(b["losses"]) == 4
     for (s1, l1), (s2, l2) in zip(a["losses"], b["losses"]):               # same global batches and noise
@@ -27,9 +27,9 @@ def test_two_processes_match_one(tmp_path):
 
 def test_resume_under_torchrun_and_lora(tmp_path, tiny_ckpt):
     out = str(tmp_path / "run")
-    flags = [*TINY_FLAGS, "--ckpt-every", "100"]
+    flags = [*TINY_FLAGS, "--ckpt-every", "100", "--no-figures"]
     assert run_script(*TORCHRUN, "train.py", *flags, "--max-steps", "2", "--out", out).returncode == 0
-    r = run_script(*TORCHRUN, "train.py", "--resume", "--max-steps", "4", "--out", out)
+    r = run_script(*TORCHRUN, "train.py", "--resume", "--max-steps", "4", "--out", out, "--no-figures")
     assert r.returncode == 0 and r.stdout.count("resumed") == 1, r.stderr[-3000:]   # rank 0 alone says it
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
     lora_out = str(tmp_path / "lora")

@@ -1,8 +1,10 @@
 """The measuring instruments: Frechet distance, the classifier, style measures."""
+import json
+
 import numpy as np
 import torch
 
-from conftest import run_script
+from conftest import run_cli
 from dataset import apply_style, load_dataset
 import evaluate
 
@@ -34,10 +36,10 @@ def test_npz_of_real_test_digits_scores_high(tmp_path):
     torch.save({"model": clf.state_dict(), "test_accuracy": acc}, path)
     npz = tmp_path / "real.npz"
     np.savez(npz, images=((xt[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy(), labels=yt.numpy())
-    r = run_script("evaluate.py", "--npz", str(npz), "--dataset", "mnist-5k", "--data-dir", str(tmp_path))
+    r = run_cli("evaluate.py", "--npz", str(npz), "--dataset", "mnist-5k", "--data-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    import json
-    res = json.load(open(tmp_path / "real_eval.json"))
+    with open(tmp_path / "real_eval.json") as f:
+        res = json.load(f)
     assert res["accuracy"] > 0.9 and res["frechet"] < 5 * res["frechet_floor"] + 1
 
 

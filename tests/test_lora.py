@@ -1,5 +1,4 @@
 """LoRA: exact at init, merge/unmerge identities, only adapters train, adapter files are checked."""
-import json
 import os
 import re
 from dataclasses import asdict
@@ -8,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, TINY_FLAGS, assert_close, run_script
+from conftest import TINY, assert_close
 import lora
 from config import DiffusionConfig
 from diffusion import Diffusion
@@ -57,18 +56,55 @@ def test_layer_math_and_scaling():
     assert not lin.weight.requires_grad and not lin.bias.requires_grad
 
 
-@pytest.mark.parametrize("base", [nn.Linear(6, 5), nn.Conv2d(4, 6, 3, padding=1)], ids=["linear", "conv"])
-def test_one_op_forward_equals_the_classic_low_rank_path(base):
-    layer = lora.LoraLayer(base, r=2, alpha=4.0).train()
+def n_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+LAYERS = {"linear": (lambda: nn.Linear(6, 5), (3, 6)), "conv": (lambda: nn.Conv2d(4, 6, 3, padding=1), (3, 4, 7, 7)),
+          "strided-conv": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (3, 4, 9, 9))}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_readable_forward_is_the_article_form_and_equals_the_fused_one(kind):
+    make, shape = LAYERS[kind]
+    base = make()
+    layer = lora.LoraLayer(base, r=2, alpha=4.0)                   # scaling = alpha / r = 2
+    x = torch.randn(shape)
+    for fused in (False, True):                                   # B = 0: both are exactly the base layer
+        layer.fused = fused
+        assert torch.equal(layer(x), base(x)), f"fused={fused}"
     with torch.no_grad():
-        layer.lora_B.normal_()
-    layer.scale = 0.5
-    x = torch.randn(3, 6) if isinstance(base, nn.Linear) else torch.randn(3, 4, 7, 7)
-    classic = base(x) + layer.low_rank(x) * (2.0 * 0.5)           # x W^T + b + s x A^T B^T
-    assert_close(layer(x), classic, atol=1e-5, msg="x (W + s B A)^T + b vs the classic form")
-    out = layer(x)
-    out.sum().backward()                                          # gradients reach A and B
-    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+        layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape))  # a trained-looking B
+    A, B = layer.lora_A, layer.lora_B
+    if kind == "linear":
+        detour = x @ A.T @ B.T                                    # B(A(x))
+    else:                                                         # k x k conv to r channels, 1 x 1 conv back
+        h = nn.functional.conv2d(x, A.view(2, 4, 3, 3), stride=base.stride, padding=1)
+        detour = nn.functional.conv2d(h, B[:, :, None, None])
+    for scale in (0.5, 1.0):
+        layer.scale = scale
+        layer.fused = False
+        readable = layer(x)
+        assert_close(readable, base(x) + scale * 2.0 * detour, atol=1e-6, msg="base(x) + s alpha/r B(A(x))")
+        layer.fused = True
+        assert_close(layer(x), readable, atol=1e-6, msg=f"fused vs readable at scale {scale}")
+        assert not torch.equal(readable, base(x))
+    for fused in (False, True):                                   # gradients reach A and B either way
+        layer.fused = fused
+        layer.zero_grad()
+        layer(x).sum().backward()
+        assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_set_fused_switches_every_layer_and_keeps_the_model_output():
+    model, _ = lora_model("attn+conv")
+    randomize_B(model)
+    readable = model(*INPUTS)
+    lora.set_fused(model, True)
+    assert all(layer.fused for layer in lora.lora_layers(model))
+    assert_close(model(*INPUTS), readable, atol=1e-5, msg="fused UNet vs readable UNet")
+    lora.set_fused(model, False)
+    assert torch.equal(model(*INPUTS), readable)
 
 
 def test_lora_dropout_acts_in_training_only():
@@ -78,10 +114,17 @@ def test_lora_dropout_acts_in_training_only():
         layer.lora_B.normal_()
     x = torch.randn(8, 6)
     full = lin(x) + x @ layer.lora_A.T @ layer.lora_B.T
+    for fused in (False, True):               # the fused form has no dropout: training never uses it
+        layer.fused = fused
+        torch.manual_seed(0)
+        dropped = layer.train()(x)
+        assert not torch.allclose(dropped, full, atol=1e-4)       # some inputs to A were dropped
+        assert_close(layer.eval()(x), full, atol=1e-5)            # eval: no dropout
+    layer.train()
     torch.manual_seed(0)
-    dropped = layer.train()(x)
-    assert not torch.allclose(dropped, full, atol=1e-4)           # some inputs to A were dropped
-    assert_close(layer.eval()(x), full, atol=1e-5)                # eval: no dropout
+    a = layer(x)
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), a) and not torch.equal(layer(x), a)   # random masks, seeded
 
 
 @pytest.mark.parametrize("targets", ["attn", "attn+conv"])
@@ -119,6 +162,13 @@ def test_conv_lora_is_a_low_rank_update_of_the_kernel():
 
 
 def test_presets_wrap_the_layers_they_name():
+    attns = [n for n, m in UNet(TINY).named_modules() if n.endswith(".attn")]
+    model = UNet(TINY)
+    names = lora.inject_lora(model, "qkv", 2, 2.0)                # the article's choice: no to_out
+    assert set(names) == {f"{a}.to_{p}" for a in attns for p in "qkv"}
+    assert set(lora.inject_lora(UNet(TINY), "attn", 2, 2.0)) == {f"{a}.to_{p}" for a in attns for p in ("q", "k", "v", "out")}
+    assert "PRESETS" not in vars(lora) and set(lora.TARGET_PRESETS) == \
+        {"qkv", "attn", "attn+ff", "all-linear", "conv", "attn+conv", "all"}
     model = UNet(TINY)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert set(lora.inject_lora(model, "all-linear", 2, 2.0)) == linears     # every nn.Linear, no conv
@@ -169,7 +219,7 @@ def test_default_lora_set_up_trains_under_3_percent_of_the_default_model():
     total = sum(p.numel() for p in model.parameters())
     lora.inject_lora(model, lc.targets, lc.r, lc.alpha)
     lora.mark_only_lora_trainable(model)
-    assert 0.01 < lora.count_trainable(model) / total <= 0.03
+    assert 0.01 < n_trainable(model) / total <= 0.03
 
 
 def test_inject_errors():
@@ -190,7 +240,7 @@ def test_trainable_fraction_of_presets():
     for preset in ("attn", "attn+ff", "all-linear", "conv"):
         model, _ = lora_model(preset)
         lora.mark_only_lora_trainable(model)
-        counts[preset] = lora.count_trainable(model)
+        counts[preset] = n_trainable(model)
     assert 0 < counts["attn"] < counts["attn+ff"] < counts["all-linear"] < total
 
 
@@ -246,6 +296,68 @@ def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
         lora.load_adapter(UNet(TINY), str(junk), asdict(TINY))
 
 
+def test_adapter_without_layers_metadata_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    torch.manual_seed(0)
+    model, _ = lora_model()
+    path = str(tmp_path / "a.safetensors")
+    _save(model, path, lora.base_fingerprint(model))
+    with safe_open(path, "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "layers"}   # as files of the old format
+    save_file(load_file(path), path, metadata=meta)
+    fresh = UNet(TINY)
+    fresh.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k})
+    with pytest.raises(lora.LoraError, match="predates this format") as e:
+        lora.load_adapter(fresh, path, asdict(TINY))
+    assert "\n" not in str(e.value) and not lora.lora_layers(fresh)
+
+
+def known_update_model(r=2):
+    """A TINY UNet with LoRA on q, k, v and the convs, A and B set to seeded random values."""
+    model, names = lora_model([lora.QKV, lora.CONV], r=r, alpha=4.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model):
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.01)
+    return model, names
+
+
+def test_update_stats_are_the_norms_and_singular_values_of_BA():
+    model, names = known_update_model(r=2)
+    lora.set_scale(model, 0.5)
+    stats = lora.update_stats(model)
+    assert sorted(s["name"] for s in stats) == sorted(names)                  # every wrapped layer, once
+    for s in stats:
+        layer = model.get_submodule(s["name"])
+        W = layer.base.weight.detach().reshape(len(layer.lora_B), -1)           # (out, in*k*k)
+        dW = 0.5 * (4.0 / 2) * layer.lora_B.detach() @ layer.lora_A.detach()    # scale * alpha / r * B A
+        assert abs(s["rel_norm"] - (dW.norm() / W.norm()).item()) < 1e-6 * s["rel_norm"] + 1e-9
+        sv, expected = torch.tensor(s["singular_values"]), torch.linalg.svdvals(dW)
+        assert_close(sv, expected, atol=1e-5 * expected[0].item(), msg=s["name"])
+        assert sv[1] > 1e-3 * sv[0] and (sv[2:] <= 1e-5 * sv[0]).all()          # rank 2: nothing beyond r
+    for layer in lora.lora_layers(model):                       # merged: the same update, W without it
+        layer.merge()
+    for merged, s in zip(lora.update_stats(model), stats):
+        assert abs(merged["rel_norm"] - s["rel_norm"]) < 1e-4 * s["rel_norm"]
+
+
+def test_update_figure_is_a_real_png(tmp_path):
+    from PIL import Image
+    import numpy as np
+    model, _ = known_update_model()
+    path = str(tmp_path / "update.png")
+    lora.save_update_figure(lora.update_stats(model), path)
+    assert os.path.getsize(path) > 10_000 and os.listdir(tmp_path) == ["update.png"]   # no temp file left
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 400 and im.height > 200
+        pixels = np.asarray(im.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20                # bars, heat map, text
+    with pytest.raises(lora.LoraError, match="no LoRA layers"):
+        lora.save_update_figure([], path)
+
+
 def test_composing_two_adapters_adds_their_deltas(tmp_path):
     torch.manual_seed(0)
     base = UNet(TINY).eval()
@@ -267,30 +379,3 @@ def test_composing_two_adapters_adds_their_deltas(tmp_path):
     for n in deltas[0]:
         expected = base_sd[n + ".weight"] + 0.5 * deltas[0][n] + deltas[1][n]
         assert_close(sd[n + ".weight"], expected, atol=1e-6, msg=n)
-
-
-def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path):
-    out = str(tmp_path / "lora")
-    r = run_script("lora_finetune.py", "--checkpoint", tiny_ckpt, "--style", "italic", "--max-steps", "3",
-                   "--batch-size", "16", "--eval-n", "0", "--out", out, "--r", "2", "--targets", "attn+conv")
-    assert r.returncode == 0, r.stderr
-    assert "trainable" in r.stdout and "%" in r.stdout
-    for f in ("adapter.safetensors", "base_vs_tuned.png", "strength_sweep.png", "loss.png"):
-        assert os.path.getsize(os.path.join(out, f)) > 0, f
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    assert summary["steps"] == 3 and 0 < summary["trainable"] < summary["total_params"]
-    png = str(tmp_path / "s.png")
-    r = run_script("sample.py", "--checkpoint", tiny_ckpt, "--lora", os.path.join(out, "adapter.safetensors"),
-                   "--lora-scale", "0.5", "--merge", "--steps", "3", "--n", "2", "--out", png)
-    assert r.returncode == 0 and os.path.getsize(png) > 0, r.stderr
-
-
-def test_sample_refuses_adapter_of_another_base(tiny_ckpt, tmp_path):
-    other = str(tmp_path / "other")
-    assert run_script("train.py", *TINY_FLAGS, "--max-steps", "1", "--seed", "5", "--out", other).returncode == 0
-    out = str(tmp_path / "lora")
-    assert run_script("lora_finetune.py", "--checkpoint", os.path.join(other, "ckpt.pt"), "--max-steps", "1",
-                      "--batch-size", "16", "--eval-n", "0", "--no-figures", "--out", out).returncode == 0
-    r = run_script("sample.py", "--checkpoint", tiny_ckpt, "--lora", os.path.join(out, "adapter.safetensors"),
-                   "--steps", "2", "--out", str(tmp_path / "x.png"))
-    assert r.returncode != 0 and "other base weights" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,351 @@
+"""The training loop, written once: train.py runs it from scratch, lora_finetune.py on a
+frozen base with LoRA, bench.py times its step.
+
+One flat loop counted in optimiser steps: batch -> loss -> backward -> clip -> AdamW step
+-> LR schedule -> EMA -> log; atomic checkpoints every so often; Ctrl-C saves and exits;
+`--resume` continues bit-exactly where a run stopped. The set-up both scripts share (process
+and seed, memory layout, optimiser + schedule + EMA, the stored config on resume, what
+happens after the loop) lives here too, so a fix lands once.
+"""
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import fields, replace
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from checkpoint import (CheckpointError, RunLock, atomic_write, check_outputs, dataset_of, load_checkpoint,
+                        prepare_run_folder)
+from config import TrainConfig, config_from_dict
+from device import Dist, launched_by_torchrun
+
+
+class TrainingError(Exception):
+    """Training cannot go on (bad flags, a non-finite loss, ...); the message says why."""
+
+
+# ----- set-up shared by train.py and lora_finetune.py -----
+
+def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders=None, given=(), sections=None):
+    """Threads, process group (under torchrun) and device; the run folder, judged and locked by
+    rank 0: outputs checked against inputs, the no-clobber rule, one writer; on --resume the
+    checkpoint and its stored TrainConfig (flags that contradict the stored run are refused);
+    the seed.
+
+    writes: the other files the run writes in tcfg.out (the no-clobber rule covers them all);
+    inputs / folders: {label: path} of the files and dataset folders the run reads, which no
+    output may be or lie in; given: the flags given on the command line (config.explicit_flags);
+    sections: {name: config built from the flags} of the other stored configs ("model", "lora",
+    ...), checked against the checkpoint's on --resume.
+    -> (dist, tcfg, checkpoint path, checkpoint or None, lock): release the lock (or use it in a
+    `with`) when the run is over, however it ends."""
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    dist = Dist(tcfg.device)                          # refuses a half-set torchrun environment first
+    ckpt_path = os.path.join(tcfg.out, ckpt_name)
+    lock = None
+    if judges_run_folder(dist):
+        files = [n for n in (ckpt_name, *writes) if not os.path.isdir(os.path.join(tcfg.out, n))]
+        check_outputs([("--out", os.path.join(tcfg.out, n)) for n in files], inputs or {}, folders or {}, create=True)
+        prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
+        lock = RunLock(tcfg.out)
+    try:
+        if lock:                                      # again under the lock: a writer that just finished counts
+            prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)
+        ckpt = load_checkpoint(ckpt_path) if resume else None
+        if ckpt is not None:
+            tcfg = resume_config(ckpt, tcfg, given, sections)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    torch.manual_seed(tcfg.seed)
+    return dist, tcfg, ckpt_path, ckpt, lock or contextlib.nullcontext()
+
+
+def judges_run_folder(dist):
+    """Rank 0 checks and locks the run folder; the other ranks of a real process group write
+    nothing there. A process that only looks like a rank (RANK set, no initialised group) is
+    rank 0 of 1 and judges like any other."""
+    import torch.distributed as td
+    group = dist.enabled and launched_by_torchrun() and td.is_available() and td.is_initialized()
+    return dist.main or not group
+
+
+# --resume continues the stored run. These come from the flags: where and how long to run ...
+RESUME_FROM_FLAGS = ("device", "threads", "out", "max_steps")
+# ... and these too when given: a larger --epochs extends the run (the LR schedule re-spans the
+# new length); the rest only say how often to save, log and look.
+RESUME_IF_GIVEN = ("epochs", "ckpt_every", "log_every", "sample_every", "eval_every", "eval_n", "compile")
+
+
+def resume_conflicts(stored, flags, given, skip=()):
+    """Fields given on the command line whose value differs from the stored run's:
+    ["--lr 0.1 (the run has 0.002)", ...]."""
+    def text(v):
+        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+    return [f"--{f.name.replace('_', '-')} {text(getattr(flags, f.name))} (the run has {text(getattr(stored, f.name))})"
+            for f in fields(flags) if f.name in given and f.name not in skip
+            and getattr(flags, f.name) != getattr(stored, f.name)]
+
+
+def resume_config(ckpt, tcfg, given=(), sections=None):
+    """On --resume the stored configuration wins: the TrainConfig comes from the checkpoint but
+    for RESUME_FROM_FLAGS (and RESUME_IF_GIVEN, when given), and the data is the one the run
+    really used. A flag given on the command line that contradicts the stored run (training or
+    one of `sections`: {name: config from the flags}) is refused, all of them in one line."""
+    try:
+        stored = config_from_dict(TrainConfig, ckpt["config"]["train"])
+        stored_sections = {name: config_from_dict(type(cfg), ckpt["config"][name])
+                           for name, cfg in (sections or {}).items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"stored configuration does not fit this code ({e})") from e
+    data = dataset_of(ckpt, stored.dataset)
+    conflicts = resume_conflicts(stored, tcfg, given, skip=RESUME_FROM_FLAGS + RESUME_IF_GIVEN + ("dataset",))
+    if "dataset" in given and tcfg.dataset not in (stored.dataset, data):
+        conflicts.append(f"--dataset {tcfg.dataset} (the run has {data})")
+    for name, cfg in (sections or {}).items():
+        conflicts += resume_conflicts(stored_sections[name], cfg, given)
+    if conflicts:
+        raise TrainingError("--resume continues the run with its stored configuration; these flags contradict it: "
+                            + "; ".join(conflicts) + " (drop them, or start a new run with another --out)")
+    extra = {name: getattr(tcfg, name) for name in RESUME_IF_GIVEN if name in given}
+    if extra.get("epochs", stored.epochs) < stored.epochs:
+        raise TrainingError(f"--epochs {extra['epochs']}: the run was set for {stored.epochs}; "
+                            "on --resume --epochs can only extend it")
+    if tcfg.max_steps and tcfg.max_steps < ckpt.get("step", 0):
+        raise TrainingError(f"--max-steps {tcfg.max_steps}: the run is already at step {ckpt['step']}")
+    return replace(stored, **{name: getattr(tcfg, name) for name in RESUME_FROM_FLAGS}, **extra, dataset=data)
+
+
+def memory_format(tcfg):
+    """NHWC (channels_last) makes the convolutions faster on CPU (measured); else NCHW."""
+    return torch.channels_last if tcfg.channels_last else torch.contiguous_format
+
+
+def place_data(x, y, device, tcfg):
+    """The whole training set as two tensors on the device: a batch is one index operation."""
+    return x.to(device).contiguous(memory_format=memory_format(tcfg)), y.to(device)
+
+
+def run_length(n_images, tcfg):
+    """-> (steps per epoch, steps of the LR schedule, step to stop at). Epochs size the schedule;
+    --max-steps stops earlier without changing it."""
+    steps_per_epoch = max(1, n_images // tcfg.batch_size)
+    total = tcfg.epochs * steps_per_epoch
+    return steps_per_epoch, total, min(total, tcfg.max_steps) if tcfg.max_steps else total
+
+
+def warmup_cosine(optimizer, warmup_steps, total_steps):
+    """LR: linear warm-up from 0, then cosine decay to 0 at total_steps."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def new_loop_state(model, params, tcfg, n_images):
+    """AdamW over params (tensors or param groups), warm-up + cosine schedule, EMA of the weights."""
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    sched = warmup_cosine(opt, tcfg.warmup_steps, run_length(n_images, tcfg)[1])
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
+    return {"optimizer": opt, "scheduler": sched, "ema": ema, "step": 0, "losses": []}
+
+
+def loop_state_dict(state):
+    """What --resume needs besides the weights: optimiser, LR schedule, EMA count, step, losses, RNG."""
+    return {"ema_n_averaged": int(state["ema"].n_averaged), "optimizer": state["optimizer"].state_dict(),
+            "scheduler": state["scheduler"].state_dict(), "step": state["step"], "losses": state["losses"],
+            "rng": rng_state()}
+
+
+def restore_loop_state(state, ckpt, path, verbose=True):
+    """The inverse of loop_state_dict: continue exactly where the checkpoint stopped."""
+    state["ema"].n_averaged.fill_(ckpt["ema_n_averaged"])
+    state["optimizer"].load_state_dict(ckpt["optimizer"])
+    state["scheduler"].load_state_dict(ckpt["scheduler"])
+    state.update(step=ckpt["step"], losses=[tuple(l) for l in ckpt["losses"]])
+    set_rng_state(ckpt["rng"])
+    if verbose:                                   # rank 0 only, under torchrun
+        print(f"resumed {path} at step {state['step']}")
+
+
+def rng_state():
+    """The global RNGs (dropout masks draw from them; t, noise and dropped labels come from a
+    generator seeded per step, which needs no saving)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----- the loop -----
+
+class StopFlag:
+    """Ctrl-C (SIGINT) sets a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.set = False
+        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handler(self, signum, frame):
+        if self.set:                     # second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.set = True
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def autocast_for(tcfg, device):
+    """bf16 autocast (bfloat16 matmuls and convolutions, fp32 weights), or nothing."""
+    if tcfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg, autocast):
+    """One optimiser step: loss -> backward -> clip -> AdamW -> LR schedule -> EMA. -> the loss.
+
+    net: what runs the forward (model, or its DDP / compiled wrapper); model: the plain
+    network the EMA follows; randomness: (t, noise, drop) for this batch.
+    """
+    opt = state["optimizer"]
+    with autocast:
+        loss = diffusion.loss(net, x0, y, randomness)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()                                               # DDP: gradients averaged
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+    if not torch.isfinite(grad_norm):                             # the same on every rank
+        raise TrainingError(f"loss became non-finite ({loss.item()}, gradient norm {grad_norm.item()}) "
+                            f"at step {state['step']}; stopped without saving (the last good checkpoint "
+                            "is untouched). Try a lower --lr.")
+    opt.step()
+    state["scheduler"].step()
+    state["ema"].update_parameters(model)
+    return loss
+
+
+def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train", on_step=None):
+    """The flat training loop. -> "done" or "interrupted".
+
+    model: the plain network; data: (x, y) tensors on the device; params: the parameters to
+    clip; state: from new_loop_state; save(state): writes a checkpoint (called on rank 0 only);
+    on_step(step): rank 0's periodic extras after each step (sample grids, the quality curve).
+
+    Step s uses global batch s of a DistributedSampler's shuffle, and randomness (t, noise,
+    dropped labels) drawn from a generator seeded by (seed, s) for the whole global batch;
+    each of the N ranks takes every N-th sample. So 1 or N processes, and a resumed run,
+    all see the same samples with the same noise at every step (with --dropout 0, the
+    default: dropout masks come from each process's own RNG).
+    """
+    from torch.utils.data import DistributedSampler
+    x_all, y_all = data
+    B = tcfg.batch_size
+    if B % dist.world:
+        raise TrainingError(f"--batch-size {B} must be divisible by the {dist.world} processes")
+    steps_per_epoch, _, stop_at = run_length(len(x_all), tcfg)
+    sampler = DistributedSampler(range(len(x_all)), num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                 seed=tcfg.seed, drop_last=True)
+    mine, b = slice(dist.rank, B, dist.world), B // dist.world       # this rank's share of a batch
+    stop = StopFlag()
+    model.train()
+    net = dist.wrap(model)
+    net = torch.compile(net) if tcfg.compile else net            # compiled once, on the first step
+    autocast = autocast_for(tcfg, x_all.device)
+    order, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
+    bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
+               disable=not dist.main)
+    try:
+        while state["step"] < stop_at:
+            step = state["step"]
+            epoch, i = divmod(step, steps_per_epoch)
+            t0 = time.perf_counter()
+            if order is None or i == 0:
+                sampler.set_epoch(epoch)
+                order = torch.tensor(list(sampler), device=x_all.device)     # this rank's shuffle
+            idx = order[i * b:(i + 1) * b]
+            x0, y = x_all[idx], y_all[idx]                                # (B/N, 1, 28, 28), (B/N,)
+            g = torch.Generator(x_all.device).manual_seed(tcfg.seed * 1_000_003 + step)
+            t, noise, drop = diffusion.draw(B, x0.shape[1:], x_all.device, generator=g, t_power=tcfg.t_power)
+            t_data += time.perf_counter() - t0
+
+            loss = train_step(net, model, diffusion, x0, y, (t[mine], noise[mine], drop[mine]), state, params,
+                              tcfg, autocast)
+            state["step"] = step = step + 1
+            n_img += B
+            bar.update(1)
+
+            if step % tcfg.log_every == 0 or step == stop_at:
+                now = time.perf_counter()
+                loss_value = dist.mean(loss)                              # over the global batch
+                state["losses"].append((step, loss_value))
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n_img / (now - t_last):.0f}",
+                                data_ms=f"{1000 * t_data / max(1, n_img // B):.2f}")
+                t_last, n_img, t_data = now, 0, 0.0
+            interrupted = dist.any(stop.set)
+            if dist.main and (step % tcfg.ckpt_every == 0 or step == stop_at or interrupted):
+                save(state)
+            if dist.main and on_step:
+                on_step(step)
+                model.train()
+            if interrupted:
+                return "interrupted"
+    finally:
+        stop.restore()
+        bar.close()
+    return "done"
+
+
+def after_fit(outcome, state, dist, model, out, title, resume_command, figures=True):
+    """What both scripts do once the loop ends: check the ranks agree, leave the process group,
+    draw the loss curve (rank 0, with figures). -> an exit code when the script stops here
+    (other ranks, or an interrupted run: 130), else None."""
+    if dist.enabled:
+        diff = dist.max_param_difference(model)
+        if dist.main:
+            print(f"{dist.world} processes: parameters agree across ranks (max difference {diff:.3g})")
+        dist.close()
+        if not dist.main:
+            return 0 if outcome == "done" else 130
+    if figures:
+        save_loss_curve(state["losses"], os.path.join(out, "loss.png"), title)
+    if outcome == "interrupted":
+        print(f"interrupted at step {state['step']}: checkpoint saved; continue with `{resume_command}`")
+        return 130
+    return None
+
+
+def save_loss_curve(losses, path, title="training loss"):
+    """losses: list of (step, loss) -> a PNG with the raw and smoothed curves."""
+    if not losses:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps, values = zip(*losses)
+    smooth, s = [], values[0]
+    for v in values:
+        s = 0.9 * s + 0.1 * v
+        smooth.append(s)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values, alpha=0.3, label="loss")
+    ax.plot(steps, smooth, label="smoothed")
+    ax.set(xlabel="step", ylabel="MSE", title=title, yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
+    plt.close(fig)
