@@ -11,8 +11,10 @@ from cross_attn import CrossAttnBlock
 
 
 def norm(channels):
-    """GroupNorm with 8 groups: batch-size independent, so LoRA fine-tuning cannot drift it."""
-    return nn.GroupNorm(8, channels)
+    """GroupNorm: batch-size independent, so LoRA fine-tuning cannot drift it. 8 groups, but
+    never fewer than 2 channels per group: a group of one channel would subtract the
+    per-channel time bias added just before norm2, and the block would not see t at all."""
+    return nn.GroupNorm(min(8, channels // 2), channels)
 
 
 class ResnetBlock(nn.Module):

@@ -22,21 +22,23 @@ def test_train_writes_checkpoint_and_figures(tiny_ckpt):
     assert set(ckpt) >= {"model", "ema", "optimizer", "scheduler", "rng", "config"}
 
 
-def test_same_numbers_as_before_the_refactor(tiny_ckpt, tmp_path):
-    """Pinned at b0a26e0 (before loop.py / SampleConfig): the tiny run's losses, its EMA
-    weights and a grid of samples. A change here must be deliberate."""
+def test_same_numbers_as_pinned(tiny_ckpt, tmp_path):
+    """The tiny run's losses, its EMA weights and a grid of samples, pinned. They were the
+    same before and after the loop.py / SampleConfig refactor; they changed deliberately once,
+    when conv_block.norm stopped putting one channel per GroupNorm group (TINY's 8 channels).
+    A change here must be deliberate."""
     ckpt = load_checkpoint(tiny_ckpt)
     losses = [round(loss, 5) for _, loss in ckpt["losses"]]
-    assert losses == [0.95927, 0.8567, 0.83019], losses
-    assert abs(sum(v.double().sum().item() for v in ckpt["ema"].values()) - 460.29828) < 1e-4   # CPU threads: rounding
+    assert losses == [0.95697, 0.86483, 0.82903], losses
+    assert abs(sum(v.double().sum().item() for v in ckpt["ema"].values()) - 459.80891) < 1e-4   # CPU threads: rounding
     npz = str(tmp_path / "s.npz")
     r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--label", "all", "--n", "2", "--steps", "3", "--seed", "1",
                 "--npz", npz, "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr
     im = np.load(npz)["images"]
-    pinned = np.array([[41, 51, 0, 0], [0, 9, 49, 29], [191, 177, 83, 199], [88, 0, 159, 96]])
+    pinned = np.array([[70, 58, 0, 0], [0, 56, 111, 73], [129, 218, 58, 187], [132, 0, 192, 99]])
     assert np.abs(im[0, 10:14, 10:14].astype(int) - pinned).max() <= 1      # +-1: rounding across CPUs
-    assert abs(int(im.sum()) - 1654204) <= 20
+    assert abs(int(im.sum()) - 1721484) <= 20
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
