@@ -34,12 +34,12 @@ class ModelConfig:
         _check(self.attn_heads >= 1, "attn_heads must be >= 1")
         _check(self.context_tokens >= 2, "context_tokens must be >= 2: over one token the "
                "softmax is identically 1 and W_q, W_k never learn")
-        _check(all(m > 0 for m in self.channel_mults) and self.base_channels > 0, "widths must be > 0")
+        _check(all(m > 0 for m in self.channel_mults) and self.base_channels > 0, "widths (base_channels, channel_mults) must be > 0")
         _check(self.base_channels % 8 == 0, "base_channels must be a multiple of 8 (GroupNorm groups)")
         _check(all(self.base_channels * m % self.attn_heads == 0 for m in self.channel_mults),
                "every level's width must be divisible by attn_heads")
-        _check(1 <= len(self.channel_mults) <= 3 and max(self.channel_mults) <= 64, "1 to 3 levels (28 -> 14 -> 7), "
-               "multipliers up to 64")
+        _check(1 <= len(self.channel_mults) <= 3 and max(self.channel_mults) <= 64,
+               "channel_mults: 1 to 3 levels (28 -> 14 -> 7), multipliers up to 64")
 
 
 @dataclass
@@ -139,7 +139,8 @@ class SampleConfig:
         _check_types(self)
         _check(self.sampler in ("ddim", "ddpm"), f"unknown sampler {self.sampler!r} (ddim or ddpm)")
         _check(self.steps >= 1, f"steps {self.steps}: must be >= 1")
-        _check(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance {self.guidance}: must be a finite number >= 0")
+        _check(0 <= self.guidance <= 100, f"guidance {self.guidance}: must be between 0 and 100 "
+               "(beyond ~20 the samples only saturate)")
         _check(0 <= self.eta <= 1, f"eta {self.eta}: must be between 0 (deterministic DDIM) and 1")   # refuses nan
         _check(0 <= self.seed < 2 ** 63, f"seed {self.seed}: must be in 0 .. 2^63 - 1")
 
@@ -206,7 +207,7 @@ HELP = {
     "export_peft": "also export the adapter for Hugging Face peft (PeftModel.from_pretrained) to <out>/peft",
     "style_dir": "your own digits for --dataset folder: subfolders 0..9 of images",
     "sampler": "ddim: few deterministic steps; ddpm: all T ancestral steps",
-    "steps": "DDIM steps", "guidance": "classifier-free guidance scale w; 1 = no guidance",
+    "steps": "DDIM steps", "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance",
     "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",
     "in_channels": "image channels", "num_classes": "number of labels",
 }

@@ -20,7 +20,7 @@ from config import (PRESETS, DiffusionConfig, ModelConfig, Parser, SampleConfig,
                     config_from_args, explicit_flags)
 from dataset import DataError, load_dataset
 from device import DeviceError
-from diffusion import Diffusion
+from diffusion import Diffusion, SamplingError
 from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, place_data,
                   open_run, restore_loop_state, run_length)
 from sample import generate, save_grid
@@ -225,7 +225,7 @@ def final_evaluation(model, diffusion, dataset, tcfg):
     evaluate.print_report(r, clf_acc)
 
 
-ERRORS = (TrainingError, CheckpointError, DataError, DeviceError)
+ERRORS = (TrainingError, CheckpointError, DataError, DeviceError, SamplingError)
 
 
 def cli(argv=None):

@@ -95,6 +95,20 @@ def tiny_ckpt(tmp_path_factory):
     return os.path.join(out, "ckpt.pt")
 
 
+@pytest.fixture(scope="session")
+def quick_judge(tmp_path_factory):
+    """A data folder holding evaluate.py's cached classifier, quickly trained (1 epoch on 1,000
+    digits): enough for scripts that score samples (--eval-every) to run in seconds."""
+    import evaluate
+    from dataset import load_dataset
+    folder = tmp_path_factory.mktemp("judge")
+    x, y, _ = load_dataset("mnist-5k", split="train")
+    clf = evaluate.train_classifier(x[:1000], y[:1000], epochs=1, progress=False)
+    torch.save({"model": clf.state_dict(), "test_accuracy": 0.0},
+               folder / f"classifier_mnist-5k_v{evaluate.CLASSIFIER_VERSION}.pt")
+    return str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

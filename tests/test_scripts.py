@@ -56,6 +56,26 @@ def test_resume_equals_uninterrupted_run(tmp_path):
             assert torch.equal(tensor, cb[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_eval_every_logs_the_quality_curve_and_resume_keeps_it(tmp_path, quick_judge):
+    import csv
+    out = str(tmp_path / "run")
+    flags = [*TINY_FLAGS, "--eval-every", "2", "--data-dir", quick_judge, "--out", out, "--no-figures"]
+    assert run_cli("train.py", *flags, "--max-steps", "5").returncode == 0
+    assert run_cli("train.py", "--resume", "--max-steps", "7", "--out", out, "--no-figures").returncode == 0
+    with open(os.path.join(out, "eval_curve.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4, 5, 6, 7]              # every 2 steps and at each run's end
+    assert [int(r["images"]) for r in rows] == [16 * int(r["step"]) for r in rows]
+    minutes = [float(r["train_minutes"]) for r in rows]
+    assert minutes == sorted(minutes) and minutes[0] > 0
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= 1 and float(r["floor"]) > 0
+        assert abs(float(r["frechet_ratio"]) - float(r["frechet"]) / float(r["floor"])) < 1e-6
+    from PIL import Image
+    with Image.open(os.path.join(out, "eval_curve.png")) as im:
+        assert len(set(im.convert("L").tobytes())) > 10
+
+
 def test_sample_writes_png_and_npz(tiny_ckpt, tmp_path):
     png, npz = str(tmp_path / "g.png"), str(tmp_path / "g.npz")
     r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--label", "all", "--n", "3", "--steps", "4",
