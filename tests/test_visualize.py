@@ -2,7 +2,7 @@
 distributions over the L tokens, the one-token trap starves W_q/W_k, the gradient check
 flags dead parameters, and every figure decodes to the right frames and sizes."""
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import pytest
