@@ -105,9 +105,9 @@ class TrainConfig:
 class LoraConfig:
     """What lora_finetune.py adapts, and how."""
     style: str = "bold"             # bold | italic (built-in), or "folder" for --data-dir images
-    targets: str = "conv"           # qkv | attn | attn+ff | all-linear | conv | attn+conv | all | regexes
-    r: int = 2                      # rank of the update B A
-    alpha: float = 2.0              # scaling = alpha / r
+    targets: str = "qkv"            # qkv (the article's) | attn | attn+ff | all-linear | conv | attn+conv | all | regexes
+    r: int = 4                      # rank of the update B A
+    alpha: float = 4.0              # scaling = alpha / r
     lora_dropout: float = 0.0
     rslora: bool = False            # scaling = alpha / sqrt(r) instead
     lr_ratio_b: float = 1.0         # LoRA+ (Hayou et al. 2024): B learns this many times faster than A

@@ -1,12 +1,13 @@
 """Teach the pretrained model a new handwriting style with LoRA: `python lora_finetune.py`.
 
-Loads the EMA weights written by `python train.py`, wraps the ResnetBlocks' 3x3 convolutions
-in rank-2 LoraLayers (lora.py; `--targets qkv` for the article's cross-attention projections),
-freezes everything else and trains only A and B on styled digits the base model never saw
-(bold or italic versions of the training split, or your own folder of digits). The training
-loop is train.py's; only this set-up differs. Writes the adapter (safetensors, a few % of
-the model), a loss curve, base-vs-LoRA samples and a strength sweep. `--full` fine-tunes
-every weight instead: the baseline LoRA is measured against.
+Loads the EMA weights written by `python train.py`, wraps the cross-attention's W_q, W_k, W_v
+(nn.Linear, as the article does: `--targets qkv`) in rank-4 LoraLayers (lora.py), freezes
+everything else and trains only A and B on styled digits the base model never saw (bold or
+italic versions of the training split, or your own folder of digits). The training loop is
+loop.py's, shared with train.py; only this set-up differs. Writes the adapter (safetensors,
+under 1% of the checkpoint), a loss curve, base-vs-LoRA samples, a strength sweep and what
+LoRA learned per layer. `--targets conv` puts LoRA on the 3x3 convolutions instead, which a
+geometric style (italic) needs; `--full` fine-tunes every weight: the baseline.
 """
 import argparse
 import os
@@ -30,9 +31,9 @@ from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format,
                   place_data, restore_loop_state)
 from unet import count_params
 
-# Fine-tuning needs far fewer steps and a gentler start than training from scratch.
-# LoRA learns more slowly than full fine-tuning: 12 epochs, and t_power 2 spends 75% of the
-# steps on the noisier half of the process, where a digit's overall shape is decided.
+# Fine-tuning needs far fewer steps and a gentler start than training from scratch. LoRA
+# learns more slowly than full fine-tuning: 12 epochs, and t_power 2 spends 75% of the steps
+# on the noisier half of the process, where a digit's overall shape is decided.
 FINETUNE_DEFAULTS = {"out": "", "epochs": 12, "lr": 2e-3, "warmup_steps": 20, "ema_decay": 0.99,
                      "t_power": 2.0, "ckpt_every": 200, "eval_n": 20}
 

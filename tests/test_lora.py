@@ -213,12 +213,16 @@ def test_only_lora_trains_and_every_adapter_gets_gradient():
     assert any(n.endswith("to_q") for n in names) and any(n.endswith("to_k") for n in names)
 
 
-def test_default_lora_set_up_trains_under_3_percent_of_the_default_model():
+def test_default_lora_set_up_is_the_articles_and_trains_under_3_percent():
+    """The card: lora_finetune.py's default wraps nn.Linear layers only -- W_q, W_k, W_v of every
+    cross-attention, the article's choice -- and trains at most 3% of the default model."""
     from config import LoraConfig, ModelConfig
     model, lc = UNet(ModelConfig()), LoraConfig()
     total = sum(p.numel() for p in model.parameters())
-    lora.inject_lora(model, lc.targets, lc.r, lc.alpha)
+    names = lora.inject_lora(model, lc.targets, lc.r, lc.alpha)
     lora.mark_only_lora_trainable(model)
+    assert all(isinstance(model.get_submodule(n).base, nn.Linear) for n in names)
+    assert {n.rsplit(".", 1)[1] for n in names} == {"to_q", "to_k", "to_v"} and len(names) == 3 * 11
     assert 0.01 < n_trainable(model) / total <= 0.03
 
 
