@@ -110,5 +110,8 @@ def quick_judge(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Each test starts from seed 0 and ends on one thread (a script's --threads must not leak)."""
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(1)

@@ -22,16 +22,6 @@ T = 50
 NULL = 10
 
 
-@pytest.fixture
-def one_thread():
-    """Element-wise work on small tensors: one thread is as fast, and far faster on a busy
-    machine, where two threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ref_schedule(T, schedule):
     """float64 numpy betas and alpha_bar, straight from Ho et al. / Nichol & Dhariwal."""
     if schedule == "cosine":
@@ -320,7 +310,7 @@ def moment_check(frames, x0, means, variances, what):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_ddpm_frames_have_the_closed_form_mean_and_variance(prediction, one_thread):
+def test_ddpm_frames_have_the_closed_form_mean_and_variance(prediction):
     """Ancestral sampling with an exact denoiser: x_{t-1} = c1_t x_0 + c2_t x_t + sqrt(var_t) z
     (no noise at t = 0). From x_T ~ N(0, I) the mean and variance of every frame follow the
     float64 recursion m <- c1 x_0 + c2 m, v <- c2^2 v + var; the last frame is x_0 exactly."""
@@ -344,7 +334,7 @@ def test_ddpm_frames_have_the_closed_form_mean_and_variance(prediction, one_thre
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.5])
-def test_ddim_with_eta_frames_have_the_closed_form_mean_and_variance(eta, one_thread):
+def test_ddim_with_eta_frames_have_the_closed_form_mean_and_variance(eta):
     """DDIM with eta > 0: x_prev = sqrt(ap) x_0 + sqrt(1 - ap - sigma^2) eps + sigma z with
     sigma^2 = eta^2 (1 - ap) / (1 - a) (1 - a / ap) (Song et al. 2021, Eq. 16)."""
     d = Diffusion(DiffusionConfig(timesteps=T, prediction="v"))

@@ -34,15 +34,6 @@ def randomize(module, seed=0, std=0.3):
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is as fast, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def zero_(*layers):
     with torch.no_grad():
         for layer in layers:

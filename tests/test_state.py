@@ -26,15 +26,6 @@ from unet import UNet
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is as fast, and far faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----- LoRA -----
 
 def make_layer(kind, seed=0):

@@ -35,16 +35,6 @@ def save_tiny(path, model):
     return str(path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy machine stalls oversubscribed ones;
-    main(["--threads", ...]) sets torch's global count, so it is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny checkpoint, and a folder dataset of 2 blob 'digits' per label (fast to load)."""
