@@ -42,7 +42,7 @@ def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path):
     proc.communicate()
     step = load_checkpoint(os.path.join(b, "ckpt.pt"))["step"]          # still loadable
     assert 1 <= step < 60
-    r = run_cli("train.py", "--resume", "--out", b, "--max-steps", "60")
+    r = run_cli("train.py", "--resume", "--out", b, "--max-steps", "60", "--no-figures")
     assert r.returncode == 0, r.stderr
     ca, cb = load_checkpoint(os.path.join(a, "ckpt.pt")), load_checkpoint(os.path.join(b, "ckpt.pt"))
     for key in ("model", "ema"):
