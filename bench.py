@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from checkpoint import DEFAULT_CHECKPOINT, dataset_of, write_json
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
 from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser, SampleConfig, TrainConfig
 from device import DeviceError, pick_device
 from loop import autocast_for
@@ -346,6 +346,10 @@ def main():
         p.error("--n must be a positive multiple of 10; --batch and --reps >= 1")
     if not os.path.isfile(args.checkpoint):
         p.error(f"{args.checkpoint} not found (run `python train.py` first)")
+    try:
+        check_outputs({"--json": args.json}, {"--checkpoint": args.checkpoint}, create=True)   # before any work
+    except CheckpointError as e:
+        p.error(str(e))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     R = {"machine": f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads",
          "device": args.device, "preset": args.preset, "batch": args.batch, "n": args.n}

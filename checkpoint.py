@@ -4,6 +4,7 @@ A checkpoint is a dict {"model", "ema", "optimizer", "scheduler", "step", "confi
 of tensors and plain Python values, so `torch.load(weights_only=True)` can read it and no
 pickled code ever runs.
 """
+import functools
 import json
 import os
 import re
@@ -21,6 +22,9 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or does not fit; the message names the file."""
 
 
+TEMP_MARK = ".tmp-"        # in every temp file's name; a killed writer's are removed under its run folder's lock
+
+
 def temp_path(path, suffix=""):
     """A new, uniquely named, empty temp file beside `path` (same folder, so os.replace is a
     rename): `.<name>.tmp-XXXXXXXX<suffix>`. The suffix stays last, so writers that add an
@@ -32,11 +36,10 @@ def temp_path(path, suffix=""):
     return tmp
 
 
-TEMP_MARK = ".tmp-"                        # in every temp name; stale ones are removed under a run's lock
-
-
+@functools.lru_cache(maxsize=None)
 def _umask():
-    mask = os.umask(0)
+    """The process's umask (read once: reading it means setting it for a moment)."""
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -146,7 +149,8 @@ class RunLock:
         self.release()
 
 
-STALE_TEMP = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]{8}(\.\w+)?$|^.+\.tmp(\.\w+)?$")   # temp_path's, and the old fixed names
+STALE_TEMP = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"\w{8}(\.\w+)?$"    # temp_path's names
+                        r"|^.+\.tmp(\.\w+)?$")                               # and the fixed ones of old
 
 
 def remove_stale_temp_files(folder):

@@ -26,7 +26,8 @@ class ModelConfig:
         _check_types(self)
         _check(self.in_channels == 1, "in_channels must be 1: MNIST digits are grey-scale")
         _check(self.num_classes == 10, "num_classes must be 10: the digits 0..9")
-        _check(self.num_res_blocks >= 0 and 0.0 <= self.dropout < 1.0, "num_res_blocks must be >= 0, dropout in [0, 1)")
+        _check(0.0 <= self.dropout < 1.0, f"dropout {self.dropout}: must be in [0, 1)")
+        _check(self.num_res_blocks >= 0, "num_res_blocks must be >= 0")
         _check(min(self.context_dim, self.ff_mult) > 0, "context_dim and ff_mult must be > 0")
         _check(max(self.base_channels, self.context_dim) <= 4096 and max(self.ff_mult, self.num_res_blocks) <= 16
                and self.context_tokens <= 256, "widths beyond 4096 (ff_mult, num_res_blocks beyond 16, "

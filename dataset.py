@@ -58,16 +58,48 @@ def load_mnist(root, split):
 
 
 def load_image(path):
-    """One image file -> uint8 (28, 28), white digit on black like MNIST."""
+    """One image file, any PIL mode -> uint8 (28, 28), white digit on black like MNIST."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("L").resize((28, 28), Image.BILINEAR)
+            grey = grey_levels(ImageOps.exif_transpose(im), path)
+            small = Image.fromarray(grey).resize((28, 28), Image.BILINEAR)
+    except DataError:
+        raise
     except Exception as e:  # PIL raises several types for unreadable files
         raise DataError(f"{path}: not a readable image ({e})") from e
-    a = np.asarray(im, dtype=np.uint8)
+    a = np.asarray(small, dtype=np.uint8)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
     return 255 - a if border.mean() > 127 else a    # dark ink on light paper: invert
+
+
+def grey_levels(im, path):
+    """A PIL image of any mode -> uint8 (H, W) grey levels 0..255, the digit's shape kept:
+    16-bit (I;16), 32-bit (I) and float (F) images are rescaled from their range (0..65535,
+    or floats in [0, 1]) instead of clipped; an image with transparency is laid on paper of
+    the colour opposite to its ink, so a digit drawn only in the alpha channel stays a digit."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise DataError(f"{path}: mode {im.mode} image holds non-finite values")
+        lo, hi = a.min(), a.max()
+        if im.mode.startswith("I;16") or (im.mode == "I" and 255 < hi <= 65535 and lo >= 0):
+            a = a / 257                                         # 16-bit: 65535 -> 255
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255                                         # floats in [0, 1]
+        elif lo < 0 or hi > 255:
+            raise DataError(f"{path}: mode {im.mode} pixels in [{lo:g}, {hi:g}]; expected 0..255, 16-bit "
+                            "0..65535 or floats in [0, 1]")
+        return np.clip(np.round(a), 0, 255).astype(np.uint8)
+    if "A" in im.getbands() or "transparency" in im.info:
+        grey, alpha = (np.asarray(b, dtype=np.float64) for b in im.convert("RGBA").convert("LA").split())
+        w = alpha / 255                                         # opacity
+        if w.min() < 1:
+            ink = (grey * w).sum() / max(w.sum(), 1e-8)        # mean grey of what is drawn
+            paper = 255.0 if ink < 128 else 0.0                 # dark ink on white paper, light ink on black
+            grey = grey * w + paper * (1 - w)
+        return np.clip(np.round(grey), 0, 255).astype(np.uint8)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
 def load_folder(root):

@@ -51,6 +51,13 @@ class Dist:
         if missing:
             raise DeviceError(f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: "
                               "start several processes with torchrun, or unset RANK for one")
+        try:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except ValueError:
+            raise DeviceError(f"RANK={os.environ['RANK']!r} and WORLD_SIZE={os.environ['WORLD_SIZE']!r} "
+                              "must be integers") from None
+        if not 0 <= rank < world:              # else init_process_group waits for a rank 0 that never comes
+            raise DeviceError(f"RANK={rank} is not one of the WORLD_SIZE={world} processes (0 .. {world - 1})")
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)

@@ -9,6 +9,7 @@ the real test set -- the floor that finite samples allow.
 Read top to bottom: the classifier, the measures, sampling and scoring a model, the LoRA
 style comparison, the reports, the command line.
 """
+import glob
 import os
 import sys
 import time
@@ -18,13 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write, dataset_of, load_model, write_json
+from checkpoint import CheckpointError, atomic_write, check_outputs, dataset_of, load_model, write_json
 from config import Parser, SampleConfig, add_config_flags
 from dataset import DataError, apply_style, load_dataset
 from device import DeviceError, pick_device
+from diffusion import SamplingError
 from lora import LoraError, read_adapter
-from sample import SampleError, add_model_flags, generate, load_model_for_sampling, sample_config
+from sample import MAX_IMAGES, SampleError, add_model_flags, generate, load_model_for_sampling, sample_config
 
 CLASSIFIER_VERSION = 2    # bump when the classifier or its training changes: invalidates caches
 
@@ -71,7 +74,6 @@ def augment(x, generator):
 
 def train_classifier(x, y, epochs=12, batch_size=128, seed=0, progress=True):
     """Adam on augmented real digits; returns the classifier in eval mode."""
-    from tqdm import tqdm
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     clf = Classifier()
@@ -140,7 +142,9 @@ def evaluate_images(clf, x, y, real_x):
     probs, feats = classify(clf, x)
     pred = probs.argmax(1)
     per_digit = {d: (pred[y == d] == d).float().mean().item() for d in range(10) if (y == d).any()}
-    frechet, floor = frechet_vs_real(feats.numpy(), *real_halves(clf, real_x))
+    frechet = floor = None                     # a covariance needs two samples: one image has no Frechet distance
+    if len(x) >= 2:
+        frechet, floor = frechet_vs_real(feats.numpy(), *real_halves(clf, real_x))
     return {
         "accuracy": (pred == y).float().mean().item(),
         "per_digit_accuracy": per_digit,
@@ -195,7 +199,8 @@ def evaluate_model(model, diffusion, clf, real_x, n, scfg, batch=200):
     t0 = time.perf_counter()
     xs, ys = [], []
     per_chunk = max(1, batch // 10)
-    for i, start in enumerate(range(0, n, per_chunk)):
+    starts = range(0, n, per_chunk)
+    for i, start in enumerate(tqdm(starts, desc="sampling", unit="chunk", disable=None if len(starts) > 1 else True)):
         x, y, _ = generate(model, diffusion, labels, min(per_chunk, n - start), replace(scfg, seed=scfg.seed + i))
         xs.append(x.cpu())
         ys.append(y.cpu())
@@ -263,8 +268,9 @@ def print_report(r, clf_acc):
     print(f"{'digit':>6} " + " ".join(f"{d:>5}" for d in range(10)))
     print(f"{'acc %':>6} " + " ".join(f"{100 * r['per_digit_accuracy'][d]:5.1f}"
                                      for d in range(10) if d in r['per_digit_accuracy']))
-    print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | "
-          f"Frechet {r['frechet']:.2f} (real-vs-real floor {r['frechet_floor']:.2f}) | n={r['n']}"
+    frechet = ("Frechet n/a (needs >= 2 images)" if r["frechet"] is None else
+               f"Frechet {r['frechet']:.2f} (real-vs-real floor {r['frechet_floor']:.2f})")
+    print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | {frechet} | n={r['n']}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
 
 
@@ -289,16 +295,66 @@ def save_sweep_figure(sweep, path):
 
 
 def read_npz(path):
-    """images uint8 (N, 28, 28) and labels (N,) saved by `sample.py --npz` -> tensors in [-1, 1]."""
+    """An npz of `images` and `labels`, as `sample.py --npz` saves them -> (images (N, 1, 28, 28)
+    in [-1, 1], labels (N,) long). Pixels: uint8 0..255 (or another integer type in 0..255),
+    or floats in [0, 1]; shape (N, 28, 28) or (N, 1, 28, 28); labels integers 0..9, one per
+    image. Anything else is refused in one line that says what is wrong."""
     try:
-        with np.load(path) as f:
-            x = torch.as_tensor(f["images"], dtype=torch.float32)[:, None] / 127.5 - 1
-            y = torch.as_tensor(f["labels"], dtype=torch.long)
-    except (OSError, KeyError, ValueError) as e:
-        raise SampleError(f"{path}: not an npz of images and labels from sample.py ({e})") from e
-    if x.shape[1:] != (1, 28, 28) or len(x) != len(y) or len(y) == 0:
-        raise SampleError(f"{path}: expected images (N, 28, 28) and labels (N,), got {tuple(x.shape)}")
-    return x, y
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # missing, empty, random bytes, pickled objects: np.load raises many types
+        raise SampleError(f"{path}: not a readable npz ({_first_line(e)})") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise SampleError(f"{path}: a plain array, not an npz of images and labels "
+                          "(np.savez(path, images=..., labels=...))")
+    with f:
+        if not {"images", "labels"} <= set(f.files):
+            raise SampleError(f"{path}: needs arrays 'images' and 'labels', has {sorted(f.files)}")
+        try:
+            images, labels = f["images"], f["labels"]
+        except Exception as e:  # object arrays (pickles), truncated members
+            raise SampleError(f"{path}: unreadable arrays ({_first_line(e)})") from e
+    return npz_images(images, path), npz_labels(labels, len(images), path)
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def npz_images(a, path):
+    """Pixel array -> float (N, 1, 28, 28) in [-1, 1], or a SampleError saying which rule it breaks."""
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 3 or a.shape[1:] != (28, 28) or not 1 <= len(a) <= MAX_IMAGES:
+        raise SampleError(f"{path}: images of shape {a.shape}; expected (N, 28, 28) or (N, 1, 28, 28) "
+                          f"with 1 <= N <= {MAX_IMAGES:,}")
+    if a.dtype.kind in "iu":                          # uint8 as sample.py saves it, or wider integers
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise SampleError(f"{path}: {a.dtype} pixels in {lo}..{hi}; expected 0..255")
+        return torch.from_numpy(a.astype(np.float32))[:, None] / 127.5 - 1
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise SampleError(f"{path}: images hold non-finite values (nan or inf)")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            hint = (" (images in [-1, 1]? save (x + 1) / 2)" if lo >= -1 and hi <= 1 else
+                    " (pixels 0..255? save them as uint8)" if lo >= 0 and hi <= 255 else "")
+            raise SampleError(f"{path}: {a.dtype} pixels in [{lo:.3g}, {hi:.3g}]; expected floats in [0, 1] "
+                              f"or uint8 0..255{hint}")
+        return torch.from_numpy(a.astype(np.float32))[:, None] * 2 - 1
+    raise SampleError(f"{path}: images of dtype {a.dtype}; expected uint8 0..255 or floats in [0, 1]")
+
+
+def npz_labels(a, n, path):
+    """Label array -> long (n,) in 0..9, or a SampleError."""
+    if a.shape != (n,):
+        raise SampleError(f"{path}: labels of shape {a.shape}; expected ({n},), one per image")
+    if a.dtype.kind not in "iu":
+        raise SampleError(f"{path}: labels of dtype {a.dtype}; expected integers 0..9")
+    if a.min() < 0 or a.max() > 9:
+        raise SampleError(f"{path}: labels in {a.min()}..{a.max()}; expected digits 0..9")
+    return torch.from_numpy(a.astype(np.int64))
 
 
 # ----- the command line -----
@@ -306,7 +362,8 @@ def read_npz(path):
 
 def parse_args(argv=None):
     p = Parser(description="Measure how well generated digits match their labels and real data.")
-    p.add_argument("--n", type=int, default=100, help="samples per digit (default: 100)")
+    p.add_argument("--n", type=int, default=100,
+                   help=f"samples per digit (default: 100; at most {MAX_IMAGES // 10:,})")
     p.add_argument("--npz", default=None, help="evaluate images/labels saved by `sample.py --npz` instead")
     p.add_argument("--dataset", default=None,
                    help="real data for the classifier and the floor (default: the checkpoint's)")
@@ -322,38 +379,45 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.n < 1:
-        raise SampleError(f"--n {args.n}: must be >= 1")
+    if not 1 <= args.n <= MAX_IMAGES // 10:
+        raise SampleError(f"--n {args.n}: must be between 1 and {MAX_IMAGES // 10:,} per digit")
+    try:
+        scales = [float(s) for s in args.sweep_guidance.split(",")] if args.sweep_guidance else []
+    except ValueError:
+        raise SampleError(f"--sweep-guidance {args.sweep_guidance}: expected numbers like 0,1,2,3,5") from None
     device = pick_device(args.device)
     model = None
     if args.npz is None:
         model, diffusion, ckpt = load_model_for_sampling(args, device)
         scfg = sample_config(args, diffusion.T)
+        sweep_cfgs = [sample_config(args, diffusion.T, guidance=w) for w in scales]
         dataset = args.dataset or dataset_of(ckpt)
     else:
+        x, y = read_npz(args.npz)
         dataset = args.dataset or "auto"
+    base = os.path.splitext(args.npz or args.checkpoint)[0]
+    out = args.json or base + "_eval.json"
+    sweep_png = base + "_guidance_sweep.png" if scales and not args.npz else None
+    check_outputs({"--json": out, "--sweep-guidance figure": sweep_png},         # before any work
+                  {"--checkpoint": None if args.npz else args.checkpoint, "--lora adapter": args.lora,
+                   "--npz": args.npz, "classifier": glob.glob(os.path.join(args.data_dir, "classifier_*.pt"))},
+                  {"--style-dir": args.style_dir, "--data-dir": args.data_dir if dataset == "folder" else None})
     real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
     clf, clf_acc = get_classifier(dataset, args.data_dir)
-    base = os.path.splitext(args.npz or args.checkpoint)[0]
     results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
 
     if args.npz:
-        x, y = read_npz(args.npz)
         results.update(evaluate_images(clf, x, y, real_x))
         print_report(results, clf_acc)
-    elif args.sweep_guidance:
-        try:
-            scales = [float(s) for s in args.sweep_guidance.split(",")]
-        except ValueError:
-            raise SampleError(f"--sweep-guidance {args.sweep_guidance}: expected numbers like 0,1,2,3,5")
+    elif scales:
         sweep = []
-        for w in scales:
-            r, _, _ = evaluate_model(model, diffusion, clf, real_x, args.n, sample_config(args, diffusion.T, guidance=w))
+        for w, cfg in zip(scales, sweep_cfgs):
+            r, _, _ = evaluate_model(model, diffusion, clf, real_x, args.n, cfg)
             print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}")
             sweep.append({"guidance": w, **r})
         results["sweep"] = sweep
-        save_sweep_figure(sweep, base + "_guidance_sweep.png")
-        print(base + "_guidance_sweep.png")
+        save_sweep_figure(sweep, sweep_png)
+        print(sweep_png)
     elif args.lora:
         results["lora"] = lora_comparison(args, model, diffusion, dataset, scfg)
     else:
@@ -364,13 +428,12 @@ def main(argv=None):
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
 
-    out = args.json or base + "_eval.json"
     write_json(out, results)
     print(out)
     return 0
 
 
-ERRORS = (SampleError, CheckpointError, DeviceError, DataError, LoraError)
+ERRORS = (SampleError, CheckpointError, DeviceError, DataError, LoraError, SamplingError)
 
 
 def cli(argv=None):

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 
-from checkpoint import DEFAULT_CHECKPOINT, atomic_write, write_json
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, write_json
 from config import Parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -129,6 +129,11 @@ def main():
     if args.eval_n < 1:
         p.error("--eval-n must be >= 1")
     args.out = args.out or os.path.join("runs", f"lora-table-{args.style}")
+    try:                                   # before any work: the table may not land on the base model
+        check_outputs([("--out", os.path.join(args.out, n)) for n in ("table.json", "table.png")],
+                      {"--checkpoint": args.checkpoint}, create=True)
+    except CheckpointError as e:
+        p.error(str(e))
     summaries = [((t, r), run_row(t, r, args, extra)) for t, r in rows]
     rows = table_rows(summaries, args.style)
     print_table(rows, args.style)

@@ -155,8 +155,8 @@ def main(argv=None):
                   {"--checkpoint": args.checkpoint, "--lora adapter": args.lora})     # before any work
 
     x, y, frames = generate(model, diffusion, labels, args.n, scfg, trajectory=args.show_steps, progress=True)
-    per_label = min(args.n, GRID_MAX)
-    grid = x.view(len(labels), args.n, *x.shape[1:])[:, :per_label].reshape(-1, *x.shape[1:])
+    per_label = min(args.n, GRID_MAX)                               # the grid: the first GRID_MAX of each label
+    grid = x.reshape(len(labels), args.n, *x.shape[1:])[:, :per_label].reshape(-1, *x.shape[1:])
     save_grid(grid, out, nrow=per_label if len(labels) > 1 else min(args.n, 10))
     print(out)
     if args.npz:

@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
+    if "preset" in args.given:                    # ... and a preset stands for all the flags it sets
+        args.given |= set(PRESETS[preset])
     return args
 
 

@@ -20,12 +20,12 @@ from torch import nn
 from tqdm import tqdm
 
 import lora
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, load_model
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model
 from config import Parser, SampleConfig, add_config_flags, config_from_args
 from cross_attn import CrossAttention, capture_attention
 from dataset import DataError, load_dataset
 from device import DeviceError, pick_device
-from diffusion import Diffusion
+from diffusion import Diffusion, SamplingError
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
 FIGURES = ("attention", "trap", "film")
@@ -524,9 +524,10 @@ def main(argv=None):
     except ValueError as e:
         raise VisualizeError(str(e)) from None
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
-    for d in [folder] + ([args.docs] if args.docs else []):
-        if not os.path.isdir(d) or not os.access(d, os.W_OK):
-            raise VisualizeError(f"{d}: folder does not exist or is not writable")
+    names = [n for fig in figures for n in NAMES[fig]]
+    check_outputs([("figure", os.path.join(folder, n)) for n in names]          # before any work
+                  + [("--docs", os.path.join(args.docs, n)) for n in names if args.docs],
+                  {"--checkpoint": args.checkpoint})
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     written = []
     for fig in tqdm(figures, desc="figures", disable=None):
@@ -560,8 +561,16 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+ERRORS = (VisualizeError, CheckpointError, DeviceError, DataError, lora.LoraError, SamplingError)
+
+
+def cli(argv=None):
+    """main() with every expected failure as one line on stderr and a non-zero exit."""
     try:
-        sys.exit(main())
-    except (VisualizeError, CheckpointError, DeviceError, DataError, lora.LoraError) as e:
+        return main(argv)
+    except ERRORS as e:
         sys.exit(f"visualize.py: error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -66,3 +66,46 @@ def test_run_folder_rules(tmp_path):
     with pytest.raises(CheckpointError, match="already holds a run"):
         prepare_run_folder(out, False, False)
     assert prepare_run_folder(out, True, False) == prepare_run_folder(out, False, True)
+
+
+def test_check_outputs_resolves_paths_before_comparing(tmp_path):
+    from checkpoint import check_outputs
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"weights")
+    os.symlink(tmp_path / "run", tmp_path / "alias")
+    os.link(ckpt, tmp_path / "hard.pt")
+    data = tmp_path / "digits"
+    (data / "3").mkdir(parents=True)
+    inputs, folders = {"--checkpoint": str(ckpt)}, {"--data-dir": str(data)}
+    for out, message in ((ckpt, "being read"), (tmp_path / "alias" / "ckpt.pt", "being read"),
+                         (tmp_path / "run" / ".." / "run" / "ckpt.pt", "being read"), (tmp_path / "hard.pt", "being read"),
+                         (data / "3" / "x.png", "inside the --data-dir"), (tmp_path / "run", "existing folder"),
+                         (tmp_path / "nope" / "x.png", "not writable"), (ckpt / "x.png", "not writable")):
+        with pytest.raises(CheckpointError, match=message):
+            check_outputs({"--out": str(out)}, inputs, folders)
+    with pytest.raises(CheckpointError, match="also where --out writes"):
+        check_outputs([("--out", str(tmp_path / "a.png")), ("--npz", str(tmp_path / "alias" / ".." / "a.png"))], {})
+    check_outputs({"--out": str(tmp_path / "new" / "deeper" / "x.png")}, inputs, create=True)   # a run folder to be
+    check_outputs({"--out": str(tmp_path / "x.png"), "--npz": None}, inputs, folders)
+    assert sorted(os.listdir(tmp_path)) == ["alias", "digits", "hard.pt", "run"], "the checks wrote something"
+
+
+def test_atomic_writes_use_unique_temp_names_that_keep_the_extension(tmp_path):
+    import numpy as np
+    from checkpoint import atomic_write, temp_path
+    a, b = temp_path(str(tmp_path / "s.npz"), ".npz"), temp_path(str(tmp_path / "s.npz"), ".npz")
+    assert a != b and a.endswith(".npz") and os.path.basename(a).startswith(".s.npz.tmp-")
+    atomic_write(str(tmp_path / "s.npz"), lambda tmp: np.savez(tmp, x=np.arange(3)), suffix=".npz")
+    assert np.load(tmp_path / "s.npz")["x"].tolist() == [0, 1, 2]
+    assert oct(os.stat(tmp_path / "s.npz").st_mode & 0o777) != oct(0o600), "the temp file's 0600 mode leaked"
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(a), os.path.basename(b), "s.npz"])
+
+
+def test_no_clobber_covers_every_file_a_run_writes(tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    open(os.path.join(out, "loss.png"), "w").close()             # another run's figure, no checkpoint
+    with pytest.raises(CheckpointError, match="already holds a run \\(loss.png\\)"):
+        prepare_run_folder(out, False, False, "finetune_ckpt.pt", writes=("loss.png", "adapter.safetensors"))
+    prepare_run_folder(out, False, True, "finetune_ckpt.pt", writes=("loss.png",))
