@@ -134,6 +134,9 @@ class SampleConfig:
     steps: int = 50                 # DDIM steps (ddpm uses all T)
     guidance: float = 2.0           # classifier-free guidance scale w; 1 = the plain conditional model
     eta: float = 0.0                # DDIM noise: 0 deterministic, 1 ~ DDPM
+    guide_from: float = 0.0         # guidance only for guide_from <= t/T < guide_to (Kynkaanniemi et al. 2024);
+    guide_to: float = 1.0           # the plain conditional model (w = 1) at the other steps
+    guidance_rescale: float = 0.0   # phi: pull the guided output's spread back to the conditional one's (Lin et al. 2024)
     seed: int = 0
 
     def __post_init__(self):
@@ -143,7 +146,15 @@ class SampleConfig:
         _check(0 <= self.guidance <= 100, f"guidance {self.guidance}: must be between 0 and 100 "
                "(beyond ~20 the samples only saturate)")
         _check(0 <= self.eta <= 1, f"eta {self.eta}: must be between 0 (deterministic DDIM) and 1")   # refuses nan
+        _check(0 <= self.guide_from < self.guide_to <= 1, f"guidance interval {self.guide_from}..{self.guide_to}: "
+               "need 0 <= guide_from < guide_to <= 1 (fractions of T)")
+        _check(0 <= self.guidance_rescale <= 1, f"guidance_rescale {self.guidance_rescale}: must be in [0, 1]")
         _check(0 <= self.seed < 2 ** 63, f"seed {self.seed}: must be in 0 .. 2^63 - 1")
+
+    @property
+    def guidance_interval(self):
+        """(guide_from, guide_to), or None when guidance applies at every step."""
+        return None if (self.guide_from, self.guide_to) == (0.0, 1.0) else (self.guide_from, self.guide_to)
 
     def check_steps(self, timesteps):
         """The model's T bounds the number of DDIM steps."""
@@ -210,6 +221,9 @@ HELP = {
     "sampler": "ddim: few deterministic steps; ddpm: all T ancestral steps",
     "steps": "DDIM steps", "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance",
     "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",
+    "guidance_rescale": "0..1: rescale the guided prediction to the conditional one's spread (0 = off)",
+    "guide_from": "guide only at steps with t/T >= this (fraction of T; w = 1 elsewhere)",
+    "guide_to": "guide only at steps with t/T < this (e.g. --guide-to 0.8: no guidance at the noisiest 20%%)",
     "in_channels": "image channels", "num_classes": "number of labels",
 }
 

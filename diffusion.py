@@ -147,7 +147,7 @@ class Diffusion(nn.Module):
         lo, hi = check_guidance_interval(guidance_interval)
         return guidance if lo <= t / self.T < hi else 1.0
 
-    def predict_eps_x0(self, model, x_t, t, y, guidance, guidance_interval=None):
+    def predict_eps_x0(self, model, x_t, t, y, guidance, guidance_interval=None, guidance_rescale=0.0):
         """Network output -> (eps, x_0), with classifier-free guidance.
 
         guidance w: out = out_uncond + w * (out_cond - out_uncond); w = 1 is the plain
@@ -155,6 +155,10 @@ class Diffusion(nn.Module):
         (on a CPU, in chunks of CPU_CHUNK images: faster there, the same numbers).
         guidance_interval (lo, hi): guide only where lo <= t/T < hi, elsewhere w = 1
         (see guidance_at); None guides at every t.
+        guidance_rescale phi (Lin et al. 2024, "Common diffusion noise schedules are flawed",
+        Alg. 2): scale the guided output back to the per-image standard deviation of the
+        conditional one, mixed in with weight phi: guidance beyond w = 1 inflates the output,
+        which draws bolder, more saturated strokes than real digits have.
         """
         tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         guidance = self.guidance_at(t, guidance, guidance_interval)
@@ -165,6 +169,10 @@ class Diffusion(nn.Module):
             out_cond, out_uncond = run_in_chunks(model, torch.cat([x_t, x_t]), torch.cat([tt, tt]),
                                                  torch.cat([y, null])).chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)
+            if guidance_rescale > 0:
+                dims = tuple(range(1, out.ndim))
+                rescaled = out * out_cond.std(dims, keepdim=True) / out.std(dims, keepdim=True).clamp_min(1e-8)
+                out = guidance_rescale * rescaled + (1 - guidance_rescale) * out
         a, s = self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
         if self.cfg.prediction == "eps":
             eps = out
@@ -178,14 +186,15 @@ class Diffusion(nn.Module):
 
     @torch.inference_mode()
     def sample(self, model, y, sampler="ddim", steps=50, guidance=2.0, eta=0.0,
-               generator=None, trajectory=False, image_shape=(1, 28, 28), guidance_interval=None):
+               generator=None, trajectory=False, image_shape=(1, 28, 28), guidance_interval=None,
+               guidance_rescale=0.0):
         """Draw images for labels y (B,): (B, C, 28, 28) in [-1, 1].
 
         sampler "ddpm": ancestral sampling over all T steps (Algorithm 2 of DDPM; `steps` ignored).
         sampler "ddim": Song et al. 2021 over `steps` evenly spaced timesteps; eta=0 is deterministic.
         guidance_interval (lo, hi), fractions of T: guidance only at steps with lo <= t/T < hi,
         the plain conditional model (one pass, cheaper) elsewhere; None (default): every step.
-        With trajectory=True also returns the list of intermediate x_t, x_T first.
+        guidance_rescale in [0, 1]: see predict_eps_x0. With trajectory=True also returns the list of intermediate x_t, x_T first.
         """
         if guidance_interval is not None:
             check_guidance_interval(guidance_interval)
@@ -197,7 +206,7 @@ class Diffusion(nn.Module):
             ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
         frames = [x]
         for i, t in enumerate(ts):
-            eps, x0 = self.predict_eps_x0(model, x, t, y, guidance, guidance_interval)
+            eps, x0 = self.predict_eps_x0(model, x, t, y, guidance, guidance_interval, guidance_rescale)
             noise = torch.randn(shape, generator=generator, device=y.device)
             if sampler == "ddpm":
                 # x_{t-1} ~ q(x_{t-1} | x_t, x_0 = x0_pred), no noise on the final step

@@ -13,7 +13,7 @@ import glob
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -422,8 +422,7 @@ def main(argv=None):
         results["lora"] = lora_comparison(args, model, diffusion, dataset, scfg)
     else:
         r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg)
-        results.update(r, sampler=scfg.sampler, steps=scfg.steps, guidance=scfg.guidance,
-                       style=style_measures(x), real_style=style_measures(real_x))
+        results.update(r, sampling=asdict(scfg), style=style_measures(x), real_style=style_measures(real_x))
         print_report(results, clf_acc)
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")

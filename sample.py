@@ -87,7 +87,9 @@ def generate(model, diffusion, labels, n, scfg, trajectory=False, progress=False
     with tqdm(total=len(y), desc="sampling", unit="img", disable=None if progress and len(y) > MAX_BATCH else True) as bar:
         for yb in y.split(MAX_BATCH):
             out = diffusion.sample(model, yb, scfg.sampler, scfg.steps, scfg.guidance, scfg.eta,
-                                   generator=g, trajectory=trajectory and not xs)
+                                   generator=g, trajectory=trajectory and not xs,
+                                   guidance_interval=scfg.guidance_interval,
+                                   guidance_rescale=scfg.guidance_rescale)
             x, frames = out if trajectory and not xs else (out, frames)
             xs.append(x)
             bar.update(len(yb))

@@ -63,7 +63,9 @@ def trajectory(model, diffusion, y, scfg):
     """Sample labels y (B,) -> (ts, frames): frames[i] (B, 1, 28, 28) is x_t at ts[i], frames[-1] = x_0."""
     g = torch.Generator(y.device).manual_seed(scfg.seed)
     _, frames = diffusion.sample(model, y, sampler=scfg.sampler, steps=scfg.steps, guidance=scfg.guidance,
-                                 eta=scfg.eta, generator=g, trajectory=True)
+                                 eta=scfg.eta, generator=g, trajectory=True,
+                                 guidance_interval=scfg.guidance_interval,
+                                 guidance_rescale=scfg.guidance_rescale)
     ts = sampling_timesteps(diffusion.T, scfg)
     assert len(frames) == len(ts) + 1, "sampling_timesteps disagrees with Diffusion.sample"
     return ts, frames

@@ -127,3 +127,58 @@ def test_t_power_draws_timesteps_with_density_t_to_the_k_minus_1(k):
     if k == 1.0:                         # uniform keeps DDPM's exact draw (old runs reproduce)
         same = torch.randint(0, 1000, (200_000,), generator=torch.Generator().manual_seed(0))
         assert torch.equal(t, same)
+
+
+def test_guidance_interval_guides_only_inside_it():
+    """--guide-from/--guide-to: w at the steps with lo <= t/T < hi, one plain pass (w = 1) elsewhere."""
+    from config import SampleConfig
+    d = Diffusion(DiffusionConfig(timesteps=100))
+    passes = []
+
+    def model(x, t, y):
+        passes.append((int(t[0]), len(y)))
+        return torch.zeros_like(x)
+    scfg = SampleConfig(steps=10, guidance=3.0, guide_from=0.3, guide_to=0.7)
+    d.sample(model, torch.tensor([1, 2]), "ddim", 10, 3.0, guidance_interval=scfg.guidance_interval,
+             generator=torch.Generator().manual_seed(0))
+    assert passes and all((n == 4) == (30 <= t < 70) for t, n in passes)   # 2 labels: guided = 4 images
+    assert {n for _, n in passes} == {2, 4}
+    assert SampleConfig().guidance_interval is None
+
+
+def test_guidance_interval_outside_every_step_is_the_plain_model():
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    d = Diffusion(DiffusionConfig(timesteps=20))
+    y = torch.tensor([3, 8])
+    run = lambda w, gi: d.sample(model, y, "ddim", 4, w, guidance_interval=gi, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(run(5.0, (0.96, 1.0)), run(1.0, None))    # ddim 4 of T 20 visits t = 19, 13, 6, 0
+    assert not torch.equal(run(5.0, (0.9, 1.0)), run(1.0, None))
+
+
+@pytest.mark.parametrize("lo, hi", [(0.5, 0.5), (0.7, 0.2), (-0.1, 0.5), (0.2, 1.5), (float("nan"), 1.0)])
+def test_bad_guidance_interval_refused(lo, hi):
+    from config import SampleConfig
+    with pytest.raises(ValueError, match="guidance interval|guide_from .*finite"):
+        SampleConfig(guide_from=lo, guide_to=hi)
+
+
+def test_guidance_rescale_matches_the_conditional_spread():
+    """phi = 1: the guided output has the conditional output's per-image std; phi = 0: plain CFG;
+    in between: the straight mix of the two (Lin et al. 2024, Alg. 2)."""
+    d = Diffusion(DiffusionConfig(timesteps=100))
+    torch.manual_seed(0)
+    cond, uncond = 0.1 * torch.randn(2, 1, 6, 6), 0.05 * torch.randn(2, 1, 6, 6)
+
+    def model(x, t, y):
+        return torch.where((y == 10).view(-1, 1, 1, 1), uncond.repeat(2, 1, 1, 1)[:len(y)], cond.repeat(2, 1, 1, 1)[:len(y)])
+    x_t, y, t = torch.zeros(2, 1, 6, 6), torch.tensor([4, 7]), 99    # at t = T - 1, x0 = -s v: v read back exactly
+    s = d.sqrt_one_minus_alphas_cumprod[t]
+    v_of = lambda phi: -d.predict_eps_x0(model, x_t, t, y, 3.0, guidance_rescale=phi)[1] / s
+    plain = uncond + 3.0 * (cond - uncond)
+    assert plain.abs().max() * s < 1      # stays inside the x_0 clamp
+    assert_close(v_of(0.0), plain, atol=1e-5)
+    full = v_of(1.0)
+    assert_close(full.std((1, 2, 3)), cond.std((1, 2, 3)), atol=1e-5)
+    assert_close(full, plain * cond.std((1, 2, 3), keepdim=True) / plain.std((1, 2, 3), keepdim=True), atol=1e-5)
+    assert_close(v_of(0.7), 0.7 * full + 0.3 * plain, atol=1e-5)
