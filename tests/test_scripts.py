@@ -179,6 +179,22 @@ def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path):
     assert r.returncode == 0 and os.path.getsize(png) > 0, r.stderr
 
 
+@pytest.mark.parametrize("targets, slant, suggests", [("qkv", 0.75, True), ("qkv", 0.85, False),
+                                                      ("conv", 0.75, False)])
+def test_italic_below_80_percent_suggests_the_convolution_command(tiny_ckpt, tmp_path, monkeypatch,
+                                                                   targets, slant, suggests):
+    """The one-line suggestion after the style evaluation: only for a slant shift < 80%, and
+    not to a run that already adapts the convolutions."""
+    import lora_finetune
+    monkeypatch.setattr(lora_finetune, "style_evaluation", lambda *a, **k: {"shift": {"slant": slant, "ink": 0.0}})
+    r = run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--style", "italic", "--max-steps", "1",
+                "--batch-size", "16", "--eval-n", "1", "--no-figures", "--targets", targets, "--out", str(tmp_path / "l"))
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if lora_finetune.BEST_ITALIC in l]
+    assert len(lines) == (1 if suggests else 0)
+    assert not suggests or lines[0].startswith(f"slant shift {100 * slant:.0f}% < 80%")
+
+
 def test_sample_refuses_adapter_of_another_base(tiny_ckpt, tmp_path):
     other = str(tmp_path / "other")
     assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--seed", "5", "--out", other,
