@@ -7,6 +7,10 @@ import argparse
 import math
 from dataclasses import dataclass, fields
 
+MAX_IMAGES = 100_000   # images per sampling request: 313 MB of float32 pixels, ~80 MB as uint8 in the npz
+LORA_MAX_R = 4096      # the largest LoRA rank and alpha: what lora_finetune.py trains, lora.py's loader accepts
+LORA_MAX_ALPHA = 1e6
+
 
 @dataclass
 class ModelConfig:
@@ -100,6 +104,13 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         _check(self.dataset in ("auto", "mnist", "mnist-5k", "folder"), f"unknown dataset {self.dataset!r}")
         _check(self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r} (fp32 or bf16)")
+        _check(self.lr <= 1, f"lr {self.lr}: must be at most 1 (an AdamW step moves each weight by about lr; "
+               "1e-4 .. 1e-2 is usual)")
+        _check(self.weight_decay <= 1, f"weight_decay {self.weight_decay}: must be between 0 and 1 (AdamW shrinks "
+               "the weights by lr * weight_decay each step; 0 .. 0.1 is usual)")
+        _check(0 <= self.seed < 2 ** 63, f"seed {self.seed}: must be in 0 .. 2^63 - 1")
+        _check(self.eval_n <= MAX_IMAGES // 10, f"eval_n {self.eval_n}: at most {MAX_IMAGES // 10:,} samples per "
+               "digit (as evaluate.py's --n)")
 
 
 @dataclass
@@ -121,6 +132,9 @@ class LoraConfig:
         _check_types(self)
         _check(self.r >= 1, "r must be >= 1")
         _check(self.alpha > 0, "alpha must be > 0")
+        _check(self.r <= LORA_MAX_R, f"r {self.r}: must be between 1 and {LORA_MAX_R} (what an adapter may hold)")
+        _check(self.alpha <= LORA_MAX_ALPHA, f"alpha {self.alpha}: must be in (0, {LORA_MAX_ALPHA:g}] "
+               "(what an adapter may hold)")
         _check(self.lr_ratio_b > 0, "lr_ratio_b must be > 0")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
         _check(self.style in ("bold", "italic", "folder"), f"unknown style {self.style!r}")
@@ -230,7 +244,9 @@ HELP = {
 
 # Named starting points for the flags; any flag given explicitly still wins.
 PRESETS = {
-    "cpu": {},   # the dataclass defaults: ~5 minutes on 2 CPU cores, 4,500 digits
+    "cpu": {},   # the dataclass defaults: ~2 minutes on 2 CPU cores, 4,500 digits
+    "long": {"epochs": 21, "batch_size": 64, "lr": 2e-3, "ema_decay": 0.995, "t_power": 1.0},  # the previous
+    # default: 94k images, ~4x the time; 100% accuracy, and a base whose italic LoRA goes further (84% vs 78%)
     "gpu": {"base_channels": 64, "channel_mults": (1, 2, 2), "num_res_blocks": 2, "context_dim": 128,
             "ff_mult": 4, "batch_size": 256, "epochs": 40, "lr": 1e-3, "warmup_steps": 500,
             "ema_decay": 0.999, "t_power": 1.0, "ckpt_every": 2000, "eval_n": 100},   # for full MNIST on a GPU

@@ -15,7 +15,8 @@ from dataclasses import asdict
 import torch
 
 import evaluate
-from checkpoint import CheckpointError, atomic_write, configs_from_checkpoint, load_state, save_checkpoint
+from checkpoint import (CheckpointError, atomic_write, check_fits, configs_from_checkpoint, load_state,
+                        save_checkpoint)
 from config import (PRESETS, DiffusionConfig, ModelConfig, Parser, SampleConfig, TrainConfig, add_config_flags,
                     config_from_args, explicit_flags)
 from dataset import DataError, load_dataset
@@ -35,7 +36,9 @@ def parse_args(argv=None):
     add_config_flags(p, DiffusionConfig, "diffusion")
     add_config_flags(p, TrainConfig, "training")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: the defaults below; gpu: a wider, deeper model and longer run for full MNIST")
+                   help="cpu: the defaults below (22.4k images, ~2 min on 2 cores); long: the previous default "
+                        "(94k images, 21 epochs of 64, lr 2e-3, EMA 0.995, uniform t); gpu: a wider, deeper model "
+                        "and longer run for full MNIST")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with its stored configuration; "
                         "--device, --threads, --max-steps, --epochs, --ckpt-every, --log-every, --sample-every, "
@@ -168,6 +171,8 @@ def train(args, dist, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg):
     """The run itself, its folder locked: data, model, the loop, figures, a short evaluation."""
     if ckpt is not None:          # the stored configuration wins; only where/how long to run comes from flags
         model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
+        for key in ("model", "ema"):  # before the model the stored config describes is allocated
+            check_fits(model_cfg, ckpt.get(key), ckpt_path, key)
     device = dist.device
 
     x, y, name = load_training_data(tcfg, dist)
@@ -236,8 +241,9 @@ def cli(argv=None):
         return main(argv)
     except ERRORS as e:
         sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("train.py: interrupted")
+    except KeyboardInterrupt:                 # a second Ctrl-C, or one outside the loop
+        print("train.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

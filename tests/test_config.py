@@ -55,3 +55,12 @@ def test_stored_config_with_unknown_field_is_an_error():
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         config_from_dict(ModelConfig, {"base_channels": 8, "wings": 2})
     assert config_from_dict(ModelConfig, {"channel_mults": [1, 2]}).channel_mults == (1, 2)   # JSON lists
+
+
+def test_presets_set_their_flags_and_explicit_flags_win():
+    """--preset long is the previous default recipe (94k images); a flag given explicitly beats it."""
+    args = train.parse_args(["--preset", "long"])
+    assert (args.epochs, args.batch_size, args.lr, args.ema_decay, args.t_power) == (21, 64, 2e-3, 0.995, 1.0)
+    assert args.base_channels == ModelConfig().base_channels          # the same model as the default
+    assert train.parse_args(["--preset", "long", "--epochs", "3"]).epochs == 3
+    assert {"epochs", "lr", "t_power"} <= train.parse_args(["--preset", "long"]).given
