@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import stat
 import tempfile
 
 import torch
@@ -22,17 +23,82 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or does not fit; the message names the file."""
 
 
-TEMP_MARK = ".tmp-"        # in every temp file's name; a killed writer's are removed under its run folder's lock
+def shown(path):
+    """A path as a one-line message can show it: as it is, or quoted with escapes (repr) when it
+    holds a newline or another unprintable character."""
+    path = os.fspath(path)
+    return path if path.isprintable() else repr(path)
+
+
+def first_line(e, limit=200):
+    """The first line of an exception's message (or its type's name), to quote in a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def file_kind(st_mode):
+    """'regular file', 'folder', 'named pipe (FIFO)', ... of an os.stat() st_mode."""
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "named pipe (FIFO)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISLNK, "symbolic link")):
+        if test(st_mode):
+            return kind
+    return "special file"
+
+
+def not_a_regular_file(path):
+    """What `path` is when it exists (links followed) but is not a regular file -- a FIFO would
+    block whoever opens it, a device is no place for a result -- else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:                          # nothing there (or a dangling link): the caller's usual checks apply
+        return None
+    return None if stat.S_ISREG(mode) else file_kind(mode)
+
+
+TEMP_MARK = ".tmp-"        # in every temp file's name: .<name>.tmp-XXXXXXXX<suffix>
+TEMP_NAME_BYTES = 100      # at most this much of <name> goes into a temp name, so a long file name still fits NAME_MAX
+
+
+def temp_prefix(name):
+    """`.<name>.tmp-`, with <name> cut to TEMP_NAME_BYTES bytes: the start of every temp file name
+    atomic_write gives a file `name` (and all that remove_stale_temps looks for)."""
+    while len(os.fsencode(name)) > TEMP_NAME_BYTES:
+        name = name[:-1]
+    return f".{name}{TEMP_MARK}"
+
+
+def _new_temp(path, suffix=""):
+    """A new, uniquely named, empty temp file beside `path`, locked (flock) by this process until the
+    returned descriptor is closed: a temp file nobody holds is a dead writer's (remove_stale_temps).
+    -> (fd, temp path)."""
+    import fcntl                                          # POSIX; imported here so the module loads anywhere
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), suffix=suffix, dir=folder)
+        try:                                              # a new file: only a cleaner can hold it or have removed it
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:                           # a cleaner's: it is removing it; take another name
+            os.close(fd)
+            continue
+        except OSError:                                   # a file system without flock: no lock, never cleaned
+            pass
+        try:
+            if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes it 0600; give the final file the usual mode
+    return fd, tmp
 
 
 def temp_path(path, suffix=""):
     """A new, uniquely named, empty temp file beside `path` (same folder, so os.replace is a
     rename): `.<name>.tmp-XXXXXXXX<suffix>`. The suffix stays last, so writers that add an
     extension when it is missing (np.savez, savefig) write exactly there. -> its path."""
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMP_MARK}", suffix=suffix, dir=folder)
+    fd, tmp = _new_temp(path, suffix)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes it 0600; give the final file the usual mode
     return tmp
 
 
@@ -47,18 +113,59 @@ def _umask():
 def atomic_write(path, write_fn, suffix=""):
     """Call write_fn(tmp_path), then rename over `path`: readers see the old file or the new one,
     never half of one (os.replace is atomic on POSIX and Windows). Each write has its own temp
-    name (temp_path), so two writers never write into one file; a killed process's temp file is
-    removed the next time its run folder is locked (RunLock)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_path(path, suffix)
+    name, locked while it is written (_new_temp), so two writers never write into one file and a
+    killed writer's temp file can be told from a live one's (remove_stale_temps). A write that fails
+    (a full disk, ...) is one CheckpointError line; the old file stays and the temp file goes."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = _new_temp(path, suffix)
+    except OSError as e:
+        raise CheckpointError(f"{shown(path)}: could not write ({e.strerror or e})") from e
     try:
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"{shown(path)}: could not write ({e.strerror or e})") from e
     finally:
+        os.close(fd)
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(paths):
+    """Remove the temp files that killed writers of `paths` left beside them: exactly atomic_write's
+    names for those files (`.<name>.tmp-XXXXXXXX<suffix>`), and only those nobody holds locked (a live
+    writer's temp file is never touched). A user's `notes.tmp` or `.cache.tmp-abcdefgh` stays."""
+    import fcntl
+    names = {}
+    for p in paths:
+        if p:
+            folder, name = os.path.split(os.path.abspath(p))
+            names.setdefault(folder, set()).add(temp_prefix(name))
+    for folder, prefixes in names.items():
+        ours = re.compile("(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")[a-z0-9_]{8}(\.[A-Za-z0-9]+)?")
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            if not ours.fullmatch(entry):
+                continue
+            tmp = os.path.join(folder, entry)
+            try:
+                fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:                       # a link, gone meanwhile, unreadable: leave it
+                continue
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)     # fails while its writer lives
+                    os.remove(tmp)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 def write_json(path, obj):
@@ -70,8 +177,13 @@ def write_json(path, obj):
 
 
 def save_checkpoint(path, ckpt):
-    """torch.save a dict of state dicts atomically."""
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    """torch.save a dict of state dicts atomically (a failed write: one CheckpointError line)."""
+    def write(tmp):
+        try:
+            torch.save(ckpt, tmp)
+        except RuntimeError as e:     # torch's zip writer reports a full disk so: "unexpected pos ..."
+            raise OSError(f"torch.save failed: {first_line(e)}") from e
+    atomic_write(path, write)
 
 
 def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
@@ -80,18 +192,18 @@ def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
     -> the checkpoint path in it."""
     ckpt = os.path.join(out, ckpt_name)
     if resume and not os.path.isfile(ckpt):
-        raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
+        raise CheckpointError(f"--resume: no checkpoint at {shown(ckpt)}")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"--out {out}: is a file, not a run folder")
+        raise CheckpointError(f"--out {shown(out)}: is a file, not a run folder")
     found = [n for n in (ckpt_name, *writes) if os.path.lexists(os.path.join(out, n))]
     if found and not (resume or overwrite):
-        raise CheckpointError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it "
+        raise CheckpointError(f"{shown(out)} already holds a run ({', '.join(found)}); pass --resume to continue it "
                               "or --overwrite to start again (or choose another --out)")
     try:
         os.makedirs(out, exist_ok=True)
         os.remove(temp_path(os.path.join(out, "write-test")))
     except OSError as e:
-        raise CheckpointError(f"--out {out}: not writable ({e.strerror})") from e
+        raise CheckpointError(f"--out {shown(out)}: not writable ({e.strerror})") from e
     return ckpt
 
 
@@ -99,44 +211,63 @@ class RunLock:
     """One writer per run folder: an exclusive flock on <folder>/.lock, held until release()
     (or the end of a `with` block). The kernel drops it when the process dies, even by kill -9,
     so a crashed run never leaves the folder locked. A second process is refused in one line
-    that names the holder's PID. Taking the lock also removes the temp files a killed writer
-    left behind (nobody else can be writing them)."""
+    that names the holder's PID. The lock file must be a plain file of its own: a `.lock` that
+    is a link (symbolic or hard) or a special file is refused, never written through. Taking the
+    lock also removes the temp files that killed writers of `names` (the files the run writes
+    in the folder) left behind."""
 
     NAME = ".lock"
 
-    def __init__(self, folder):
+    def __init__(self, folder, names=()):
         import fcntl                                   # POSIX; imported here so the module loads anywhere
-        self.path = os.path.join(folder, self.NAME)
+        self.path, self.fd = os.path.join(folder, self.NAME), None
+        where = shown(self.path)
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:                                       # no O_TRUNC: nothing is written before the checks below
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as e:
-                raise CheckpointError(f"{folder}: cannot create the lock file ({e.strerror})") from e
+                if os.path.islink(self.path):
+                    raise CheckpointError(f"{where}: is a symbolic link; the lock file must be a plain file "
+                                          "(remove the link)") from None
+                raise CheckpointError(f"{where}: cannot create the lock file ({e.strerror})") from e
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                os.close(fd)
+                raise CheckpointError(f"{where}: is a {file_kind(mode)}, not a plain lock file (remove it)")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise CheckpointError(f"{folder} is in use by another process (PID {holder}); "
+                raise CheckpointError(f"{shown(folder)} is in use by another process (PID {shown(holder[:20])}); "
                                       "wait for it to finish or stop it first") from None
             try:                                     # the holder before us may have removed the file meanwhile
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
             except FileNotFoundError:
                 same = False
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if os.fstat(fd).st_nlink != 1:               # a hard link to some other file: never write into it
+            os.close(fd)
+            raise CheckpointError(f"{where}: has other names (a hard link to another file); "
+                                  "the lock file must be a plain file of its own (remove it)")
         self.fd = fd
-        remove_stale_temp_files(folder)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:                         # a full disk
+            self.release()
+            raise CheckpointError(f"{where}: could not write ({e.strerror})") from e
+        remove_stale_temps([os.path.join(folder, n) for n in names])
 
     def release(self):
         """Remove the lock file, then drop the lock (in that order: see the inode check above)."""
         if self.fd is None:
             return
         try:
-            os.remove(self.path)
+            if os.path.samestat(os.lstat(self.path), os.fstat(self.fd)):    # still our file
+                os.remove(self.path)
         except OSError:
             pass
         os.close(self.fd)
@@ -147,18 +278,6 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-STALE_TEMP = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"\w{8}(\.\w+)?$"    # temp_path's names
-                        r"|^.+\.tmp(\.\w+)?$")                               # and the fixed ones of old
-
-
-def remove_stale_temp_files(folder):
-    """Temp files of killed writers in a run folder (call it only while holding the folder's lock)."""
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if STALE_TEMP.match(name) and os.path.isfile(path) and not os.path.islink(path):
-            os.remove(path)
 
 
 def _same_file(a, b):
@@ -176,12 +295,22 @@ def _inside(path, folder):
     return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
+def _name_max(folder):
+    """The longest file name (in bytes) the file system of `folder` takes."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def check_outputs(outputs, inputs, folders=(), create=False):
     """Outputs are checked against inputs before any work. Refuses, in one CheckpointError line,
     an output path that
       - is one of the input files (after resolving links, `..` and hard links),
       - lies in one of the input folders `folders` (a dataset being read),
-      - is an existing folder, or another output,
+      - is an existing folder, another output, or anything else that is not a regular file
+        (a FIFO, a device: replacing it would be a loss, writing into it no result),
+      - has a name longer than the file system takes (NAME_MAX),
       - sits in a folder that does not exist or cannot be written.
     outputs: {label: path} or (label, path) pairs, label as the user knows it ("--out"); None
     paths are skipped.
@@ -193,43 +322,55 @@ def check_outputs(outputs, inputs, folders=(), create=False):
     for label, path in (outputs.items() if isinstance(outputs, dict) else outputs):
         if path is None:
             continue
+        where = f"{label} {shown(path)}"
         if os.path.isdir(path):
-            raise CheckpointError(f"{label} {path}: is an existing folder; give a file name")
+            raise CheckpointError(f"{where}: is an existing folder; give a file name")
+        kind = not_a_regular_file(path)
+        if kind:
+            raise CheckpointError(f"{where}: is a {kind}, not a regular file; refusing to replace it")
         for what, paths in inputs.items():
             for p in paths:
                 if p and _same_file(path, p):
-                    raise CheckpointError(f"{label} {path}: is the {what} being read ({p}); "
+                    raise CheckpointError(f"{where}: is the {what} being read ({shown(p)}); "
                                           "refusing to overwrite an input")
         for what, folder in dict(folders).items():
             if folder and os.path.isdir(folder) and _inside(path, folder):
-                raise CheckpointError(f"{label} {path}: lies inside the {what} being read ({folder})")
+                raise CheckpointError(f"{where}: lies inside the {what} being read ({shown(folder)})")
         for other, p in seen:
             if _same_file(path, p):
-                raise CheckpointError(f"{label} {path}: is also where {other} writes")
+                raise CheckpointError(f"{where}: is also where {other} writes")
         seen.append((label, path))
         parent = os.path.dirname(os.path.abspath(path))
         while create and not os.path.lexists(parent) and os.path.dirname(parent) != parent:
             parent = os.path.dirname(parent)                 # the folder that will be created in
         if not os.path.isdir(parent):
-            raise CheckpointError(f"{label} {path}: not writable ({parent} is not an existing folder)")
+            raise CheckpointError(f"{where}: not writable ({shown(parent)} is not an existing folder)")
+        name_max = _name_max(parent)
+        to_create = os.path.relpath(os.path.abspath(path), parent).split(os.sep)   # the file (and new folders)
+        longest = max(to_create, key=lambda n: len(os.fsencode(n)))
+        if len(os.fsencode(longest)) > name_max:
+            raise CheckpointError(f"{where}: the name {shown(longest[:40])}... is {len(os.fsencode(longest))} bytes "
+                                  f"long; this file system takes at most {name_max}")
         try:
             os.remove(temp_path(os.path.join(parent, "write-test")))   # can we create a file? (root ignores os.access)
         except OSError as e:
-            raise CheckpointError(f"{label} {path}: not writable ({parent}: {e.strerror})") from e
+            raise CheckpointError(f"{where}: not writable ({shown(parent)}: {e.strerror})") from e
 
 
 def load_checkpoint(path):
     """torch.load with weights_only=True; every failure becomes one CheckpointError line."""
+    kind = not_a_regular_file(path)
+    if kind:                                     # a FIFO would block torch.load forever
+        raise CheckpointError(f"{shown(path)}: is a {kind}, not a checkpoint file")
     if not os.path.isfile(path):
         hint = " (run `python train.py` first)" if path == DEFAULT_CHECKPOINT else ""
-        raise CheckpointError(f"{path}: checkpoint not found{hint}")
+        raise CheckpointError(f"{shown(path)}: checkpoint not found{hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, forbidden pickle globals, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from e
+        raise CheckpointError(f"{shown(path)}: not a readable checkpoint ({first_line(e)})") from e
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        raise CheckpointError(f"{path}: not a checkpoint of this project (no model/config)")
+        raise CheckpointError(f"{shown(path)}: not a checkpoint of this project (no model/config)")
     return ckpt
 
 
@@ -239,7 +380,7 @@ def configs_from_checkpoint(ckpt, path="checkpoint"):
         return (config_from_dict(ModelConfig, ckpt["config"]["model"]),
                 config_from_dict(DiffusionConfig, ckpt["config"]["diffusion"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: config does not fit this code ({e})") from e
+        raise CheckpointError(f"{shown(path)}: config does not fit this code ({e})") from e
 
 
 def dataset_of(ckpt, default="auto"):
@@ -247,15 +388,35 @@ def dataset_of(ckpt, default="auto"):
     return ckpt.get("data", default)
 
 
+def _check_tensors(tensors, path, what):
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"{shown(path)}: {what} is not a dict of tensors")
+
+
 def check_finite(tensors, path="checkpoint", what="model"):
     """A result that cannot be right is an error: every floating tensor of a state dict must be
     finite (NaN/inf weights give all-black samples, not a number to report)."""
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise CheckpointError(f"{path}: {what} is not a dict of tensors")
+    _check_tensors(tensors, path, what)
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: {what} tensor {name} holds non-finite values (nan or inf): "
+            raise CheckpointError(f"{shown(path)}: {what} tensor {name} holds non-finite values (nan or inf): "
                                   "the run diverged or the file was altered")
+
+
+def check_fits(model_cfg, state, path="checkpoint", what="model"):
+    """The weights `state` fit a UNet of model_cfg -- the same keys and shapes -- checked against a
+    model built on the meta device (no memory), so that a config in range but far larger than its
+    weights (a tampered file) is refused before the real model is allocated."""
+    _check_tensors(state, path, what)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(model_cfg).state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"size mismatch for {k}: {tuple(v.shape)} in the file, {expected[k]} in the model"
+             for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or wrong:
+        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else wrong[0]
+        raise CheckpointError(f"{shown(path)}: {what} weights do not fit the model ({detail})")
 
 
 def load_state(module, state, path="checkpoint", what="model"):
@@ -269,7 +430,7 @@ def load_state(module, state, path="checkpoint", what="model"):
         unexpected = [k for k in state if k not in module.state_dict()]
         detail = (f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected
                   else str(e).strip().splitlines()[-1].strip()[:200])
-        raise CheckpointError(f"{path}: {what} weights do not fit the model ({detail})") from e
+        raise CheckpointError(f"{shown(path)}: {what} weights do not fit the model ({detail})") from e
 
 
 def load_model(path, device="cpu", ema=True):
@@ -279,7 +440,8 @@ def load_model(path, device="cpu", ema=True):
     """
     ckpt = load_checkpoint(path)
     model_cfg, diff_cfg = configs_from_checkpoint(ckpt, path)
-    model = UNet(model_cfg)
     key = "ema" if ema and "ema" in ckpt else "model"
+    check_fits(model_cfg, ckpt[key], path, key)         # before allocating the model the config describes
+    model = UNet(model_cfg)
     load_state(model, ckpt[key], path, key)
     return model.to(device).eval(), diff_cfg, ckpt

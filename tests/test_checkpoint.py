@@ -109,3 +109,73 @@ def test_no_clobber_covers_every_file_a_run_writes(tmp_path):
     with pytest.raises(CheckpointError, match="already holds a run \\(loss.png\\)"):
         prepare_run_folder(out, False, False, "finetune_ckpt.pt", writes=("loss.png", "adapter.safetensors"))
     prepare_run_folder(out, False, True, "finetune_ckpt.pt", writes=("loss.png",))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link", "fifo", "folder"])
+def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, kind):
+    from checkpoint import RunLock
+    folder, victim = tmp_path / "run", tmp_path / "victim.txt"
+    folder.mkdir()
+    victim.write_text("precious")
+    lock = folder / ".lock"
+    {"symlink": lambda: os.symlink(victim, lock), "dangling symlink": lambda: os.symlink(tmp_path / "none", lock),
+     "hard link": lambda: os.link(victim, lock), "fifo": lambda: os.mkfifo(lock), "folder": lock.mkdir}[kind]()
+    with pytest.raises(CheckpointError, match=r"\.lock"):
+        RunLock(str(folder))
+    assert victim.read_text() == "precious" and os.path.lexists(lock)
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_a_full_disk_while_locking_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
+    from checkpoint import RunLock
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(CheckpointError, match="could not write .No space left"):
+        RunLock(str(tmp_path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+    with RunLock(str(tmp_path)):                     # and the folder is not left locked
+        pass
+
+
+def test_a_failing_torch_save_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "config": {}, "step": 1})
+
+    def full_disk(obj, f, *args, **kwargs):          # what torch's zip writer raises when the disk fills up
+        open(f, "wb").write(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 258048 vs 257936")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="could not write .*unexpected pos"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "config": {}, "step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_stale_temps_are_a_dead_writers_of_our_own_names_only(tmp_path):
+    from checkpoint import _new_temp, remove_stale_temps
+    fd, live = _new_temp(str(tmp_path / "ckpt.pt"))          # a writer still at work: its temp is locked
+    dead = [".ckpt.pt.tmp-abcd1234", ".loss.png.tmp-0123abcd.png"]
+    users = ["notes.tmp", "table.tmp.csv", ".cache.tmp-abcdefgh", "ckpt.pt.tmp", ".ckpt.pt.tmp-abc", "ckpt.pt"]
+    for name in dead + users:
+        (tmp_path / name).write_text("x")
+    os.symlink(tmp_path / "ckpt.pt", tmp_path / ".loss.png.tmp-linklink.png")   # a link: not a temp of ours
+    try:
+        remove_stale_temps([str(tmp_path / "ckpt.pt"), str(tmp_path / "loss.png")])
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), ".loss.png.tmp-linklink.png", *users])
+
+
+def test_check_outputs_refuses_special_files_and_names_too_long(tmp_path):
+    from checkpoint import check_outputs, temp_path
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(CheckpointError, match="FIFO"):
+        check_outputs({"--out": str(tmp_path / "fifo")}, {})
+    with pytest.raises(CheckpointError, match="300 bytes long"):
+        check_outputs({"--out": str(tmp_path / ("x" * 300))}, {})
+    long = str(tmp_path / ("y" * 250))
+    check_outputs({"--out": long}, {})                           # 250 bytes fit ...
+    assert len(os.path.basename(temp_path(long, ".png"))) < 255  # ... and so does its temp file's name

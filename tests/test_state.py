@@ -5,8 +5,9 @@ old version or the new one, never half of one.
   merged == unmerged == the readable form base(x) + s * scaling * B(A(x)) at several scales,
   for nn.Linear and nn.Conv2d (stride and padding included).
 - Each writer (checkpoint, JSON, LoRA adapter, PNG figures) with its serializer made to write
-  half a file and then fail: the previous file still loads with its old values, and nothing
-  but the expected files is left in the folder.
+  half a file and then fail like a full disk: one CheckpointError ("could not write ..."), the
+  previous file still loads with its old values, and nothing but the expected files is left in
+  the folder.
 """
 import io
 import json
@@ -168,7 +169,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
     def failing(tmp):
         half_then_fail(b"new contents that never finish", tmp)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
         checkpoint.atomic_write(str(path), failing)
     assert path.read_bytes() == b"old contents"
     assert_only(tmp_path, ["data.bin"])
@@ -189,7 +190,7 @@ def test_save_checkpoint_survives_a_failing_torch_save(tmp_path, monkeypatch):
         half_then_fail(buffer.getvalue(), f)
     monkeypatch.setattr(torch, "save", broken_save)
     new = {"model": {"w": torch.full((6,), 7.0)}, "config": {"step": 2}, "step": 2}
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
         checkpoint.save_checkpoint(path, new)
     monkeypatch.undo()
     loaded = checkpoint.load_checkpoint(path)
@@ -207,7 +208,7 @@ def test_write_json_survives_a_failing_json_dump(tmp_path, monkeypatch):
     def broken_dump(obj, fp, *args, **kwargs):
         half_then_fail(json.dumps(obj, indent=1), fp)
     monkeypatch.setattr(json, "dump", broken_dump)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
         checkpoint.write_json(path, {"accuracy": 0.9, "n": 20})
     monkeypatch.undo()
     assert json.load(open(path)) == {"accuracy": 0.5, "n": 10}
@@ -240,7 +241,7 @@ def test_save_adapter_survives_a_failing_save_file(tmp_path, monkeypatch):
     if hasattr(lora, "save_file"):                                  # imported at module level
         monkeypatch.setattr(lora, "save_file", broken_save_file)
     new_model = adapter_model(seed=2)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
         save(new_model)
     monkeypatch.undo()
     tensors, _ = lora.read_adapter(path)
@@ -294,7 +295,7 @@ def test_figure_writers_survive_a_failing_savefig(tmp_path, monkeypatch):
         old = open(path, "rb").read()
         assert old.startswith(b"\x89PNG"), name
         monkeypatch.setattr(Figure, "savefig", broken_savefig)
-        with pytest.raises(OSError, match="injected"):
+        with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
             write(path)
         monkeypatch.undo()
         assert open(path, "rb").read() == old, f"{name}: the previous figure was damaged"
