@@ -10,6 +10,7 @@ Keeping the whole set as one tensor makes a batch a single index operation: data
 never limits training speed on a small dataset.
 """
 import os
+import stat
 import sys
 
 import numpy as np
@@ -60,6 +61,12 @@ def load_mnist(root, split):
 def load_image(path):
     """One image file, any PIL mode -> uint8 (28, 28), white digit on black like MNIST."""
     from PIL import Image, ImageOps
+    try:                              # a FIFO would block PIL forever; a folder or device is no image either
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise DataError(f"{path}: not a readable image ({e.strerror})") from e
+    if not regular:
+        raise DataError(f"{path}: not a regular file (a folder, FIFO or device), so not an image")
     try:
         with Image.open(path) as im:
             grey = grey_levels(ImageOps.exif_transpose(im), path)
@@ -75,15 +82,16 @@ def load_image(path):
 
 def grey_levels(im, path):
     """A PIL image of any mode -> uint8 (H, W) grey levels 0..255, the digit's shape kept:
-    16-bit (I;16), 32-bit (I) and float (F) images are rescaled from their range (0..65535,
-    or floats in [0, 1]) instead of clipped; an image with transparency is laid on paper of
-    the colour opposite to its ink, so a digit drawn only in the alpha channel stays a digit."""
+    16-bit (I;16) and 32-bit (I) images with pixels beyond 255 are rescaled from 0..65535 (a
+    16-bit file that holds 0..255 is read as it is), float (F) images from [0, 1], instead of
+    clipped; an image with transparency is laid on paper of the colour opposite to its ink, so a
+    digit drawn only in the alpha channel stays a digit."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         if not np.isfinite(a).all():
             raise DataError(f"{path}: mode {im.mode} image holds non-finite values")
         lo, hi = a.min(), a.max()
-        if im.mode.startswith("I;16") or (im.mode == "I" and 255 < hi <= 65535 and lo >= 0):
+        if im.mode.startswith("I") and 255 < hi <= 65535 and lo >= 0:
             a = a / 257                                         # 16-bit: 65535 -> 255
         elif im.mode == "F" and lo >= 0 and hi <= 1:
             a = a * 255                                         # floats in [0, 1]

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, atomic_write, check_outputs, dataset_of, load_model, write_json
+from checkpoint import (CheckpointError, atomic_write, check_outputs, dataset_of, first_line, load_model,
+                        not_a_regular_file, remove_stale_temps, save_checkpoint, shown, write_json)
 from config import Parser, SampleConfig, add_config_flags
 from dataset import DataError, apply_style, load_dataset
 from device import DeviceError, pick_device
@@ -96,29 +97,59 @@ def train_classifier(x, y, epochs=12, batch_size=128, seed=0, progress=True):
 
 @torch.inference_mode()
 def classify(clf, x, batch_size=1000):
-    """-> (probabilities (N, 10), features (N, 128)) for images in [-1, 1]."""
+    """-> (probabilities (N, 10), features (N, 128)) for images in [-1, 1]. Non-finite outputs
+    (a broken classifier; the images are checked on the way in) are an error, not a score."""
     probs, feats = [], []
     for chunk in x.split(batch_size):
         f = clf.features(chunk)
         feats.append(f)
         probs.append(clf.head(f).softmax(dim=1))
-    return torch.cat(probs), torch.cat(feats)
+    probs, feats = torch.cat(probs), torch.cat(feats)
+    if not (torch.isfinite(probs).all() and torch.isfinite(feats).all()):
+        raise CheckpointError("the classifier gives non-finite outputs: its cached weights are broken "
+                              "(delete the classifier_*.pt cache in --data-dir to train it again)")
+    return probs, feats
 
 
 def get_classifier(dataset, data_dir, progress=True):
     """The classifier for `dataset`, trained once and cached in data_dir; reports its test accuracy."""
     path = os.path.join(data_dir, f"classifier_{dataset}_v{CLASSIFIER_VERSION}.pt")
-    if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        clf = Classifier()
-        clf.load_state_dict(saved["model"])
-        return clf.eval(), saved["test_accuracy"]
+    if os.path.lexists(path):
+        return load_classifier(path)
     x, y, _ = load_dataset(dataset, data_dir, "train", verbose=False)
     clf = train_classifier(x, y, progress=progress)
     xt, yt, _ = load_dataset(dataset, data_dir, "test", verbose=False)
     acc = (classify(clf, xt)[0].argmax(1) == yt).float().mean().item()
-    atomic_write(path, lambda tmp: torch.save({"model": clf.state_dict(), "test_accuracy": acc}, tmp))
+    save_checkpoint(path, {"model": clf.state_dict(), "test_accuracy": acc})
     return clf, acc
+
+
+def load_classifier(path):
+    """A cached classifier -> (classifier in eval mode, its test accuracy). A cache that is not what
+    get_classifier writes (unreadable, a FIFO, other keys, NaN weights) is refused in one line that
+    names it -- deleting it trains a new one; it is never overwritten behind the user's back."""
+    def broken(problem):
+        return CheckpointError(f"{shown(path)}: a broken classifier cache ({problem}); delete it to train it again")
+    kind = not_a_regular_file(path)
+    if kind or not os.path.exists(path):
+        raise broken(f"a {kind}" if kind else "a dangling link")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # random bytes, truncated, forbidden pickle globals, ...
+        raise broken(f"unreadable: {first_line(e, 120)}") from e
+    acc = saved.get("test_accuracy") if isinstance(saved, dict) else None
+    if not (isinstance(acc, (int, float)) and not isinstance(acc, bool) and 0 <= acc <= 1):
+        raise broken("no test accuracy in [0, 1]")
+    weights, clf = saved.get("model"), Classifier()
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise broken("no dict of weights")
+    if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+        raise broken("non-finite weights")
+    try:
+        clf.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise broken("weights of another network") from e
+    return clf.eval(), float(acc)
 
 
 # ----- the measures -----
@@ -128,6 +159,8 @@ def frechet_distance(a, b):
     """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D):
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), computed in float64."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("frechet_distance: the features hold non-finite values")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     # Tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix
@@ -299,26 +332,24 @@ def read_npz(path):
     in [-1, 1], labels (N,) long). Pixels: uint8 0..255 (or another integer type in 0..255),
     or floats in [0, 1]; shape (N, 28, 28) or (N, 1, 28, 28); labels integers 0..9, one per
     image. Anything else is refused in one line that says what is wrong."""
+    kind = not_a_regular_file(path)
+    if kind:                                  # a FIFO would block np.load forever
+        raise SampleError(f"{shown(path)}: is a {kind}, not an npz file")
     try:
         f = np.load(path, allow_pickle=False)
     except Exception as e:  # missing, empty, random bytes, pickled objects: np.load raises many types
-        raise SampleError(f"{path}: not a readable npz ({_first_line(e)})") from e
+        raise SampleError(f"{shown(path)}: not a readable npz ({first_line(e)})") from e
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise SampleError(f"{path}: a plain array, not an npz of images and labels "
+        raise SampleError(f"{shown(path)}: a plain array, not an npz of images and labels "
                           "(np.savez(path, images=..., labels=...))")
     with f:
         if not {"images", "labels"} <= set(f.files):
-            raise SampleError(f"{path}: needs arrays 'images' and 'labels', has {sorted(f.files)}")
+            raise SampleError(f"{shown(path)}: needs arrays 'images' and 'labels', has {sorted(f.files)}")
         try:
             images, labels = f["images"], f["labels"]
         except Exception as e:  # object arrays (pickles), truncated members
-            raise SampleError(f"{path}: unreadable arrays ({_first_line(e)})") from e
+            raise SampleError(f"{shown(path)}: unreadable arrays ({first_line(e)})") from e
     return npz_images(images, path), npz_labels(labels, len(images), path)
-
-
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def npz_images(a, path):
@@ -326,34 +357,34 @@ def npz_images(a, path):
     if a.ndim == 4 and a.shape[1] == 1:
         a = a[:, 0]
     if a.ndim != 3 or a.shape[1:] != (28, 28) or not 1 <= len(a) <= MAX_IMAGES:
-        raise SampleError(f"{path}: images of shape {a.shape}; expected (N, 28, 28) or (N, 1, 28, 28) "
+        raise SampleError(f"{shown(path)}: images of shape {a.shape}; expected (N, 28, 28) or (N, 1, 28, 28) "
                           f"with 1 <= N <= {MAX_IMAGES:,}")
     if a.dtype.kind in "iu":                          # uint8 as sample.py saves it, or wider integers
         lo, hi = int(a.min()), int(a.max())
         if lo < 0 or hi > 255:
-            raise SampleError(f"{path}: {a.dtype} pixels in {lo}..{hi}; expected 0..255")
+            raise SampleError(f"{shown(path)}: {a.dtype} pixels in {lo}..{hi}; expected 0..255")
         return torch.from_numpy(a.astype(np.float32))[:, None] / 127.5 - 1
     if a.dtype.kind == "f":
         if not np.isfinite(a).all():
-            raise SampleError(f"{path}: images hold non-finite values (nan or inf)")
+            raise SampleError(f"{shown(path)}: images hold non-finite values (nan or inf)")
         lo, hi = float(a.min()), float(a.max())
         if lo < 0 or hi > 1:
             hint = (" (images in [-1, 1]? save (x + 1) / 2)" if lo >= -1 and hi <= 1 else
                     " (pixels 0..255? save them as uint8)" if lo >= 0 and hi <= 255 else "")
-            raise SampleError(f"{path}: {a.dtype} pixels in [{lo:.3g}, {hi:.3g}]; expected floats in [0, 1] "
+            raise SampleError(f"{shown(path)}: {a.dtype} pixels in [{lo:.3g}, {hi:.3g}]; expected floats in [0, 1] "
                               f"or uint8 0..255{hint}")
         return torch.from_numpy(a.astype(np.float32))[:, None] * 2 - 1
-    raise SampleError(f"{path}: images of dtype {a.dtype}; expected uint8 0..255 or floats in [0, 1]")
+    raise SampleError(f"{shown(path)}: images of dtype {a.dtype}; expected uint8 0..255 or floats in [0, 1]")
 
 
 def npz_labels(a, n, path):
     """Label array -> long (n,) in 0..9, or a SampleError."""
     if a.shape != (n,):
-        raise SampleError(f"{path}: labels of shape {a.shape}; expected ({n},), one per image")
+        raise SampleError(f"{shown(path)}: labels of shape {a.shape}; expected ({n},), one per image")
     if a.dtype.kind not in "iu":
-        raise SampleError(f"{path}: labels of dtype {a.dtype}; expected integers 0..9")
+        raise SampleError(f"{shown(path)}: labels of dtype {a.dtype}; expected integers 0..9")
     if a.min() < 0 or a.max() > 9:
-        raise SampleError(f"{path}: labels in {a.min()}..{a.max()}; expected digits 0..9")
+        raise SampleError(f"{shown(path)}: labels in {a.min()}..{a.max()}; expected digits 0..9")
     return torch.from_numpy(a.astype(np.int64))
 
 
@@ -384,7 +415,7 @@ def main(argv=None):
     try:
         scales = [float(s) for s in args.sweep_guidance.split(",")] if args.sweep_guidance else []
     except ValueError:
-        raise SampleError(f"--sweep-guidance {args.sweep_guidance}: expected numbers like 0,1,2,3,5") from None
+        raise SampleError(f"--sweep-guidance {shown(args.sweep_guidance)}: expected numbers like 0,1,2,3,5") from None
     device = pick_device(args.device)
     model = None
     if args.npz is None:
@@ -402,6 +433,7 @@ def main(argv=None):
                   {"--checkpoint": None if args.npz else args.checkpoint, "--lora adapter": args.lora,
                    "--npz": args.npz, "classifier": glob.glob(os.path.join(args.data_dir, "classifier_*.pt"))},
                   {"--style-dir": args.style_dir, "--data-dir": args.data_dir if dataset == "folder" else None})
+    remove_stale_temps([out, sweep_png])                 # a killed earlier run's, of these names only
     real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
     clf, clf_acc = get_classifier(dataset, args.data_dir)
     results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
@@ -441,6 +473,9 @@ def cli(argv=None):
         return main(argv)
     except ERRORS as e:
         sys.exit(f"evaluate.py: error: {e}")
+    except KeyboardInterrupt:                 # Ctrl-C: no file is half-written (atomic writes), nothing to save
+        print("evaluate.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import atomic_write, write_json
+from checkpoint import atomic_write, first_line, not_a_regular_file, shown, write_json
+from config import LORA_MAX_ALPHA, LORA_MAX_R
 
 QKV = r"\.attn\.to_(q|k|v)$"
 ATTN = r"\.attn\.to_(q|k|v|out)$"
@@ -240,12 +241,22 @@ def save_adapter(path, model, targets, r, alpha, use_rslora, model_config, finge
             "layers": json.dumps(layers),
             "alpha": str(alpha), "rslora": str(bool(use_rslora)), "model_config": json.dumps(model_config),
             "base_fingerprint": fingerprint, "style": style}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), suffix=".safetensors")
+    def write(tmp):
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except OSError:
+            raise
+        except Exception as e:      # safetensors reports a full disk as its own SafetensorError
+            raise OSError(f"safetensors could not write ({first_line(e)})") from e
+    atomic_write(path, write, suffix=".safetensors")
 
 
 def read_adapter(path):
     """-> (tensors, metadata) of an adapter file, or a LoraError naming the file."""
     from safetensors import safe_open
+    kind = not_a_regular_file(path)
+    if kind:                                   # a FIFO would block the reader forever
+        raise LoraError(f"{shown(path)}: is a {kind}, not an adapter file")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -279,8 +290,9 @@ def load_adapter(model, path, model_config, fingerprint=None):
     problems = [what for what, ok in (
         ("model_config must be a JSON object", isinstance(stored, dict)),
         ("layers must be a list of layer names", isinstance(layers, list) and all(isinstance(n, str) for n in layers)),
-        (f"r {r} must be between 1 and 4096", 1 <= r <= 4096),
-        (f"alpha {alpha} must be a finite number > 0", math.isfinite(alpha) and 0 < alpha <= 1e6),
+        (f"r {r} must be between 1 and {LORA_MAX_R}", 1 <= r <= LORA_MAX_R),
+        (f"alpha {alpha} must be a finite number in (0, {LORA_MAX_ALPHA:g}]",
+         math.isfinite(alpha) and 0 < alpha <= LORA_MAX_ALPHA),
         (f"rslora {rslora!r} must be True or False", rslora in ("True", "False"))) if not ok]
     if problems:
         raise LoraError(f"{path}: adapter metadata is malformed: {'; '.join(problems)}")

@@ -13,8 +13,8 @@ import re
 import subprocess
 import sys
 
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, write_json
-from config import Parser
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_checkpoint, write_json
+from config import MAX_IMAGES, Parser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = "attn:1,attn:4,attn:16,attn+ff:4,all-linear:4"
@@ -126,12 +126,13 @@ def main():
         rows = parse_rows(args.rows)
     except ValueError as e:
         p.error(str(e))
-    if args.eval_n < 1:
-        p.error("--eval-n must be >= 1")
+    if not 1 <= args.eval_n <= MAX_IMAGES // 10:            # the bound lora_finetune.py would refuse beyond
+        p.error(f"--eval-n must be between 1 and {MAX_IMAGES // 10:,}")
     args.out = args.out or os.path.join("runs", f"lora-table-{args.style}")
     try:                                   # before any work: the table may not land on the base model
         check_outputs([("--out", os.path.join(args.out, n)) for n in ("table.json", "table.png")],
                       {"--checkpoint": args.checkpoint}, create=True)
+        load_checkpoint(args.checkpoint)   # a missing base is one line here, not a failed row and its output
     except CheckpointError as e:
         p.error(str(e))
     summaries = [((t, r), run_row(t, r, args, extra)) for t, r in rows]

@@ -11,14 +11,14 @@ import torch
 
 from tqdm import tqdm
 
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model
-from config import Parser, SampleConfig, add_config_flags, config_from_args
+from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model,
+                        remove_stale_temps, shown)
+from config import MAX_IMAGES, Parser, SampleConfig, add_config_flags, config_from_args
 from device import DeviceError, pick_device
 from diffusion import Diffusion, SamplingError
 from lora import MAX_SCALE, LoraError, apply_adapters, check_scale, set_fused
 
 MAX_BATCH = 1000       # images per network batch, whatever --n: memory stays bounded (a CPU splits further)
-MAX_IMAGES = 100_000   # images per request: 313 MB of float32 pixels, ~80 MB as uint8 in the npz
 GRID_MAX = 100         # images per label in the PNG grid (the npz holds them all)
 
 
@@ -66,7 +66,7 @@ def parse_label(text):
     if text == "all":
         return list(range(10))
     if text not in [str(d) for d in range(10)]:
-        raise SampleError(f"--label {text}: must be a digit 0..9 or 'all'")
+        raise SampleError(f"--label {shown(text)}: must be a digit 0..9 or 'all'")
     return [int(text)]
 
 
@@ -155,6 +155,7 @@ def main(argv=None):
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
     check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
                   {"--checkpoint": args.checkpoint, "--lora adapter": args.lora})     # before any work
+    remove_stale_temps([out, args.npz, steps_path])                  # a killed earlier run's, of these names only
 
     x, y, frames = generate(model, diffusion, labels, args.n, scfg, trajectory=args.show_steps, progress=True)
     per_label = min(args.n, GRID_MAX)                               # the grid: the first GRID_MAX of each label
@@ -180,6 +181,9 @@ def cli(argv=None):
         return main(argv)
     except ERRORS as e:
         sys.exit(f"sample.py: error: {e}")
+    except KeyboardInterrupt:                 # Ctrl-C: no file is half-written (atomic writes), nothing to save
+        print("sample.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
