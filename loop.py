@@ -18,8 +18,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, RunLock, atomic_write, check_outputs, dataset_of, load_checkpoint,
-                        prepare_run_folder)
+from checkpoint import (CheckpointError, RunLock, atomic_write, check_outputs, dataset_of, first_line,
+                        load_checkpoint, prepare_run_folder, shown)
 from config import TrainConfig, config_from_dict
 from device import Dist, launched_by_torchrun
 
@@ -30,13 +30,16 @@ class TrainingError(Exception):
 
 # ----- set-up shared by train.py and lora_finetune.py -----
 
-def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders=None, given=(), sections=None):
+def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders=None, given=(), sections=None,
+             write_folders=()):
     """Threads, process group (under torchrun) and device; the run folder, judged and locked by
     rank 0: outputs checked against inputs, the no-clobber rule, one writer; on --resume the
     checkpoint and its stored TrainConfig (flags that contradict the stored run are refused);
     the seed.
 
     writes: the other files the run writes in tcfg.out (the no-clobber rule covers them all);
+    write_folders: those of `writes` that are folders (an export), not files: every other name
+    must be a regular file or absent, checked before any work (not an IsADirectoryError at the end);
     inputs / folders: {label: path} of the files and dataset folders the run reads, which no
     output may be or lie in; given: the flags given on the command line (config.explicit_flags);
     sections: {name: config built from the flags} of the other stored configs ("model", "lora",
@@ -49,15 +52,16 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     ckpt_path = os.path.join(tcfg.out, ckpt_name)
     lock = None
     if judges_run_folder(dist):
-        files = [n for n in (ckpt_name, *writes) if not os.path.isdir(os.path.join(tcfg.out, n))]
+        files = [n for n in (ckpt_name, *writes) if n not in write_folders]
         check_outputs([("--out", os.path.join(tcfg.out, n)) for n in files], inputs or {}, folders or {}, create=True)
         prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
-        lock = RunLock(tcfg.out)
+        lock = RunLock(tcfg.out, files)
     try:
         if lock:                                      # again under the lock: a writer that just finished counts
             prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)
         ckpt = load_checkpoint(ckpt_path) if resume else None
         if ckpt is not None:
+            check_loop_state(ckpt, ckpt_path)
             tcfg = resume_config(ckpt, tcfg, given, sections)
     except BaseException:
         if lock:
@@ -165,13 +169,48 @@ def loop_state_dict(state):
             "rng": rng_state()}
 
 
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_loop_state(ckpt, path):
+    """--resume trusts nothing in the file: the loop state must be what loop_state_dict writes. A
+    tampered step, loss list, RNG, optimiser or schedule state is one CheckpointError line, not a
+    crash in the loop or a run that counts from step -5."""
+    step, losses, rng = ckpt.get("step"), ckpt.get("losses"), ckpt.get("rng")
+    opt, sched = ckpt.get("optimizer"), ckpt.get("scheduler")
+    problems = [what for what, ok in (
+        (f"step {step!r} is not a whole number >= 0", _whole(step)),
+        (f"ema_n_averaged {ckpt.get('ema_n_averaged')!r} is not a whole number >= 0",
+         _whole(ckpt.get("ema_n_averaged"))),
+        ("losses is not a list of (step, loss) pairs",
+         isinstance(losses, (list, tuple)) and all(isinstance(l, (list, tuple)) and len(l) == 2 and _whole(l[0])
+                                                   and isinstance(l[1], (int, float)) and not isinstance(l[1], bool)
+                                                   for l in losses)),
+        ("rng holds no torch RNG state", isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+         and rng["torch"].dtype == torch.uint8),
+        ("optimizer is not an optimiser state (state, param_groups)",
+         isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)),
+        ("scheduler is not a schedule state (last_epoch, base_lrs)",
+         isinstance(sched, dict) and _whole(sched.get("last_epoch")) and isinstance(sched.get("base_lrs"), list)))
+        if not ok]
+    if problems:
+        raise CheckpointError(f"{shown(path)}: the loop state does not fit this code ({'; '.join(problems)}); "
+                              "the file was altered or is not a resumable checkpoint")
+
+
 def restore_loop_state(state, ckpt, path, verbose=True):
     """The inverse of loop_state_dict: continue exactly where the checkpoint stopped."""
+    check_loop_state(ckpt, path)
+    try:
+        state["optimizer"].load_state_dict(ckpt["optimizer"])
+        state["scheduler"].load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:   # groups or shapes of another run
+        raise CheckpointError(f"{shown(path)}: the stored optimiser, schedule or RNG state does not fit this run "
+                              f"({first_line(e)})") from e
     state["ema"].n_averaged.fill_(ckpt["ema_n_averaged"])
-    state["optimizer"].load_state_dict(ckpt["optimizer"])
-    state["scheduler"].load_state_dict(ckpt["scheduler"])
     state.update(step=ckpt["step"], losses=[tuple(l) for l in ckpt["losses"]])
-    set_rng_state(ckpt["rng"])
     if verbose:                                   # rank 0 only, under torchrun
         print(f"resumed {path} at step {state['step']}")
 
@@ -234,9 +273,24 @@ def train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg, au
                             f"at step {state['step']}; stopped without saving (the last good checkpoint "
                             "is untouched). Try a lower --lr.")
     opt.step()
+    if not all_finite(params):                                    # a step too large for the weights
+        raise TrainingError(f"the weights became non-finite (or overflowed) in the optimiser step at step "
+                            f"{state['step']} (--lr {tcfg.lr}, --weight-decay {tcfg.weight_decay}); stopped "
+                            "without saving (the last good checkpoint is untouched). Try a lower --lr.")
     state["scheduler"].step()
     state["ema"].update_parameters(model)
     return loss
+
+
+def all_finite(tensors):
+    """True when every element of every tensor is finite: one norm over them all is finite exactly
+    then (or overflows for weights beyond ~1e19, which are no better)."""
+    tensors = [t.detach() for t in tensors]
+    if hasattr(torch.nn.utils, "get_total_norm"):                 # torch >= 2.6: fused over the list
+        total = torch.nn.utils.get_total_norm(tensors)
+    else:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    return bool(torch.isfinite(total))
 
 
 def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train", on_step=None):
@@ -279,7 +333,7 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train", o
                 order = torch.tensor(list(sampler), device=x_all.device)     # this rank's shuffle
             idx = order[i * b:(i + 1) * b]
             x0, y = x_all[idx], y_all[idx]                                # (B/N, 1, 28, 28), (B/N,)
-            g = torch.Generator(x_all.device).manual_seed(tcfg.seed * 1_000_003 + step)
+            g = torch.Generator(x_all.device).manual_seed((tcfg.seed * 1_000_003 + step) % 2 ** 63)   # fits int64
             t, noise, drop = diffusion.draw(B, x0.shape[1:], x_all.device, generator=g, t_power=tcfg.t_power)
             t_data += time.perf_counter() - t0
 

@@ -110,7 +110,8 @@ def main(argv=None):
     given = args.given - {"dataset"} | ({"style"} if args.given & {"dataset", "style_dir"} else set())
     dist, tcfg, ckpt_path, resume, lock = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
-        folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg})
+        folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
+        write_folders=("peft",))
     with lock:                    # one writer in the run folder until the run ends, however it ends
         return finetune(args, dist, tcfg, ckpt_path, resume, lcfg)
 
@@ -241,6 +242,9 @@ def cli(argv=None):
         return main(argv)
     except ERRORS as e:
         sys.exit(f"lora_finetune.py: error: {e}")
+    except KeyboardInterrupt:                 # a second Ctrl-C, or one outside the loop
+        print("lora_finetune.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

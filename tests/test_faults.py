@@ -62,15 +62,24 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == step
 
 
-def test_non_finite_loss_stops_without_writing_nan(tmp_path):
+def test_non_finite_loss_stops_without_writing_nan(tmp_path, monkeypatch):
+    """A loss that turns NaN at the third step (as a diverging run's does) stops the run there,
+    before its step; an lr that could only diverge (1e30) is refused before any work."""
+    import diffusion
+    real_loss, calls = diffusion.Diffusion.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(1)
+        value = real_loss(self, *args, **kwargs)
+        return value * float("nan") if len(calls) == 3 else value
+    monkeypatch.setattr(diffusion.Diffusion, "loss", loss)
     out = str(tmp_path / "run")
-    r = run_cli("train.py", *FLAGS, "--lr", "1e30", "--warmup-steps", "0", "--max-steps", "20", "--out", out)
-    one_line_error(r, "became non-finite")
-    path = os.path.join(out, "ckpt.pt")
-    if os.path.exists(path):
-        ckpt = load_checkpoint(path)
-        for key in ("model", "ema"):
-            assert all(torch.isfinite(t).all() for t in ckpt[key].values()), f"non-finite {key} saved"
+    one_line_error(run_cli("train.py", *FLAGS, "--max-steps", "20", "--out", out), "became non-finite", "at step 2")
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 2
+    for key in ("model", "ema"):
+        assert all(torch.isfinite(t).all() for t in ckpt[key].values()), f"non-finite {key} saved"
+    one_line_error(run_cli("train.py", *FLAGS, "--lr", "1e30", "--out", str(tmp_path / "other")), "lr 1e+30")
 
 
 def test_lora_few_shot_folder(tiny_ckpt, tmp_path):
@@ -107,3 +116,25 @@ def test_truncated_adapter_is_refused(tiny_ckpt, tmp_path):
                    cut)
     one_line_error(run_cli("sample.py", "--checkpoint", tiny_ckpt, "--lora", adapter, "--lora-scale", "1",
                            "--lora-scale", "2", "--out", str(tmp_path / "x.png")), "--lora-scale")
+
+
+def test_weights_that_turn_non_finite_stop_training_before_a_save(tmp_path, monkeypatch):
+    """An optimiser step that leaves a weight non-finite stops the run at that step; the
+    checkpoint of the step before is the last one written."""
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = str(tmp_path / "run")
+    one_line_error(run_cli("train.py", *FLAGS, "--max-steps", "10", "--out", out), "weights became non-finite",
+                   "at step 2")
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 2
+    for key in ("model", "ema"):
+        assert all(torch.isfinite(t).all() for t in ckpt[key].values()), f"non-finite {key} saved"
