@@ -6,8 +6,15 @@ everything; under `torchrun` (RANK and WORLD_SIZE in the environment) each proce
 the group -- NCCL on CUDA, gloo on CPU -- and rank 0 alone prints, saves and evaluates.
 """
 import os
+import socket
+from datetime import timedelta
 
 import torch
+
+# Processes started by hand (RANK, WORLD_SIZE, MASTER_* set, no torchrun agent) wait this long for
+# their peers to join, then stop in one line: a missing peer never means waiting forever. Under
+# torchrun the agent watches its workers, and torch's own timeouts apply.
+JOIN_TIMEOUT = timedelta(seconds=30)
 
 
 class DeviceError(Exception):
@@ -58,13 +65,27 @@ class Dist:
                               "must be integers") from None
         if not 0 <= rank < world:              # else init_process_group waits for a rank 0 that never comes
             raise DeviceError(f"RANK={rank} is not one of the WORLD_SIZE={world} processes (0 .. {world - 1})")
+        addr = os.environ["MASTER_ADDR"]
+        try:                                   # else c10d retries an unknown host until its timeout
+            socket.getaddrinfo(addr, None)
+        except (socket.gaierror, UnicodeError) as e:
+            raise DeviceError(f"MASTER_ADDR={addr!r}: no such host ({e})") from None
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
+        set_timeout = getattr(dist, "set_timeout", None)        # torch >= 2.6
+        by_hand = "TORCHELASTIC_RUN_ID" not in os.environ and set_timeout is not None
         try:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        except (RuntimeError, ValueError) as e:
-            raise DeviceError(f"could not join the process group ({str(e).splitlines()[0][:200]})") from e
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=JOIN_TIMEOUT if by_hand else None)
+        except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError: peers that never came
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            hint = (f"; all {world} processes must start within {JOIN_TIMEOUT.seconds} s of each other "
+                    "(start them with torchrun)" if by_hand else "")
+            raise DeviceError(f"could not join the process group ({first}){hint}") from e
+        if by_hand:                            # joined: collectives get torch's usual patience back
+            from torch.distributed.constants import default_pg_timeout
+            set_timeout(default_pg_timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     @property
