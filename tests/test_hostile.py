@@ -4,15 +4,19 @@ never a traceback, never a pre-existing file changed, never a number that cannot
 Classes of failure, each with the tests that would have caught it: outputs clobbering inputs,
 two writers in one run folder, non-finite weights and adapters, unvalidated npz files, folder
 images of any PIL mode, --resume flags that were silently ignored, unbounded work."""
+import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -128,8 +132,9 @@ def test_second_writer_is_refused_naming_the_holder_and_locks_do_not_leak(run_co
     for stale in ("ckpt.pt.tmp", ".ckpt.pt.tmp-ab12cd34", ".loss.png.tmp-0123abcd.png"):
         open(os.path.join(folder, stale), "w").close()
     before = digest(folder)
-    with RunLock(folder):
-        assert not [f for f in os.listdir(folder) if "tmp" in f], "stale temp files left"
+    with RunLock(folder, ("ckpt.pt", "loss.png")):
+        left = [f for f in os.listdir(folder) if "tmp" in f]
+        assert left == ["ckpt.pt.tmp"], f"a dead writer's temp files left, or a user's file removed: {left}"
         r = run_cli("train.py", *TINY_FLAGS, "--overwrite", "--out", folder)
         one_line_error(r, f"PID {os.getpid()}")
     assert {k: v for k, v in digest(folder).items() if "tmp" not in k} == {k: v for k, v in before.items()
@@ -385,6 +390,8 @@ def write_mode(path, a, mode):
         Image.fromarray(np.stack([np.zeros_like(a), a], -1), "LA").save(path)
     elif mode == "I;16":
         Image.fromarray(a.astype(np.uint16) * 257).save(path)
+    elif mode == "I;16-8bit":           # a 16-bit PNG that holds 0..255: read as it is, not / 257 (near-black)
+        Image.fromarray(a.astype(np.uint16)).save(path)
     elif mode == "I":
         Image.fromarray(a.astype(np.int32), "I").save(path.replace(".png", ".tif"))
         return path.replace(".png", ".tif")
@@ -398,7 +405,7 @@ def write_mode(path, a, mode):
     return path
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA-alpha", "RGBA-white", "LA", "I;16", "I", "F", "P"])
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA-alpha", "RGBA-white", "LA", "I;16", "I;16-8bit", "I", "F", "P"])
 def test_folder_images_of_every_mode_load_as_the_digit(tmp_path, mode):
     images, _ = real_digits(1)
     for i, a in enumerate(images[:3]):
@@ -484,3 +491,322 @@ def test_evaluate_scores_float_pixels_as_their_uint8_twins_and_one_sample_withou
     x = torch.from_numpy(images[:1].astype(np.float32))[:, None] / 127.5 - 1
     one = evaluate.evaluate_images(clf, x, torch.from_numpy(labels[:1]), x.repeat(4, 1, 1, 1))
     assert one["frechet"] is None and one["n"] == 1
+
+
+# ----- links and special files: never written through, never replaced, never waited on -----
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Fail the test, instead of hanging the suite, when the block runs longer than `seconds`
+    (SIGALRM interrupts a blocking open() of a FIFO too)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("link", ["symlink to a file", "symlink to the checkpoint", "hard link to a file"])
+def test_a_lock_file_that_is_a_link_is_refused_not_written_through(run_copy, tmp_path, link):
+    folder = str(tmp_path / "run")
+    shutil.copytree(run_copy["folder"], folder)
+    victim = str(tmp_path / "victim.txt")
+    open(victim, "w").write("precious user data\n")
+    lock = os.path.join(folder, ".lock")
+    if link == "hard link to a file":
+        os.link(victim, lock)
+    else:
+        os.symlink("ckpt.pt" if link == "symlink to the checkpoint" else victim, lock)
+    before = digest(folder, victim)
+    one_line_error(run_cli("train.py", "--resume", "--max-steps", "4", "--out", folder), ".lock")
+    one_line_error(run_cli("lora_finetune.py", "--checkpoint", run_copy["ckpt"], "--overwrite", "--out", folder),
+                   ".lock")
+    assert digest(folder, victim) == before and os.path.lexists(lock)
+
+
+def test_special_files_are_never_replaced_by_outputs(run_copy, tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    images, labels = real_digits(2)
+    npz = str(tmp_path / "s.npz")
+    np.savez(npz, images=images, labels=labels)
+    cases = [(sample_args(run_copy, "--out", fifo), "FIFO"),
+             (sample_args(run_copy, "--out", str(tmp_path / "x.png"), "--npz", fifo), "FIFO"),
+             (("evaluate.py", "--npz", npz, "--dataset", "mnist-5k", "--json", fifo), "FIFO")]
+    device = str(tmp_path / "null")
+    try:                                          # a /dev/null-like node: needs root (CAP_MKNOD)
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        cases.append((sample_args(run_copy, "--out", device), "character device"))
+    except PermissionError:
+        device = None
+    for argv, message in cases:
+        with deadline(60):
+            one_line_error(run_cli(*argv), message)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert device is None or stat.S_ISCHR(os.stat(device).st_mode)
+    assert sorted(os.listdir(tmp_path)) == sorted(["fifo", "s.npz"] + (["null"] if device else []))
+
+
+def test_fifo_inputs_are_refused_not_waited_on(run_copy, tmp_path):
+    fifo = str(tmp_path / "in.npz")
+    os.mkfifo(fifo)
+    root = digit_folder(str(tmp_path / "digits"), n=1)
+    os.mkfifo(os.path.join(root, "7", "pipe.png"))
+    with deadline(60):
+        one_line_error(run_cli("evaluate.py", "--npz", fifo, "--dataset", "mnist-5k",
+                               "--json", str(tmp_path / "r.json")), fifo, "FIFO")
+        one_line_error(run_cli("sample.py", "--checkpoint", fifo, "--out", str(tmp_path / "x.png")), fifo, "FIFO")
+        one_line_error(run_cli(*sample_args(run_copy, "--lora", fifo, "--out", str(tmp_path / "x.png"))), "FIFO")
+        one_line_error(run_cli("train.py", *TINY_FLAGS, "--dataset", "folder", "--data-dir", root, "--batch-size", "4",
+                               "--out", str(tmp_path / "run")), "pipe.png", "not a regular file")
+
+
+def test_a_long_output_name_is_written_or_refused_in_one_line(run_copy, tmp_path):
+    fits = str(tmp_path / ("a" * 246 + ".png"))          # 250 bytes: fits, though its temp name would not
+    r = run_cli(*sample_args(run_copy, "--out", fits))
+    assert r.returncode == 0, r.stderr
+    too_long = str(tmp_path / ("b" * 300 + ".png"))
+    one_line_error(run_cli(*sample_args(run_copy, "--out", too_long)), "304 bytes")
+    one_line_error(run_cli("train.py", *TINY_FLAGS, "--out", str(tmp_path / ("d" * 300))), "300 bytes")
+    assert os.listdir(tmp_path) == [os.path.basename(fits)]
+
+
+def test_a_newline_in_a_path_stays_on_one_line(tmp_path):
+    bad = str(tmp_path / "no\nsuch.pt")
+    one_line_error(run_cli("sample.py", "--checkpoint", bad, "--out", str(tmp_path / "x.png")),
+                   "checkpoint not found", "no\\nsuch.pt")
+    one_line_error(run_cli("evaluate.py", "--npz", bad, "--dataset", "mnist-5k", "--json", str(tmp_path / "r.json")),
+                   "no\\nsuch.pt")
+
+
+# ----- temp files: a killed writer's go, a user's stay -----
+
+def test_a_run_in_a_shared_folder_keeps_the_users_tmp_files(tmp_path):
+    out = tmp_path / "shared"
+    out.mkdir()
+    for name, text in (("notes.tmp", "mine"), ("table.tmp.csv", "a,b"), (".cache.tmp-abcdefgh", "x"),
+                       (".loss.png.tmp-abcdefgh.txt.bak", "y")):
+        (out / name).write_text(text)
+    (out / ".ckpt.pt.tmp-ab12cd34").write_text("a killed writer's")
+    before = digest(str(out))
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    after = digest(str(out))
+    assert {p: h for p, h in after.items() if p in before} == {p: h for p, h in before.items()
+                                                              if not p.endswith(".ckpt.pt.tmp-ab12cd34")}
+    assert sorted(os.listdir(out)) == sorted([".cache.tmp-abcdefgh", ".loss.png.tmp-abcdefgh.txt.bak", "ckpt.pt",
+                                              "notes.tmp", "table.tmp.csv"])
+
+
+def test_sample_removes_only_the_stale_temp_files_of_its_own_outputs(run_copy, tmp_path):
+    own = [".x.png.tmp-abcd1234.png", ".x.npz.tmp-0a1b2c3d.npz"]      # what a kill -9 mid-write leaves
+    others = [".y.png.tmp-abcd1234.png", "x.png.tmp", ".x.png.tmp-short", "notes.tmp"]
+    for name in own + others:
+        (tmp_path / name).write_text("x")
+    r = run_cli(*sample_args(run_copy, "--out", str(tmp_path / "x.png"), "--npz", str(tmp_path / "x.npz")))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(["x.png", "x.npz", *others])
+
+
+# ----- a full disk, Ctrl-C: one line, the old file kept -----
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(run_copy, tmp_path, monkeypatch):
+    npz = tmp_path / "x.npz"
+    npz.write_bytes(b"the previous npz")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", full)
+    r = run_cli(*sample_args(run_copy, "--out", str(tmp_path / "x.png"), "--npz", str(npz)))
+    one_line_error(r, str(npz), "could not write", "No space left on device")
+    assert npz.read_bytes() == b"the previous npz"
+    assert sorted(os.listdir(tmp_path)) == ["x.npz", "x.png"], "a temp file was left"
+
+
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
+def test_ctrl_c_is_one_line_and_exit_130(run_copy, tmp_path, monkeypatch, script):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = tmp_path / ("x.png" if script == "sample.py" else "r.json")
+    out.write_bytes(b"the previous result")
+    if script == "sample.py":
+        monkeypatch.setattr(sample, "generate", interrupted)
+        argv = sample_args(run_copy, "--out", str(out))
+    else:
+        monkeypatch.setattr(evaluate, "get_classifier", interrupted)
+        argv = ("evaluate.py", "--checkpoint", run_copy["ckpt"], "--n", "1", "--steps", "2", "--json", str(out))
+    try:
+        r = run_cli(*argv)
+    except KeyboardInterrupt:                          # uncaught, it would also stop pytest itself
+        pytest.fail(f"{script}: Ctrl-C ends in a KeyboardInterrupt traceback")
+    assert r.returncode == 130
+    one_line_error(r, "interrupted")
+    assert out.read_bytes() == b"the previous result" and os.listdir(tmp_path) == [out.name]
+
+
+# ----- run folders: a folder where a run file goes, tampered loop state -----
+
+@pytest.mark.parametrize("name", ["ckpt.pt", "loss.png"])
+def test_a_folder_where_a_run_file_goes_is_refused_before_training(tmp_path, name):
+    out = tmp_path / "d"
+    (out / name / "keep").mkdir(parents=True)
+    (out / name / "keep" / "f").write_text("kept")
+    before = digest(str(out))
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--overwrite", "--out", str(out))
+    one_line_error(r, name, "existing folder")
+    assert "%|" not in r.stderr, "trained before refusing"
+    assert digest(str(out)) == before and sorted(os.listdir(out)) == [name]
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("step", "x", "step 'x'"), ("step", -5, "step -5"), ("rng", DELETE, "rng"), ("optimizer", {}, "optimizer"),
+    ("losses", 5, "losses"), ("losses", [(1, "low")], "losses"), ("ema_n_averaged", -1, "ema_n_averaged"),
+    ("scheduler", {"last_epoch": "x"}, "scheduler"),
+    ("optimizer", {"state": {}, "param_groups": []}, "optimiser, schedule or RNG state does not fit"),
+    ("rng", {"torch": torch.zeros(3, dtype=torch.uint8)}, "optimiser, schedule or RNG state does not fit")])
+def test_tampered_loop_state_is_refused_on_resume(run_copy, tmp_path, key, value, message):
+    folder = str(tmp_path / "run")
+    shutil.copytree(run_copy["folder"], folder)
+    ckpt = os.path.join(folder, "ckpt.pt")
+    tampered_checkpoint(ckpt, ckpt, lambda c: c.pop(key) if value is DELETE else c.__setitem__(key, value))
+    before = digest(folder)
+    r = run_cli("train.py", "--resume", "--max-steps", "5", "--no-figures", "--out", folder)
+    one_line_error(r, message)
+    assert "%|" not in r.stderr, "trained from a tampered state"
+    assert digest(folder) == before
+
+
+def test_a_huge_model_config_is_refused_before_the_model_is_allocated(run_copy, tmp_path, monkeypatch):
+    import checkpoint
+    import train
+
+    def huge(c):                                      # every field in range; 38 GB of weights
+        c["config"]["model"].update(base_channels=4096, channel_mults=[64, 64, 64], attn_heads=1, context_dim=4096,
+                                    ff_mult=16, context_tokens=256, num_res_blocks=16)
+    path = tampered_checkpoint(run_copy["ckpt"], str(tmp_path / "huge.pt"), huge)
+    real_unet = checkpoint.UNet
+
+    def guarded(cfg):
+        assert cfg.base_channels < 4096 or torch.empty(0).device.type == "meta", "the huge model was allocated"
+        return real_unet(cfg)
+    monkeypatch.setattr(checkpoint, "UNet", guarded)
+    monkeypatch.setattr(train, "UNet", guarded)
+    one_line_error(run_cli("sample.py", "--checkpoint", path, "--out", str(tmp_path / "x.png")), "do not fit")
+    folder = str(tmp_path / "run")
+    shutil.copytree(run_copy["folder"], folder)
+    tampered_checkpoint(os.path.join(folder, "ckpt.pt"), os.path.join(folder, "ckpt.pt"), huge)
+    one_line_error(run_cli("train.py", "--resume", "--max-steps", "5", "--out", folder), "do not fit")
+
+
+# ----- the judge's own cache -----
+
+@pytest.mark.parametrize("cache", ["random bytes", "wrong keys", "a list", "nan weights"])
+def test_a_broken_classifier_cache_is_one_line_and_kept(tmp_path, cache):
+    data = tmp_path / "cache"
+    data.mkdir()
+    path = data / f"classifier_mnist-5k_v{evaluate.CLASSIFIER_VERSION}.pt"
+    if cache == "random bytes":
+        path.write_bytes(os.urandom(1000))
+    elif cache == "wrong keys":
+        torch.save({"model": {"x": torch.zeros(1)}, "test_accuracy": 0.9}, path)
+    elif cache == "a list":
+        torch.save([1, 2], path)
+    else:
+        weights = {k: torch.full_like(v, float("nan")) for k, v in evaluate.Classifier().state_dict().items()}
+        torch.save({"model": weights, "test_accuracy": 0.9}, path)
+    images, labels = real_digits(2)
+    npz = str(tmp_path / "s.npz")
+    np.savez(npz, images=images, labels=labels)
+    before = digest(str(data))
+    r = run_cli("evaluate.py", "--npz", npz, "--dataset", "mnist-5k", "--data-dir", str(data),
+                "--json", str(tmp_path / "r.json"))
+    one_line_error(r, str(path), "classifier cache")
+    assert digest(str(data)) == before and not (tmp_path / "r.json").exists()
+
+
+def test_a_classifier_that_gives_non_finite_outputs_is_an_error_not_a_score():
+    clf = evaluate.Classifier().eval()
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.fill_(1e30)
+    x = torch.from_numpy(real_digits(1)[0].astype(np.float32))[:, None] / 127.5 - 1
+    with pytest.raises(CheckpointError, match="non-finite"):
+        evaluate.classify(clf, x)
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate.frechet_distance(np.full((4, 2), np.nan), np.zeros((4, 2)))
+
+
+# ----- flags that cannot give a right run, refused at once -----
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train.py", ["--lr", "1e30"], "lr 1e+30"), ("train.py", ["--weight-decay", "1e308"], "weight_decay"),
+    ("train.py", ["--seed", str(2 ** 64)], "seed"), ("train.py", ["--seed", "-1"], "seed"),
+    ("train.py", ["--eval-n", "1000000000"], "10,000"), ("lora_finetune.py", ["--eval-n", "1000000000"], "10,000"),
+    ("lora_finetune.py", ["--r", "5000"], "r 5000"), ("lora_finetune.py", ["--alpha", "2e6"], "alpha 2000000.0")])
+def test_flags_that_cannot_give_a_right_run_are_refused_at_once(run_copy, tmp_path, script, argv, message):
+    base = TINY_FLAGS if script == "train.py" else ["--checkpoint", run_copy["ckpt"]]
+    one_line_error(run_cli(script, *base, *argv, "--out", str(tmp_path / "o")), message)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_lora_bounds_are_the_adapter_loaders(run_copy, tmp_path):
+    """What lora_finetune.py may train, sample.py may load: the same constants on both sides."""
+    import config
+    assert (lora.LORA_MAX_R, lora.LORA_MAX_ALPHA) == (config.LORA_MAX_R, config.LORA_MAX_ALPHA)
+    config.LoraConfig(r=config.LORA_MAX_R, alpha=config.LORA_MAX_ALPHA)
+    bad = tampered_adapter(run_copy["adapter"], str(tmp_path / "a.safetensors"), {"r": str(config.LORA_MAX_R + 1)})
+    one_line_error(run_cli(*sample_args(run_copy, "--lora", bad, "--out", str(tmp_path / "x.png"))),
+                   f"r {config.LORA_MAX_R + 1}")
+
+
+def test_a_seed_near_2_63_trains(tmp_path):
+    r = run_cli("train.py", *TINY_FLAGS, "--seed", str(2 ** 62), "--max-steps", "1", "--no-figures",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+
+
+# ----- a process group that never forms -----
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_missing_peer_ends_in_one_line_not_a_hang(monkeypatch, tmp_path, rank):
+    import torch.distributed as td
+    import device
+    monkeypatch.setattr(device, "JOIN_TIMEOUT", timedelta(seconds=1))
+    for k, v in {"RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with deadline(60):
+        r = run_cli("train.py", *TINY_FLAGS, "--out", str(tmp_path / "o"))
+    one_line_error(r, "could not join the process group", "torchrun")
+    monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
+    with deadline(60):
+        one_line_error(run_cli("train.py", *TINY_FLAGS, "--out", str(tmp_path / "o")), "no-such-host.invalid")
+    assert not td.is_initialized() and not os.path.exists(tmp_path / "o")
+
+
+# ----- the base of a LoRA table -----
+
+def test_lora_table_refuses_a_missing_base_in_one_line(tmp_path, monkeypatch, capsys):
+    import lora_table
+    missing = str(tmp_path / "none.pt")
+    monkeypatch.setattr(sys, "argv", ["lora_table.py", "--checkpoint", missing, "--rows", "qkv:1",
+                                      "--out", str(tmp_path / "t"), "--max-steps", "1"])
+    with pytest.raises(SystemExit) as e:
+        lora_table.main()
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert e.value.code == 2 and len(err) == 1 and missing in err[0] and "checkpoint not found" in err[0], err
+    assert not os.path.exists(tmp_path / "t")
