@@ -306,7 +306,7 @@ def main():
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="model size for the training rows (config.py presets; default: cpu = the default model)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="model for sampling")
-    p.add_argument("--batch", type=int, default=0, help="training batch (default: the preset's, 64 for cpu)")
+    p.add_argument("--batch", type=int, default=0, help="training batch (default: the preset's; 64 for cpu, whose train.py runs use 32)")
     p.add_argument("--reps", type=int, default=8, help="timed training steps per variant")
     p.add_argument("--n", type=int, default=100, help="images per sampling measurement (a multiple of 10)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")

@@ -334,7 +334,8 @@ def denoising_film(model, diffusion, scfg, path, max_frames=26, hold=8, zoom=2, 
     shots = []
     with torch.inference_mode():
         for i in tqdm(keep, desc="film", leave=False, disable=None):
-            _, x0 = diffusion.predict_eps_x0(model, frames[i], ts[i], y, scfg.guidance)
+            _, x0 = diffusion.predict_eps_x0(model, frames[i], ts[i], y, scfg.guidance, scfg.guidance_interval,
+                                             scfg.guidance_rescale)
             shots.append((f"step {i + 1}/{len(ts)}, t = {ts[i]}", strip(frames[i]), strip(x0)))
     shots += [("done: x_0", strip(frames[-1]), strip(frames[-1]))] * hold     # hold the result
     # Exact pixel layout: each image pixel becomes zoom x zoom screen pixels (nearest), which
