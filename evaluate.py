@@ -437,6 +437,8 @@ def main(argv=None):
     real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
     clf, clf_acc = get_classifier(dataset, args.data_dir)
     results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
+    if not args.npz:
+        results["sampling"] = asdict(scfg)                # the sweep varies only the guidance
 
     if args.npz:
         results.update(evaluate_images(clf, x, y, real_x))
@@ -454,7 +456,7 @@ def main(argv=None):
         results["lora"] = lora_comparison(args, model, diffusion, dataset, scfg)
     else:
         r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg)
-        results.update(r, sampling=asdict(scfg), style=style_measures(x), real_style=style_measures(real_x))
+        results.update(r, style=style_measures(x), real_style=style_measures(real_x))
         print_report(results, clf_acc)
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")

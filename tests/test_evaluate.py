@@ -48,3 +48,20 @@ def test_style_measures_see_bold_and_italic():
     base, bold, italic = (evaluate.style_measures(v) for v in (x, apply_style(x, "bold"), apply_style(x, "italic")))
     assert bold["ink"] > 1.5 * base["ink"] and abs(bold["slant"] - base["slant"]) < 0.05
     assert italic["slant"] > base["slant"] + 0.25 and abs(italic["ink"] - base["ink"]) < 0.02
+
+
+def test_results_record_every_sampling_setting_also_for_a_sweep(tiny_ckpt, tmp_path, monkeypatch):
+    """The JSON says how the samples were drawn (sampler, steps, eta, guidance interval,
+    rescale, seed), for a plain evaluation and for a guidance sweep alike."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(evaluate, "get_classifier", lambda *a, **k: (evaluate.Classifier().eval(), 0.5))
+    flags = ("--checkpoint", tiny_ckpt, "--n", "2", "--steps", "2", "--guide-to", "0.5", "--guidance-rescale", "0.3",
+             "--dataset", "mnist-5k")
+    for extra, name in (((), "plain.json"), (("--sweep-guidance", "1,2"), "sweep.json")):
+        r = run_cli("evaluate.py", *flags, *extra, "--json", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        with open(tmp_path / name) as f:
+            res = json.load(f)
+        s = res["sampling"]
+        assert (s["sampler"], s["steps"], s["guide_from"], s["guide_to"], s["guidance_rescale"]) == ("ddim", 2, 0.0, 0.5, 0.3)
+    assert [row["guidance"] for row in res["sweep"]] == [1.0, 2.0]

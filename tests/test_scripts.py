@@ -180,7 +180,8 @@ def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("targets, slant, suggests", [("qkv", 0.75, True), ("qkv", 0.85, False),
-                                                      ("conv", 0.75, False)])
+                                                      ("conv", 0.75, False), ("all", 0.75, False),
+                                                      ("attn", 0.75, True)])
 def test_italic_below_80_percent_suggests_the_convolution_command(tiny_ckpt, tmp_path, monkeypatch,
                                                                    targets, slant, suggests):
     """The one-line suggestion after the style evaluation: only for a slant shift < 80%, and
