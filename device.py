@@ -5,8 +5,11 @@ Under plain `python train.py` there is no process group at all and rank 0 of 1 d
 everything; under `torchrun` (RANK and WORLD_SIZE in the environment) each process joins
 the group -- NCCL on CUDA, gloo on CPU -- and rank 0 alone prints, saves and evaluates.
 """
+import contextlib
 import os
 import socket
+import sys
+import tempfile
 from datetime import timedelta
 
 import torch
@@ -44,6 +47,33 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+@contextlib.contextmanager
+def held_back_stderr():
+    """c10d logs every failed attempt to reach a peer, with a C++ stack trace, straight to file
+    descriptor 2. Hold that output back while joining: written out as it was if the join succeeds,
+    replaced by the one-line DeviceError if it fails."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as held:
+        try:
+            saved = os.dup(2)
+        except OSError:                        # no stderr to hold back
+            yield
+            return
+        os.dup2(held.fileno(), 2)
+        joined = False
+        try:
+            yield
+            joined = True
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if joined:
+                held.seek(0)
+                with open(2, "wb", closefd=False) as err:
+                    err.write(held.read())
+
+
 class Dist:
     """Where this process stands: rank, world size, device (see the module docstring)."""
 
@@ -76,8 +106,9 @@ class Dist:
         set_timeout = getattr(dist, "set_timeout", None)        # torch >= 2.6
         by_hand = "TORCHELASTIC_RUN_ID" not in os.environ and set_timeout is not None
         try:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    timeout=JOIN_TIMEOUT if by_hand else None)
+            with held_back_stderr():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                        timeout=JOIN_TIMEOUT if by_hand else None)
         except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError: peers that never came
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             hint = (f"; all {world} processes must start within {JOIN_TIMEOUT.seconds} s of each other "
