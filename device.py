@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from datetime import timedelta
 
 import torch
@@ -45,6 +46,21 @@ def pick_device(name):
 def launched_by_torchrun():
     """True when a launcher set RANK and WORLD_SIZE: this process belongs to a process group."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def answers(addr, port, seconds):
+    """True as soon as addr:port accepts a TCP connection (rank 0's store is up), False after
+    `seconds` of trying."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            wait = max(0.1, min(2.0, deadline - time.monotonic()))
+            socket.create_connection((addr, port), timeout=wait).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -105,14 +121,21 @@ class Dist:
             torch.cuda.set_device(self.device)
         set_timeout = getattr(dist, "set_timeout", None)        # torch >= 2.6
         by_hand = "TORCHELASTIC_RUN_ID" not in os.environ and set_timeout is not None
+        hint = (f"; all {world} processes must start within {JOIN_TIMEOUT.seconds} s of each other "
+                "(start them with torchrun)" if by_hand else "")
+        if by_hand and rank > 0:             # c10d's own wait for rank 0 overshoots its timeout by seconds
+            port = os.environ["MASTER_PORT"]
+            if not (port.isdigit() and 0 < int(port) < 2 ** 16):
+                raise DeviceError(f"MASTER_PORT={port!r} must be a port number (1 .. 65535)")
+            if not answers(addr, int(port), JOIN_TIMEOUT.total_seconds()):
+                raise DeviceError(f"could not join the process group (no process 0 answers at {addr}:{port} "
+                                  f"after {JOIN_TIMEOUT.seconds} s){hint}")
         try:
             with held_back_stderr():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                         timeout=JOIN_TIMEOUT if by_hand else None)
         except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError: peers that never came
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            hint = (f"; all {world} processes must start within {JOIN_TIMEOUT.seconds} s of each other "
-                    "(start them with torchrun)" if by_hand else "")
             raise DeviceError(f"could not join the process group ({first}){hint}") from e
         if by_hand:                            # joined: collectives get torch's usual patience back
             from torch.distributed.constants import default_pg_timeout
