@@ -194,7 +194,8 @@ class Diffusion(nn.Module):
         sampler "ddim": Song et al. 2021 over `steps` evenly spaced timesteps; eta=0 is deterministic.
         guidance_interval (lo, hi), fractions of T: guidance only at steps with lo <= t/T < hi,
         the plain conditional model (one pass, cheaper) elsewhere; None (default): every step.
-        guidance_rescale in [0, 1]: see predict_eps_x0. With trajectory=True also returns the list of intermediate x_t, x_T first.
+        guidance_rescale in [0, 1]: see predict_eps_x0.
+        With trajectory=True also returns the list of intermediate x_t, x_T first.
         """
         if guidance_interval is not None:
             check_guidance_interval(guidance_interval)
