@@ -116,30 +116,32 @@ class Dist:
             socket.getaddrinfo(addr, None)
         except (socket.gaierror, UnicodeError) as e:
             raise DeviceError(f"MASTER_ADDR={addr!r}: no such host ({e})") from None
+        port = os.environ["MASTER_PORT"]
+        if not (port.isdigit() and 0 < int(port) < 2 ** 16):
+            raise DeviceError(f"MASTER_PORT={port!r} must be a port number (1 .. 65535)")
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         set_timeout = getattr(dist, "set_timeout", None)        # torch >= 2.6
         by_hand = "TORCHELASTIC_RUN_ID" not in os.environ and set_timeout is not None
         hint = (f"; all {world} processes must start within {JOIN_TIMEOUT.seconds} s of each other "
-                "(start them with torchrun)" if by_hand else "")
+                "(start them with torchrun)" if by_hand and world > 1 else "")
         if by_hand and rank > 0:             # c10d's own wait for rank 0 overshoots its timeout by seconds
-            port = os.environ["MASTER_PORT"]
-            if not (port.isdigit() and 0 < int(port) < 2 ** 16):
-                raise DeviceError(f"MASTER_PORT={port!r} must be a port number (1 .. 65535)")
             if not answers(addr, int(port), JOIN_TIMEOUT.total_seconds()):
                 raise DeviceError(f"could not join the process group (no process 0 answers at {addr}:{port} "
                                   f"after {JOIN_TIMEOUT.seconds} s){hint}")
-        try:
-            with held_back_stderr():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                        timeout=JOIN_TIMEOUT if by_hand else None)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        try:                                   # by hand on CUDA: NCCL joins at once (device_id), not at the
+            with held_back_stderr():           # first collective, whose wait would keep the short timeout
+                dist.init_process_group(backend, timeout=JOIN_TIMEOUT if by_hand else None,
+                                        **({"device_id": self.device} if by_hand and backend == "nccl" else {}))
         except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError: peers that never came
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise DeviceError(f"could not join the process group ({first}){hint}") from e
         if by_hand:                            # joined: collectives get torch's usual patience back
-            from torch.distributed.constants import default_pg_timeout
-            set_timeout(default_pg_timeout)
+            from torch.distributed import constants
+            usual = getattr(constants, "default_pg_nccl_timeout", None) if backend == "nccl" else None
+            set_timeout(usual or constants.default_pg_timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     @property

@@ -798,6 +798,9 @@ def test_a_missing_peer_ends_in_one_line_not_a_hang(monkeypatch, tmp_path, rank)
     monkeypatch.setenv("MASTER_ADDR", "no-such-host.invalid")
     with deadline(60):
         one_line_error(run_cli("train.py", *TINY_FLAGS, "--out", str(tmp_path / "o")), "no-such-host.invalid")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "abc")
+    one_line_error(run_cli("train.py", *TINY_FLAGS, "--out", str(tmp_path / "o")), "MASTER_PORT='abc'")
     assert not td.is_initialized() and not os.path.exists(tmp_path / "o")
 
 
