@@ -185,7 +185,7 @@ class Diffusion(nn.Module):
         return eps, x0
 
     @torch.inference_mode()
-    def sample(self, model, y, sampler="ddim", steps=50, guidance=2.0, eta=0.0,
+    def sample(self, model, y, sampler="ddim", steps=50, guidance=None, eta=0.0,
                generator=None, trajectory=False, image_shape=(1, 28, 28), guidance_interval=None,
                guidance_rescale=0.0):
         """Draw images for labels y (B,): (B, C, 28, 28) in [-1, 1].
@@ -194,11 +194,12 @@ class Diffusion(nn.Module):
         sampler "ddim": Song et al. 2021 over `steps` evenly spaced timesteps; eta=0 is deterministic.
         guidance_interval (lo, hi), fractions of T: guidance only at steps with lo <= t/T < hi,
         the plain conditional model (one pass, cheaper) elsewhere; None (default): every step.
-        guidance_rescale in [0, 1]: see predict_eps_x0.
+        guidance None: the model's DiffusionConfig.sample_guidance. guidance_rescale in [0, 1]: see predict_eps_x0.
         With trajectory=True also returns the list of intermediate x_t, x_T first.
         """
         if guidance_interval is not None:
             check_guidance_interval(guidance_interval)
+        guidance = self.cfg.sample_guidance if guidance is None else guidance
         shape = (len(y), *image_shape)
         x = torch.randn(shape, generator=generator, device=y.device)          # x_T ~ N(0, I)
         if sampler == "ddpm":

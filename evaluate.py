@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from checkpoint import (CheckpointError, atomic_write, check_outputs, dataset_of, first_line, load_model,
                         not_a_regular_file, remove_stale_temps, save_checkpoint, shown, write_json)
-from config import Parser, SampleConfig, add_config_flags
+from config import Parser
 from dataset import DataError, apply_style, load_dataset
 from device import DeviceError, pick_device
 from diffusion import SamplingError
 from lora import LoraError, read_adapter
-from sample import MAX_IMAGES, SampleError, add_model_flags, generate, load_model_for_sampling, sample_config
+from sample import (MAX_IMAGES, SampleError, add_model_flags, add_sampling_flags, generate, load_model_for_sampling,
+                    sample_config)
 
 CLASSIFIER_VERSION = 2    # bump when the classifier or its training changes: invalidates caches
 
@@ -404,7 +405,7 @@ def parse_args(argv=None):
     p.add_argument("--style-dir", default=None, help="with --lora of a folder-trained adapter: that folder")
     p.add_argument("--json", default=None, help="where to write the results (default: next to the input)")
     add_model_flags(p)
-    add_config_flags(p, SampleConfig, "sampling")
+    add_sampling_flags(p)
     return p.parse_args(argv)
 
 
@@ -420,8 +421,8 @@ def main(argv=None):
     model = None
     if args.npz is None:
         model, diffusion, ckpt = load_model_for_sampling(args, device)
-        scfg = sample_config(args, diffusion.T)
-        sweep_cfgs = [sample_config(args, diffusion.T, guidance=w) for w in scales]
+        scfg = sample_config(args, diffusion.cfg)
+        sweep_cfgs = [sample_config(args, diffusion.cfg, guidance=w) for w in scales]
         dataset = args.dataset or dataset_of(ckpt)
     else:
         x, y = read_npz(args.npz)

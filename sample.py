@@ -39,11 +39,20 @@ def add_model_flags(p):
                    help="fold the adapter into the weights (no extra cost per step)")
 
 
-def sample_config(args, timesteps, **overrides):
-    """The SampleConfig of the parsed flags, checked against the model's T."""
+def add_sampling_flags(p, group="sampling"):
+    """SampleConfig's flags. --guidance stays None unless given: the checkpoint then decides."""
+    add_config_flags(p, SampleConfig, group)
+    p.set_defaults(guidance=None)
+
+
+def sample_config(args, diff_cfg, **overrides):
+    """The SampleConfig of the parsed flags, checked against the model's T. Without --guidance,
+    the guidance the model's run chose for it (DiffusionConfig.sample_guidance; 2 by default)."""
+    if args.guidance is None:
+        overrides.setdefault("guidance", diff_cfg.sample_guidance)
     try:
         scfg = config_from_args(SampleConfig, args, **overrides)
-        scfg.check_steps(timesteps)
+        scfg.check_steps(diff_cfg.timesteps)
     except ValueError as e:
         raise SampleError(str(e)) from e
     return scfg
@@ -138,7 +147,7 @@ def parse_args(argv=None):
     p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here")
     p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
     add_model_flags(p)
-    add_config_flags(p, SampleConfig, "sampling")
+    add_sampling_flags(p)
     return p.parse_args(argv)
 
 
@@ -150,7 +159,7 @@ def main(argv=None):
                           f"(at most {MAX_IMAGES:,} images per request)")
     device = pick_device(args.device)
     model, diffusion, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
-    scfg = sample_config(args, diffusion.T)
+    scfg = sample_config(args, diffusion.cfg)
     out = args.out or os.path.join(os.path.dirname(args.checkpoint), f"sample_{args.label}.png")
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
     check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},

@@ -70,9 +70,14 @@ def load_training_data(tcfg, dist):
     return x, y, name
 
 
+def run_sampling(diffusion, **fields):
+    """The sampling of the run's own figures and evaluations: the defaults, at its --sample-guidance."""
+    return SampleConfig(guidance=diffusion.cfg.sample_guidance, **fields)
+
+
 def save_sample_grid(model, diffusion, path, n_per_label=10):
-    """One row per digit 0..9, n_per_label columns, with the default sampling settings."""
-    x, _, _ = generate(model.eval(), diffusion, list(range(10)), n_per_label, SampleConfig())
+    """One row per digit 0..9, n_per_label columns, with the run's sampling settings."""
+    x, _, _ = generate(model.eval(), diffusion, list(range(10)), n_per_label, run_sampling(diffusion))
     save_grid(x, path, nrow=n_per_label)
 
 
@@ -82,7 +87,7 @@ class QualityCurve:
     images, ~10 s on 2 CPU cores): accuracy to a few %, and the Frechet distance against the
     real-vs-real floor at the same n (100). Rows go to eval_curve.csv, the figure to
     eval_curve.png; a resumed run keeps the rows it had."""
-    N_PER_DIGIT, SAMPLING = 10, SampleConfig(steps=20)
+    N_PER_DIGIT, STEPS = 10, 20
     FIELDS = ("step", "images", "train_minutes", "accuracy", "frechet", "floor", "frechet_ratio", "eval_seconds")
 
     def __init__(self, dataset, data_dir, out, images_per_step, resume_step=0):
@@ -97,7 +102,8 @@ class QualityCurve:
 
     def __call__(self, step, model, diffusion, seconds_since_start):
         t0 = time.perf_counter()
-        x, y, _ = generate(model.eval(), diffusion, list(range(10)), self.N_PER_DIGIT, self.SAMPLING)
+        x, y, _ = generate(model.eval(), diffusion, list(range(10)), self.N_PER_DIGIT,
+                           run_sampling(diffusion, steps=self.STEPS))
         probs, feats = evaluate.classify(self.clf, x.cpu())
         frechet, floor = evaluate.frechet_vs_real(feats.numpy(), *self.halves)
         spent = time.perf_counter() - t0
@@ -147,7 +153,7 @@ def save_curve_figure(rows, path):
             top = ax.secondary_xaxis("top", functions=(lambda k: k * per, lambda m: m / per))
             top.set_xlabel("training minutes", fontsize=8)
     fig.suptitle(f"quality while training (EMA weights, {QualityCurve.N_PER_DIGIT} per digit, "
-                 f"DDIM {QualityCurve.SAMPLING.steps})", fontsize=9)
+                 f"DDIM {QualityCurve.STEPS})", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
     plt.close(fig)
@@ -228,7 +234,7 @@ def final_evaluation(model, diffusion, dataset, tcfg):
     """Score the EMA weights with evaluate.py's classifier, so every run says how good it is."""
     clf, clf_acc = evaluate.get_classifier(dataset, tcfg.data_dir)
     real_x = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)[0]
-    r, _, _ = evaluate.evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, SampleConfig())
+    r, _, _ = evaluate.evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, run_sampling(diffusion))
     print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
     evaluate.print_report(r, clf_acc)
 

@@ -21,11 +21,12 @@ from tqdm import tqdm
 
 import lora
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model
-from config import Parser, SampleConfig, add_config_flags, config_from_args
+from config import Parser, SampleConfig, config_from_args
 from cross_attn import CrossAttention, capture_attention
 from dataset import DataError, load_dataset
 from device import DeviceError, pick_device
 from diffusion import Diffusion, SamplingError
+from sample import SampleError, add_sampling_flags, sample_config
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
 FIGURES = ("attention", "trap", "film")
@@ -495,7 +496,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="digits in the gradient batch (default: 64)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
-    add_config_flags(p, SampleConfig, "sampling (attention and film)")
+    add_sampling_flags(p, "sampling (attention and film)")
     return p.parse_args(argv)
 
 
@@ -511,8 +512,9 @@ def main(argv=None):
         raise VisualizeError("--lora is checked with --check (the figures show the base model)")
     if args.batch_size < 2:
         raise VisualizeError(f"--batch-size {args.batch_size}: must be >= 2")
-    try:
-        scfg = config_from_args(SampleConfig, args)
+    try:                    # the flags checked before any work; a missing --guidance is the checkpoint's
+        scfg = config_from_args(SampleConfig, args, guidance=SampleConfig.guidance if args.guidance is None
+                                else args.guidance)
     except ValueError as e:
         raise VisualizeError(str(e)) from None
     if args.threads > 0:
@@ -523,8 +525,8 @@ def main(argv=None):
 
     model, diff_cfg, _ = load_model(args.checkpoint, device)      # a missing checkpoint first
     try:
-        scfg.check_steps(diff_cfg.timesteps)
-    except ValueError as e:
+        scfg = sample_config(args, diff_cfg)
+    except SampleError as e:
         raise VisualizeError(str(e)) from None
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
     names = [n for fig in figures for n in NAMES[fig]]

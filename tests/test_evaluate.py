@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from conftest import run_cli
+from conftest import TINY_FLAGS, run_cli
 from dataset import apply_style, load_dataset
 import evaluate
 
@@ -65,3 +65,33 @@ def test_results_record_every_sampling_setting_also_for_a_sweep(tiny_ckpt, tmp_p
         s = res["sampling"]
         assert (s["sampler"], s["steps"], s["guide_from"], s["guide_to"], s["guidance_rescale"]) == ("ddim", 2, 0.0, 0.5, 0.3)
     assert [row["guidance"] for row in res["sweep"]] == [1.0, 2.0]
+
+
+def test_a_run_stores_its_sample_guidance_and_every_sampler_starts_from_it(tmp_path, monkeypatch):
+    """train.py --sample-guidance w goes into the checkpoint; sample.py and evaluate.py then
+    sample at w unless --guidance says otherwise; an older checkpoint without the field samples at 2."""
+    from checkpoint import configs_from_checkpoint
+    out = tmp_path / "run"
+    assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--sample-guidance", "1.5", "--out", str(out),
+                   "--no-figures").returncode == 0
+    ckpt_path = str(out / "ckpt.pt")
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["config"]["diffusion"]["sample_guidance"] == 1.5
+
+    def images(name, *flags):
+        r = run_cli("sample.py", "--checkpoint", ckpt_path, "--label", "3", "--n", "2", "--steps", "3",
+                    "--out", str(tmp_path / f"{name}.png"), "--npz", str(tmp_path / f"{name}.npz"), *flags)
+        assert r.returncode == 0, r.stderr
+        return np.load(tmp_path / f"{name}.npz")["images"]
+    default, at_15, at_2 = images("d"), images("a", "--guidance", "1.5"), images("b", "--guidance", "2")
+    assert np.array_equal(default, at_15) and not np.array_equal(default, at_2)
+
+    monkeypatch.setattr(evaluate, "get_classifier", lambda *a, **k: (evaluate.Classifier().eval(), 0.5))
+    for flags, expected in (((), 1.5), (("--guidance", "3"), 3.0)):
+        json_path = tmp_path / f"e{expected}.json"
+        assert run_cli("evaluate.py", "--checkpoint", ckpt_path, "--n", "1", "--steps", "2", "--dataset", "mnist-5k",
+                       "--json", str(json_path), *flags).returncode == 0
+        assert json.load(open(json_path))["sampling"]["guidance"] == expected
+
+    del ckpt["config"]["diffusion"]["sample_guidance"]                  # a checkpoint from before the field
+    assert configs_from_checkpoint(ckpt)[1].sample_guidance == 2.0
