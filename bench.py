@@ -274,7 +274,7 @@ def section_cli(args, device):
     t2 = time.perf_counter()
     from diffusion import Diffusion
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
-    sample.generate(model, diffusion, [7], 10, SampleConfig())
+    sample.generate(model, diffusion, [7], 10, SampleConfig(guidance=diff_cfg.sample_guidance))  # as sample.py does
     t3 = time.perf_counter()
     return {"import_s": import_s, "load_s": t2 - t1, "sample_s": t3 - t2}
 

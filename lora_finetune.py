@@ -206,9 +206,10 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
     if args.figures:
         draw_figures(base_model, tuned, diffusion, tcfg.out, kind, lcfg)
     if tcfg.eval_n:
+        scfg = SampleConfig(guidance=diff_cfg.sample_guidance)       # the base's own sampling
+        summary["sampling"] = asdict(scfg)
         summary["evaluation"] = style_evaluation(base_model, tuned, diffusion, base_data, lcfg.style, tcfg.data_dir,
-                                                 tcfg.eval_n, SampleConfig(guidance=diff_cfg.sample_guidance),
-                                                 folder=lcfg.style_dir or None)
+                                                 tcfg.eval_n, scfg, folder=lcfg.style_dir or None)
         slant = summary["evaluation"]["shift"]["slant"]
         adapts_convs = any(isinstance(layer.base, torch.nn.Conv2d) for layer in lora.lora_layers(tuned))
         if lcfg.style == "italic" and not lcfg.full and slant < 0.8 and not adapts_convs:

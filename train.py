@@ -53,8 +53,9 @@ def parse_args(argv=None):
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
-    if "preset" in args.given:                    # ... and a preset stands for all the flags it sets
-        args.given |= set(PRESETS[preset])
+    if "preset" in args.given:                    # ... and a preset stands for all the flags it sets but
+        # its sampling default, so that a run stored before sample_guidance existed still resumes
+        args.given |= set(PRESETS[preset]) - {"sample_guidance"}
     return args
 
 

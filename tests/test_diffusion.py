@@ -182,3 +182,13 @@ def test_guidance_rescale_matches_the_conditional_spread():
     assert_close(full.std((1, 2, 3)), cond.std((1, 2, 3)), atol=1e-5)
     assert_close(full, plain * cond.std((1, 2, 3), keepdim=True) / plain.std((1, 2, 3), keepdim=True), atol=1e-5)
     assert_close(v_of(0.7), 0.7 * full + 0.3 * plain, atol=1e-5)
+
+
+def test_sampling_without_a_guidance_uses_the_models_sample_guidance():
+    """Diffusion.sample(guidance=None) is the DiffusionConfig's sample_guidance, exactly."""
+    torch.manual_seed(0)
+    model = UNet(TINY).eval()
+    d = Diffusion(DiffusionConfig(timesteps=20, sample_guidance=1.5), num_classes=10)
+    y = torch.tensor([1, 7])
+    run = lambda **kw: d.sample(model, y, "ddim", 4, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(run(), run(guidance=1.5)) and not torch.equal(run(), run(guidance=2.0))

@@ -206,3 +206,19 @@ def test_sample_refuses_adapter_of_another_base(tiny_ckpt, tmp_path):
     r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--lora", os.path.join(out, "adapter.safetensors"),
                 "--steps", "2", "--out", str(tmp_path / "x.png"))
     one_line_error(r, "other base weights")
+
+
+def test_preset_long_resumes_a_run_stored_before_sample_guidance_existed(tmp_path):
+    """--preset long sets --sample-guidance 1.5 for new runs; resuming with it a run whose stored
+    config has no such field (sampled at 2) is not refused as a contradicting flag."""
+    out = tmp_path / "r"
+    flags = [*TINY_FLAGS, "--preset", "long", "--no-figures", "--out", str(out)]
+    assert run_cli("train.py", *flags, "--max-steps", "1").returncode == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["diffusion"]["sample_guidance"] == 1.5
+    del ckpt["config"]["diffusion"]["sample_guidance"]              # as written before the field existed
+    torch.save(ckpt, out / "ckpt.pt")
+    r = run_cli("train.py", *flags, "--max-steps", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 2 and resumed["config"]["diffusion"]["sample_guidance"] == 2.0
