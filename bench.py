@@ -16,7 +16,7 @@ import time
 import torch
 
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
-from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser, SampleConfig, TrainConfig
+from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser, TrainConfig
 from device import DeviceError, pick_device
 from loop import autocast_for
 
@@ -274,7 +274,7 @@ def section_cli(args, device):
     t2 = time.perf_counter()
     from diffusion import Diffusion
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
-    sample.generate(model, diffusion, [7], 10, SampleConfig(guidance=diff_cfg.sample_guidance))  # as sample.py does
+    sample.generate(model, diffusion, [7], 10, sample.model_sampling(diff_cfg))   # as sample.py does
     t3 = time.perf_counter()
     return {"import_s": import_s, "load_s": t2 - t1, "sample_s": t3 - t2}
 

@@ -21,7 +21,7 @@ import torch
 import lora
 from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_finite, dataset_of, load_model,
                         save_checkpoint, write_json)
-from config import (LoraConfig, Parser, SampleConfig, TrainConfig, add_config_flags, config_from_args, config_from_dict,
+from config import (LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict,
                     explicit_flags)
 from dataset import DataError, apply_style, load_dataset
 from device import DeviceError
@@ -29,6 +29,7 @@ from diffusion import Diffusion, SamplingError
 from evaluate import style_evaluation
 from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, open_run,
                   place_data, restore_loop_state)
+from sample import model_sampling
 from unet import count_params
 
 # Fine-tuning needs far fewer steps and a gentler start than training from scratch. LoRA
@@ -206,7 +207,7 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
     if args.figures:
         draw_figures(base_model, tuned, diffusion, tcfg.out, kind, lcfg)
     if tcfg.eval_n:
-        scfg = SampleConfig(guidance=diff_cfg.sample_guidance)       # the base's own sampling
+        scfg = model_sampling(diff_cfg)                               # the base's own sampling
         summary["sampling"] = asdict(scfg)
         summary["evaluation"] = style_evaluation(base_model, tuned, diffusion, base_data, lcfg.style, tcfg.data_dir,
                                                  tcfg.eval_n, scfg, folder=lcfg.style_dir or None)

@@ -45,6 +45,11 @@ def add_sampling_flags(p, group="sampling"):
     p.set_defaults(guidance=None)
 
 
+def model_sampling(diff_cfg, **fields):
+    """A model's default SampleConfig: the guidance its run chose (sample_guidance), the rest as SampleConfig says."""
+    return SampleConfig(guidance=diff_cfg.sample_guidance, **fields)
+
+
 def sample_config(args, diff_cfg, **overrides):
     """The SampleConfig of the parsed flags, checked against the model's T. Without --guidance,
     the guidance the model's run chose for it (DiffusionConfig.sample_guidance; 2 by default)."""

@@ -17,14 +17,14 @@ import torch
 import evaluate
 from checkpoint import (CheckpointError, atomic_write, check_fits, configs_from_checkpoint, load_state,
                         save_checkpoint)
-from config import (PRESETS, DiffusionConfig, ModelConfig, Parser, SampleConfig, TrainConfig, add_config_flags,
+from config import (PRESETS, DiffusionConfig, ModelConfig, Parser, TrainConfig, add_config_flags,
                     config_from_args, explicit_flags)
 from dataset import DataError, load_dataset
 from device import DeviceError
 from diffusion import Diffusion, SamplingError
 from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, place_data,
                   open_run, restore_loop_state, run_length)
-from sample import generate, save_grid
+from sample import generate, model_sampling, save_grid
 from unet import UNet, count_params
 
 RUN_FILES = ("loss.png", "samples.png", "eval_curve.csv", "eval_curve.png")   # written in --out besides ckpt.pt
@@ -71,14 +71,9 @@ def load_training_data(tcfg, dist):
     return x, y, name
 
 
-def run_sampling(diffusion, **fields):
-    """The sampling of the run's own figures and evaluations: the defaults, at its --sample-guidance."""
-    return SampleConfig(guidance=diffusion.cfg.sample_guidance, **fields)
-
-
 def save_sample_grid(model, diffusion, path, n_per_label=10):
     """One row per digit 0..9, n_per_label columns, with the run's sampling settings."""
-    x, _, _ = generate(model.eval(), diffusion, list(range(10)), n_per_label, run_sampling(diffusion))
+    x, _, _ = generate(model.eval(), diffusion, list(range(10)), n_per_label, model_sampling(diffusion.cfg))
     save_grid(x, path, nrow=n_per_label)
 
 
@@ -104,7 +99,7 @@ class QualityCurve:
     def __call__(self, step, model, diffusion, seconds_since_start):
         t0 = time.perf_counter()
         x, y, _ = generate(model.eval(), diffusion, list(range(10)), self.N_PER_DIGIT,
-                           run_sampling(diffusion, steps=self.STEPS))
+                           model_sampling(diffusion.cfg, steps=self.STEPS))
         probs, feats = evaluate.classify(self.clf, x.cpu())
         frechet, floor = evaluate.frechet_vs_real(feats.numpy(), *self.halves)
         spent = time.perf_counter() - t0
@@ -235,7 +230,7 @@ def final_evaluation(model, diffusion, dataset, tcfg):
     """Score the EMA weights with evaluate.py's classifier, so every run says how good it is."""
     clf, clf_acc = evaluate.get_classifier(dataset, tcfg.data_dir)
     real_x = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)[0]
-    r, _, _ = evaluate.evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, run_sampling(diffusion))
+    r, _, _ = evaluate.evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, model_sampling(diffusion.cfg))
     print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
     evaluate.print_report(r, clf_acc)
 
