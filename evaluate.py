@@ -25,7 +25,7 @@ from checkpoint import (CheckpointError, atomic_write, check_outputs, dataset_of
                         not_a_regular_file, remove_stale_temps, save_checkpoint, shown, write_json)
 from config import Parser
 from dataset import DataError, apply_style, load_dataset
-from device import DeviceError, pick_device
+from device import DeviceError, pick_device, run_cli
 from diffusion import SamplingError
 from lora import LoraError, read_adapter
 from sample import (MAX_IMAGES, SampleError, add_model_flags, add_sampling_flags, generate, load_model_for_sampling,
@@ -471,14 +471,8 @@ ERRORS = (SampleError, CheckpointError, DeviceError, DataError, LoraError, Sampl
 
 
 def cli(argv=None):
-    """main() with every expected failure as one line on stderr and a non-zero exit."""
-    try:
-        return main(argv)
-    except ERRORS as e:
-        sys.exit(f"evaluate.py: error: {e}")
-    except KeyboardInterrupt:                 # Ctrl-C: no file is half-written (atomic writes), nothing to save
-        print("evaluate.py: interrupted", file=sys.stderr)
-        return 130
+    """main() as a command: every expected failure is one line on stderr and a non-zero exit."""
+    return run_cli("evaluate.py", main, ERRORS, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check
 from config import (LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict,
                     explicit_flags)
 from dataset import DataError, apply_style, load_dataset
-from device import DeviceError
+from device import DeviceError, run_cli
 from diffusion import Diffusion, SamplingError
 from evaluate import style_evaluation
 from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, open_run,
@@ -241,14 +241,8 @@ ERRORS = (TrainingError, CheckpointError, DataError, DeviceError, lora.LoraError
 
 
 def cli(argv=None):
-    """main() with every expected failure as one line on stderr and a non-zero exit."""
-    try:
-        return main(argv)
-    except ERRORS as e:
-        sys.exit(f"lora_finetune.py: error: {e}")
-    except KeyboardInterrupt:                 # a second Ctrl-C, or one outside the loop
-        print("lora_finetune.py: interrupted", file=sys.stderr)
-        return 130
+    """main() as a command: every expected failure is one line on stderr and a non-zero exit."""
+    return run_cli("lora_finetune.py", main, ERRORS, argv)
 
 
 if __name__ == "__main__":

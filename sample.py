@@ -14,7 +14,7 @@ from tqdm import tqdm
 from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model,
                         remove_stale_temps, shown)
 from config import MAX_IMAGES, Parser, SampleConfig, add_config_flags, config_from_args
-from device import DeviceError, pick_device
+from device import DeviceError, pick_device, run_cli
 from diffusion import Diffusion, SamplingError
 from lora import MAX_SCALE, LoraError, apply_adapters, check_scale, set_fused
 
@@ -190,14 +190,8 @@ ERRORS = (SampleError, CheckpointError, DeviceError, LoraError, SamplingError)
 
 
 def cli(argv=None):
-    """main() with every expected failure as one line on stderr and a non-zero exit."""
-    try:
-        return main(argv)
-    except ERRORS as e:
-        sys.exit(f"sample.py: error: {e}")
-    except KeyboardInterrupt:                 # Ctrl-C: no file is half-written (atomic writes), nothing to save
-        print("sample.py: interrupted", file=sys.stderr)
-        return 130
+    """main() as a command: every expected failure is one line on stderr and a non-zero exit."""
+    return run_cli("sample.py", main, ERRORS, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from checkpoint import (CheckpointError, atomic_write, check_fits, configs_from_
 from config import (PRESETS, DiffusionConfig, ModelConfig, Parser, TrainConfig, add_config_flags,
                     config_from_args, explicit_flags)
 from dataset import DataError, load_dataset
-from device import DeviceError
+from device import DeviceError, run_cli
 from diffusion import Diffusion, SamplingError
 from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, place_data,
                   open_run, restore_loop_state, run_length)
@@ -239,14 +239,8 @@ ERRORS = (TrainingError, CheckpointError, DataError, DeviceError, SamplingError)
 
 
 def cli(argv=None):
-    """main() with every expected failure as one line on stderr and a non-zero exit."""
-    try:
-        return main(argv)
-    except ERRORS as e:
-        sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:                 # a second Ctrl-C, or one outside the loop
-        print("train.py: interrupted", file=sys.stderr)
-        return 130
+    """main() as a command: every expected failure is one line on stderr and a non-zero exit."""
+    return run_cli("train.py", main, ERRORS, argv)
 
 
 if __name__ == "__main__":

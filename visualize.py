@@ -24,7 +24,7 @@ from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_
 from config import Parser, SampleConfig, config_from_args
 from cross_attn import CrossAttention, capture_attention
 from dataset import DataError, load_dataset
-from device import DeviceError, pick_device
+from device import DeviceError, pick_device, run_cli
 from diffusion import Diffusion, SamplingError
 from sample import SampleError, add_sampling_flags, sample_config
 
@@ -570,11 +570,8 @@ ERRORS = (VisualizeError, CheckpointError, DeviceError, DataError, lora.LoraErro
 
 
 def cli(argv=None):
-    """main() with every expected failure as one line on stderr and a non-zero exit."""
-    try:
-        return main(argv)
-    except ERRORS as e:
-        sys.exit(f"visualize.py: error: {e}")
+    """main() as a command: every expected failure is one line on stderr and a non-zero exit."""
+    return run_cli("visualize.py", main, ERRORS, argv)
 
 
 if __name__ == "__main__":

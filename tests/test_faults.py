@@ -1,5 +1,5 @@
-"""Faults users meet: kill -9 and Ctrl-C mid-run (real processes), NaNs, LoRA runs that are
-resumed, refused or fed a tiny folder."""
+"""Faults users meet: kill -9 and Ctrl-C mid-run (real processes), a stdout that goes away,
+NaNs, LoRA runs that are resumed, refused or fed a tiny folder."""
 import os
 import random
 import signal
@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 import torch
 
 from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli
@@ -60,6 +62,48 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     assert proc.returncode == 130 and "interrupted at step" in stdout and "Traceback" not in stderr
     step = int(stdout.split("interrupted at step ")[1].split(":")[0])
     assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == step
+
+
+def run_with_stdout(script, argv, stdout):
+    """A real process whose stdout is `stdout`: a closed pipe ("closed") or the full device."""
+    if stdout == "closed":
+        read_end, out = os.pipe()
+        os.close(read_end)                    # nobody reads: what `| head` does once it has its lines
+    else:
+        out = os.open("/dev/full", os.O_WRONLY)
+    try:
+        return subprocess.run([sys.executable, script, *argv], cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=600)
+    finally:
+        os.close(out)
+
+
+@pytest.mark.parametrize("stdout", ["closed", "full"])
+def test_sample_writes_every_file_when_stdout_goes_away(tiny_ckpt, tmp_path, stdout):
+    """`sample.py ... --npz x.npz | head` and `> /dev/full`: printing the first path fails.
+    The npz is still written, with the same images as a normal run. A closed pipe is how
+    `| head` ends, so exit 0 with nothing on stderr; a full disk is one line and exit 1."""
+    if stdout == "full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    argv = ["--checkpoint", tiny_ckpt, "--label", "3", "--n", "2", "--steps", "2"]
+    ref = run_cli("sample.py", *argv, "--out", str(tmp_path / "ref.png"), "--npz", str(tmp_path / "ref.npz"))
+    assert ref.returncode == 0, ref.stderr
+    r = run_with_stdout("sample.py", [*argv, "--out", str(tmp_path / "s.png"), "--npz", str(tmp_path / "s.npz")],
+                        stdout)
+    assert np.array_equal(np.load(tmp_path / "s.npz")["images"], np.load(tmp_path / "ref.npz")["images"])
+    assert (tmp_path / "s.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
+    if stdout == "closed":
+        assert r.returncode == 0 and "rror" not in r.stderr, r.stderr
+    else:
+        one_line_error(r, "sample.py: error: could not print to stdout", "every file was written")
+
+
+def test_training_goes_on_when_stdout_goes_away(tmp_path):
+    """train.py prints its config first: `train.py | head -1` must not kill the run there."""
+    out = str(tmp_path / "run")
+    r = run_with_stdout("train.py", [*TINY_FLAGS, "--max-steps", "3", "--no-figures", "--out", out], "closed")
+    assert r.returncode == 0 and "rror" not in r.stderr, r.stderr
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 3
 
 
 def test_non_finite_loss_stops_without_writing_nan(tmp_path, monkeypatch):
