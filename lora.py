@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import atomic_write, first_line, not_a_regular_file, shown, write_json
+from checkpoint import atomic_write, first_line, not_a_regular_file, remove_stale_temps, shown, write_json
 from config import LORA_MAX_ALPHA, LORA_MAX_R
 
 QKV = r"\.attn\.to_(q|k|v)$"
@@ -388,15 +388,30 @@ def save_update_figure(stats, path):
     plt.close(fig)
 
 
-def export_peft(model, out_dir):
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")      # what export_peft writes, in this order
+
+
+def check_peft_folder(out_dir, replace=False):
+    """Refuse an out_dir that export_peft may not write into (see there); called before the work
+    too, so a run that cannot export stops at once and not after its training."""
+    if replace:
+        remove_stale_temps([os.path.join(out_dir, n) for n in PEFT_FILES])
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir)
+                                    or set(os.listdir(out_dir)) - set(PEFT_FILES if replace else ())):
+        raise LoraError(f"{shown(out_dir)}: exists and is not an empty folder; refusing to overwrite it")
+
+
+def export_peft(model, out_dir, replace=False):
     """Write the adapter as peft's save_pretrained does, for peft.PeftModel.from_pretrained(<the
     same base model>, out_dir): adapter_model.safetensors with keys
     base_model.model.<layer>.lora_A.weight / .lora_B.weight, and adapter_config.json. For a Conv2d
     peft keeps A as a k x k conv weight (r, in, k, k) and B as a 1 x 1 one (out, r, 1, 1).
-    peft has no run-time strength: the adapter is written at scale 1."""
+    peft has no run-time strength: the adapter is written at scale 1.
+    out_dir must be absent or empty; with replace=True (a run folder's own export, under its
+    lock: --resume, --overwrite) it may also hold an earlier export's two files, which are
+    replaced, and the temp files of a killed export, which are removed."""
     from safetensors.torch import save_file
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise LoraError(f"{out_dir}: exists and is not an empty folder; refusing to overwrite it")
+    check_peft_folder(out_dir, replace)
     layers = named_lora_layers(model)
     if not layers:
         raise LoraError("the model has no LoRA layers to export")
@@ -418,6 +433,6 @@ def export_peft(model, out_dir):
               "use_rslora": first.use_rslora, "lora_dropout": getattr(first.dropout, "p", 0.0),
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), suffix=".safetensors")
-    write_json(os.path.join(out_dir, "adapter_config.json"), config)     # last: a folder with it is whole
+    weights, config_file = (os.path.join(out_dir, n) for n in PEFT_FILES)
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), suffix=".safetensors")
+    write_json(config_file, config)     # last: a folder with it is whole

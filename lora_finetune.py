@@ -123,6 +123,8 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
         lcfg = config_from_dict(LoraConfig, resume["config"]["lora"])
     kind = "full" if lcfg.full else "lora"
     device = dist.device
+    if lcfg.export_peft and dist.main:                # not after the training: refused now, if at all
+        lora.check_peft_folder(os.path.join(tcfg.out, "peft"), replace=True)
 
     model, diff_cfg, base_ckpt = load_model(args.checkpoint, device)    # EMA weights of the base
     model_config = base_ckpt["config"]["model"]
@@ -187,7 +189,7 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
         lora.save_adapter(out_file, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora,
                           model_config, fingerprint, style=lcfg.style)
         if lcfg.export_peft:
-            lora.export_peft(tuned, os.path.join(tcfg.out, "peft"))
+            lora.export_peft(tuned, os.path.join(tcfg.out, "peft"), replace=True)   # ours, under the lock
             print(f"peft adapter: {os.path.join(tcfg.out, 'peft')} (PeftModel.from_pretrained(UNet(cfg), that folder))")
     size = os.path.getsize(out_file)
     ms_per_step = 1000 * seconds / max(1, state["step"] - first_step)

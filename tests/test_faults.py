@@ -149,6 +149,33 @@ def test_lora_finetune_resume_and_no_clobber(tiny_ckpt, tmp_path):
     assert load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["step"] == 4
 
 
+def test_lora_export_peft_survives_resume_overwrite_and_a_killed_export(tiny_ckpt, tmp_path):
+    """The run's own peft/ export is replaced on --resume and --overwrite (it used to stop the run
+    at its very end: "not an empty folder"), a killed export's temp file is cleaned up, and a
+    file of the user's in peft/ is refused before any training, not after it."""
+    out = str(tmp_path / "lora")
+    peft_dir = os.path.join(out, "peft")
+    flags = ["--checkpoint", tiny_ckpt, "--eval-n", "0", "--no-figures", "--out", out, "--batch-size", "16",
+             "--epochs", "1", "--export-peft"]
+    assert run_cli("lora_finetune.py", *flags, "--max-steps", "2").returncode == 0
+    stale = os.path.join(peft_dir, ".adapter_model.safetensors.tmp-abcd1234.safetensors")
+    open(stale, "w").close()                                   # what a kill -9 during the export leaves
+    r = run_cli("lora_finetune.py", *flags, "--max-steps", "4", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(peft_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    from safetensors.torch import load_file
+    ema = load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["ema"]
+    exported = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
+    a_key = next(k for k in ema if k.endswith("lora_A"))          # the export holds step 4's weights
+    assert torch.equal(exported[f"base_model.model.{a_key[:-len('.lora_A')]}.lora_A.weight"].flatten(),
+                       ema[a_key].flatten())
+    open(os.path.join(peft_dir, "notes.txt"), "w").close()
+    one_line_error(run_cli("lora_finetune.py", *flags, "--max-steps", "6", "--resume"), "peft", "not an empty folder")
+    assert load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["step"] == 4      # refused before training
+    os.remove(os.path.join(peft_dir, "notes.txt"))
+    assert run_cli("lora_finetune.py", *flags, "--max-steps", "2", "--overwrite").returncode == 0
+
+
 def test_truncated_adapter_is_refused(tiny_ckpt, tmp_path):
     out = str(tmp_path / "lora")
     assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--max-steps", "1", "--eval-n", "0",
