@@ -10,6 +10,7 @@ happens after the loop) lives here too, so a fix lands once.
 import contextlib
 import math
 import os
+import shlex
 import signal
 import time
 from dataclasses import fields, replace
@@ -364,7 +365,16 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train", o
     return "done"
 
 
-def after_fit(outcome, state, dist, model, out, title, resume_command, figures=True):
+def resume_command(script, tcfg, *extra):
+    """The command that continues this run, as printed when it is interrupted: paths quoted for the
+    shell, and the run's --max-steps (it comes from the command line, not from the checkpoint)."""
+    words = ["python", script, "--out", tcfg.out, "--resume", *extra]
+    if tcfg.max_steps:
+        words += ["--max-steps", str(tcfg.max_steps)]
+    return shlex.join(words)
+
+
+def after_fit(outcome, state, dist, model, out, title, resume_hint, figures=True):
     """What both scripts do once the loop ends: check the ranks agree, leave the process group,
     draw the loss curve (rank 0, with figures). -> an exit code when the script stops here
     (other ranks, or an interrupted run: 130), else None."""
@@ -378,7 +388,7 @@ def after_fit(outcome, state, dist, model, out, title, resume_command, figures=T
     if figures:
         save_loss_curve(state["losses"], os.path.join(out, "loss.png"), title)
     if outcome == "interrupted":
-        print(f"interrupted at step {state['step']}: checkpoint saved; continue with `{resume_command}`")
+        print(f"interrupted at step {state['step']}: checkpoint saved; continue with `{resume_hint}`")
         return 130
     return None
 

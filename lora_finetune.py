@@ -19,8 +19,8 @@ from dataclasses import asdict, replace
 import torch
 
 import lora
-from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_finite, dataset_of, load_model,
-                        save_checkpoint, write_json)
+from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_finite, dataset_of, load_checkpoint,
+                        load_model, save_checkpoint, write_json)
 from config import (LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict,
                     explicit_flags)
 from dataset import DataError, apply_style, load_dataset
@@ -28,7 +28,7 @@ from device import DeviceError, run_cli
 from diffusion import Diffusion, SamplingError
 from evaluate import style_evaluation
 from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, open_run,
-                  place_data, restore_loop_state)
+                  place_data, restore_loop_state, resume_command)
 from sample import model_sampling
 from unet import count_params
 
@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p = Parser(description="LoRA fine-tuning of a trained checkpoint on a new handwriting style.")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"base model (default: {DEFAULT_CHECKPOINT})")
     add_config_flags(p, LoraConfig, "LoRA")
-    add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS, skip=("dataset",))
+    add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS,   # no step grids or curve here
+                     skip=("dataset", "sample_every", "eval_every"))
     p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
                    help="styled: the base's training digits in --style; folder: your digits in --style-dir")
     p.add_argument("--resume", action="store_true",
@@ -61,6 +62,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
     return args
+
+
+def stored_base(run_checkpoint, default):
+    """The base checkpoint a fine-tuning run recorded (its absolute path), so that `--out DIR
+    --resume` needs no --checkpoint; `default` when the run has none to show."""
+    if not os.path.isfile(run_checkpoint):
+        return default                                 # open_run says "--resume: no checkpoint"
+    config = load_checkpoint(run_checkpoint)["config"]
+    base = config.get("base") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and base else default
 
 
 def load_finetune_data(lcfg, data_dir, base_dataset):
@@ -106,6 +117,8 @@ def main(argv=None):
         raise TrainingError(str(e)) from e
     kind = "full" if lcfg.full else "lora"
     tcfg = replace(tcfg, out=tcfg.out or os.path.join("runs", f"{kind}-{lcfg.style}"))
+    if args.resume and "checkpoint" not in args.given:       # the base the run was fine-tuned from
+        args.checkpoint = stored_base(os.path.join(tcfg.out, "finetune_ckpt.pt"), args.checkpoint)
     writes = RUN_FILES + (("ckpt.pt",) if lcfg.full else ("adapter.safetensors", "lora_update.png", "strength_sweep.png",
                                                           "peft"))
     given = args.given - {"dataset"} | ({"style"} if args.given & {"dataset", "style_dir"} else set())
@@ -174,7 +187,8 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
     outcome = fit(model, diffusion, (x, y), tcfg, state, save, dist, params, desc=kind)
     seconds = time.perf_counter() - t0
     code = after_fit(outcome, state, dist, model, tcfg.out, f"{kind} fine-tuning loss",
-                     f"python lora_finetune.py --out {tcfg.out} --resume", args.figures)
+                     resume_command("lora_finetune.py", tcfg, "--checkpoint", os.path.abspath(args.checkpoint)),
+                     args.figures)
     if code is not None:
         return code
     tuned = ema.module.eval()

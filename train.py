@@ -23,7 +23,7 @@ from dataset import DataError, load_dataset
 from device import DeviceError, run_cli
 from diffusion import Diffusion, SamplingError
 from loop import (TrainingError, after_fit, fit, loop_state_dict, memory_format, new_loop_state, place_data,
-                  open_run, restore_loop_state, run_length)
+                  open_run, restore_loop_state, resume_command, run_length)
 from sample import generate, model_sampling, save_grid
 from unet import UNet, count_params
 
@@ -213,7 +213,7 @@ def train(args, dist, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg):
     outcome = fit(model, diffusion, (x, y), tcfg, state, save, dist, params, on_step=on_step)
     minutes = (time.perf_counter() - t0 - (curve.eval_seconds if curve else 0)) / 60
     code = after_fit(outcome, state, dist, model, tcfg.out, "training loss",
-                     f"python train.py --out {tcfg.out} --resume", args.figures)
+                     resume_command("train.py", tcfg), args.figures)
     if code is not None:
         return code
     print(f"trained {state['step']} steps in {minutes:.1f} min -> {ckpt_path}")

@@ -2,10 +2,12 @@
 NaNs, LoRA runs that are resumed, refused or fed a tiny folder."""
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ import torch
 
 from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli
 from checkpoint import load_checkpoint
+from config import TrainConfig
+from loop import resume_command
 from test_dataset import digit_folder
 
 FLAGS = [*TINY_FLAGS, "--epochs", "4", "--ckpt-every", "1", "--no-figures"]   # 4 x 281 steps; a save every step
@@ -147,6 +151,21 @@ def test_lora_finetune_resume_and_no_clobber(tiny_ckpt, tmp_path):
     r = run_cli("lora_finetune.py", *flags, "--max-steps", "4", "--resume")
     assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
     assert load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["step"] == 4
+
+
+def test_lora_resume_finds_its_base_and_the_hint_is_a_working_command(tiny_ckpt, tmp_path):
+    """`lora_finetune.py --out DIR --resume` (what the interrupted run prints, give or take the
+    flags) takes the base the run recorded: it used to look for runs/mnist/ckpt.pt. The printed
+    command quotes its paths and keeps the run's --max-steps, which the checkpoint does not store."""
+    out = str(tmp_path / "my lora")
+    flags = ["--eval-n", "0", "--no-figures", "--batch-size", "16", "--epochs", "1"]
+    assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, *flags, "--out", out, "--max-steps", "2").returncode == 0
+    r = run_cli("lora_finetune.py", "--out", out, "--resume", "--max-steps", "3", *flags)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
+    assert load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["step"] == 3
+    tcfg = replace(TrainConfig(), out=out, max_steps=150)
+    assert shlex.split(resume_command("lora_finetune.py", tcfg, "--checkpoint", tiny_ckpt)) == [
+        "python", "lora_finetune.py", "--out", out, "--resume", "--checkpoint", tiny_ckpt, "--max-steps", "150"]
 
 
 def test_lora_export_peft_survives_resume_overwrite_and_a_killed_export(tiny_ckpt, tmp_path):
