@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import tempfile
+import zipfile
 
 import torch
 
@@ -303,10 +304,26 @@ def _name_max(folder):
         return 255
 
 
-def check_outputs(outputs, inputs, folders=(), create=False):
+def holds_weights(path):
+    """True for a file of model weights: a torch checkpoint (a zip archive with a data.pkl, or a
+    pickle) or a safetensors file (an 8-byte header length, then its JSON header)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head.startswith(b"PK\x03\x04"):
+            with zipfile.ZipFile(path) as z:
+                return any(n.endswith("data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return head[:1] == b"\x80" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def check_outputs(outputs, inputs, folders=(), create=False, weights_ok=False):
     """Outputs are checked against inputs before any work. Refuses, in one CheckpointError line,
     an output path that
       - is one of the input files (after resolving links, `..` and hard links),
+      - is an existing file of model weights (holds_weights: another run's checkpoint or adapter),
+        unless weights_ok (a run writing its own checkpoint again),
       - lies in one of the input folders `folders` (a dataset being read),
       - is an existing folder, another output, or anything else that is not a regular file
         (a FIFO, a device: replacing it would be a loss, writing into it no result),
@@ -336,6 +353,9 @@ def check_outputs(outputs, inputs, folders=(), create=False):
         for what, folder in dict(folders).items():
             if folder and os.path.isdir(folder) and _inside(path, folder):
                 raise CheckpointError(f"{where}: lies inside the {what} being read ({shown(folder)})")
+        if not weights_ok and os.path.isfile(path) and holds_weights(path):
+            raise CheckpointError(f"{where}: holds model weights (a checkpoint or an adapter); "
+                                  "refusing to write over it (choose another path)")
         for other, p in seen:
             if _same_file(path, p):
                 raise CheckpointError(f"{where}: is also where {other} writes")

@@ -54,7 +54,8 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     lock = None
     if judges_run_folder(dist):
         files = [n for n in (ckpt_name, *writes) if n not in write_folders]
-        check_outputs([("--out", os.path.join(tcfg.out, n)) for n in files], inputs or {}, folders or {}, create=True)
+        check_outputs([("--out", os.path.join(tcfg.out, n)) for n in files], inputs or {}, folders or {}, create=True,
+                      weights_ok=True)      # its own checkpoint and adapter: --resume, --overwrite
         prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
         lock = RunLock(tcfg.out, files)
     try:

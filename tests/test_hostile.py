@@ -101,6 +101,29 @@ def test_outputs_that_are_inputs_are_refused_before_any_work(run_copy, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["alias", "file", "folder", "hard.pt"], "a stray output was written"
 
 
+def test_another_runs_weights_are_never_written_over(run_copy, tmp_path):
+    """sample.py --out/--npz and evaluate.py --json over a checkpoint or an adapter that is not an
+    input of this command (another run's): refused before any work, the file unchanged. It used
+    to become a PNG, an npz or a JSON file, and that run was gone."""
+    other = tmp_path / "other"
+    shutil.copytree(run_copy["folder"], other)
+    ckpt, adapter = str(other / "ckpt.pt"), str(other / "adapter.safetensors")
+    shutil.copy(ckpt, other / "renamed.json")                 # weights are known by their bytes, not their name
+    before = digest(str(other))
+    cases = [sample_args(run_copy, "--out", ckpt), sample_args(run_copy, "--out", str(tmp_path / "x.png"), "--npz", adapter),
+             ("evaluate.py", "--checkpoint", run_copy["ckpt"], "--json", str(other / "renamed.json"))]
+    for argv in cases:
+        r = run_cli(*argv)
+        one_line_error(r, "holds model weights")
+        assert "%|" not in r.stderr, f"work was done before refusing: {argv}"
+    assert digest(str(other)) == before
+    assert not os.path.exists(tmp_path / "x.png")
+    r = run_cli(*sample_args(run_copy, "--out", str(tmp_path / "x.png"), "--npz", str(tmp_path / "x.npz")))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*sample_args(run_copy, "--out", str(tmp_path / "x.png"), "--npz", str(tmp_path / "x.npz")))
+    assert r.returncode == 0, r.stderr                         # its own earlier outputs are replaced as before
+
+
 def test_show_steps_figure_may_not_be_the_checkpoint(run_copy, tmp_path):
     ckpt = str(tmp_path / "g_steps.png")                  # --out g.png writes g_steps.png next to it
     shutil.copy(run_copy["ckpt"], ckpt)
