@@ -208,6 +208,25 @@ def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
     return ckpt
 
 
+def remove_run_files(folder, names=(), pattern=None):
+    """--overwrite starts again: remove the earlier run's own files in `folder` (the relative paths
+    `names`, and names that fully match the regex `pattern`), so that none is taken for the new
+    run's (an old eval_curve.csv continued on --resume, an old peft/ export beside a new adapter).
+    Regular files only; everything else in the folder (a user's notes, links) stays. A sub-folder
+    left empty goes too."""
+    paths = [os.path.join(folder, n) for n in names]
+    if pattern and os.path.isdir(folder):
+        paths += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if re.fullmatch(pattern, n)]
+    for p in paths:
+        if os.path.isfile(p) and not os.path.islink(p):
+            os.remove(p)
+    for sub in {os.path.dirname(n) for n in names} - {""}:
+        try:
+            os.rmdir(os.path.join(folder, sub))
+        except OSError:                          # not empty (a user's file), or not there
+            pass
+
+
 class RunLock:
     """One writer per run folder: an exclusive flock on <folder>/.lock, held until release()
     (or the end of a `with` block). The kernel drops it when the process dies, even by kill -9,

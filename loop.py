@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from checkpoint import (CheckpointError, RunLock, atomic_write, check_outputs, dataset_of, first_line,
-                        load_checkpoint, prepare_run_folder, shown)
+                        load_checkpoint, prepare_run_folder, remove_run_files, shown)
 from config import TrainConfig, config_from_dict
 from device import Dist, launched_by_torchrun
 
@@ -32,15 +32,17 @@ class TrainingError(Exception):
 # ----- set-up shared by train.py and lora_finetune.py -----
 
 def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders=None, given=(), sections=None,
-             write_folders=()):
+             write_folders=None, old_pattern=None):
     """Threads, process group (under torchrun) and device; the run folder, judged and locked by
     rank 0: outputs checked against inputs, the no-clobber rule, one writer; on --resume the
     checkpoint and its stored TrainConfig (flags that contradict the stored run are refused);
     the seed.
 
     writes: the other files the run writes in tcfg.out (the no-clobber rule covers them all);
-    write_folders: those of `writes` that are folders (an export), not files: every other name
-    must be a regular file or absent, checked before any work (not an IsADirectoryError at the end);
+    write_folders: {name: its files} for those of `writes` that are folders (an export), not files:
+    every other name must be a regular file or absent, checked before any work (not an
+    IsADirectoryError at the end); old_pattern: a regex for the names of files the run writes
+    besides (step grids). On --overwrite all of them, the earlier run's, are removed at the start;
     inputs / folders: {label: path} of the files and dataset folders the run reads, which no
     output may be or lie in; given: the flags given on the command line (config.explicit_flags);
     sections: {name: config built from the flags} of the other stored configs ("model", "lora",
@@ -53,6 +55,7 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     ckpt_path = os.path.join(tcfg.out, ckpt_name)
     lock = None
     if judges_run_folder(dist):
+        write_folders = write_folders or {}
         files = [n for n in (ckpt_name, *writes) if n not in write_folders]
         check_outputs([("--out", os.path.join(tcfg.out, n)) for n in files], inputs or {}, folders or {}, create=True,
                       weights_ok=True)      # its own checkpoint and adapter: --resume, --overwrite
@@ -61,6 +64,9 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     try:
         if lock:                                      # again under the lock: a writer that just finished counts
             prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)
+            if overwrite and not resume:                  # start again: nothing of the earlier run stays
+                inside = [os.path.join(d, n) for d, names in write_folders.items() for n in names]
+                remove_run_files(tcfg.out, files + inside, old_pattern)
         ckpt = load_checkpoint(ckpt_path) if resume else None
         if ckpt is not None:
             check_loop_state(ckpt, ckpt_path)

@@ -125,7 +125,7 @@ def main(argv=None):
     dist, tcfg, ckpt_path, resume, lock = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
-        write_folders=("peft",))
+        write_folders={"peft": lora.PEFT_FILES})
     with lock:                    # one writer in the run folder until the run ends, however it ends
         return finetune(args, dist, tcfg, ckpt_path, resume, lcfg)
 

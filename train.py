@@ -28,6 +28,7 @@ from sample import generate, model_sampling, save_grid
 from unet import UNet, count_params
 
 RUN_FILES = ("loss.png", "samples.png", "eval_curve.csv", "eval_curve.png")   # written in --out besides ckpt.pt
+STEP_GRIDS = r"samples_\d{6}\.png"           # and --sample-every's grids, one per step
 
 
 def parse_args(argv=None):
@@ -164,7 +165,7 @@ def main(argv=None):
         raise TrainingError(str(e)) from e
     folders = {"--data-dir folder": tcfg.data_dir} if tcfg.dataset == "folder" else {}
     dist, tcfg, ckpt_path, ckpt, lock = open_run(tcfg, args.resume, args.overwrite, "ckpt.pt", RUN_FILES,
-                                                 folders=folders, given=args.given,
+                                                 folders=folders, given=args.given, old_pattern=STEP_GRIDS,
                                                  sections={"model": model_cfg, "diffusion": diff_cfg})
     with lock:                    # one writer in the run folder until the run ends, however it ends
         return train(args, dist, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg)

@@ -688,6 +688,31 @@ def test_a_folder_where_a_run_file_goes_is_refused_before_training(tmp_path, nam
     assert digest(str(out)) == before and sorted(os.listdir(out)) == [name]
 
 
+def test_overwrite_leaves_nothing_of_the_earlier_run_but_the_users_files(run_copy, tmp_path):
+    """--overwrite starts again: the earlier run's step grids, quality curve and peft export go
+    (an old eval_curve.csv used to be continued by the new run's --resume, an old peft/ export sat
+    beside the new adapter with other weights); a user's files in the folder stay."""
+    out = tmp_path / "run"
+    assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--sample-every", "1", "--no-figures",
+                   "--out", str(out)).returncode == 0
+    (out / "eval_curve.csv").write_text("step,accuracy\n1,0.5\n")      # as an --eval-every run leaves it
+    (out / "notes.txt").write_text("mine")
+    assert {"samples_000001.png", "samples_000002.png"} <= set(os.listdir(out))
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--overwrite", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "notes.txt"] and load_checkpoint(str(out / "ckpt.pt"))["step"] == 1
+    lora_out = tmp_path / "lora"
+    flags = ["--checkpoint", run_copy["ckpt"], "--max-steps", "1", "--eval-n", "0", "--no-figures", "--batch-size", "16",
+             "--out", str(lora_out)]
+    assert run_cli("lora_finetune.py", *flags, "--export-peft").returncode == 0
+    assert run_cli("lora_finetune.py", *flags, "--overwrite").returncode == 0
+    assert not (lora_out / "peft").exists()
+    assert run_cli("lora_finetune.py", *flags, "--export-peft", "--overwrite").returncode == 0
+    (lora_out / "peft" / "notes.txt").write_text("mine")
+    assert run_cli("lora_finetune.py", *flags, "--overwrite").returncode == 0
+    assert os.listdir(lora_out / "peft") == ["notes.txt"]
+
+
 DELETE = object()
 
 
