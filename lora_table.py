@@ -15,9 +15,14 @@ import sys
 
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_checkpoint, write_json
 from config import MAX_IMAGES, Parser
+from device import run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = "attn:1,attn:4,attn:16,attn+ff:4,all-linear:4"
+
+
+class TableError(Exception):
+    """A row that failed; the message says which."""
 
 
 def parse_rows(text):
@@ -35,14 +40,19 @@ def run_row(targets, r, args, extra):
     """Fine-tune one row (unless already done) and return its summary.json."""
     out = os.path.join(args.out, row_folder(targets, r))
     summary, flags_file = os.path.join(out, "summary.json"), os.path.join(out, "row_flags.json")
+    started_file = os.path.join(out, "row_started.json")
     flags = ["--style", args.style, "--targets", targets, "--r", str(r), "--alpha", str(r),
              "--eval-n", str(args.eval_n), "--checkpoint", os.path.abspath(args.checkpoint), *extra]
     if not (os.path.isfile(summary) and read_json(flags_file) == flags):     # new, unfinished or changed
-        cmd = [sys.executable, os.path.join(HERE, "lora_finetune.py"), *flags, "--out", out, "--overwrite",
-               "--no-figures"]
+        interrupted = read_json(started_file) == flags and os.path.isfile(os.path.join(out, "finetune_ckpt.pt"))
+        cmd = [sys.executable, os.path.join(HERE, "lora_finetune.py"), *flags, "--out", out,
+               "--resume" if interrupted else "--overwrite", "--no-figures"]
         print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
+        if not interrupted:
+            write_json(started_file, flags)                # after lora_finetune's check_outputs would be too late
         if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"lora_table.py: error: row {targets} r={r} failed (see its output above)")
+            raise TableError(f"row {targets} r={r} failed or was interrupted (see its output above); "
+                             "run the same command again to continue it")
         write_json(flags_file, flags)
     with open(summary) as f:
         return json.load(f)
@@ -114,14 +124,14 @@ def plot(rows, style, path):
     plt.close(fig)
 
 
-def main():
+def main(argv=None):
     p = Parser(description="LoRA target presets x ranks: trainable parameters vs style shift vs accuracy.")
     p.add_argument("--style", choices=["bold", "italic"], default="italic", help="built-in style (default: italic)")
     p.add_argument("--rows", default=ROWS, help=f"TARGETS:RANK list (default: {ROWS})")
     p.add_argument("--eval-n", type=int, default=10, help="samples per digit judged per row (default: 10)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="base model")
     p.add_argument("--out", default="", help="folder of the rows (default: runs/lora-table-STYLE)")
-    args, extra = p.parse_known_args()
+    args, extra = p.parse_known_args(argv)
     try:
         rows = parse_rows(args.rows)
     except ValueError as e:
@@ -143,5 +153,10 @@ def main():
     print(os.path.join(args.out, "table.png"))
 
 
+def cli(argv=None):
+    """main() as a command: a failed row is one line on stderr, Ctrl-C one line and exit 130."""
+    return run_cli("lora_table.py", main, (TableError, CheckpointError), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

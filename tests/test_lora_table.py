@@ -41,3 +41,26 @@ def test_a_row_is_reused_only_with_the_same_flags(tmp_path, monkeypatch):
     assert "--epochs" in runs[-1] and len(runs) == 2
     os.remove(os.path.join(tmp_path, "attn-r4", "row_flags.json"))                     # unknown origin
     assert lora_table.run_row("attn", 4, args, ["--epochs", "12"]) == {"run": 3}
+
+
+def test_an_interrupted_row_is_resumed_not_started_again(tmp_path, monkeypatch):
+    """A row stopped by Ctrl-C (lora_finetune saved its checkpoint, exit 130) is continued with
+    --resume by the next lora_table.py run, not retrained from step 0; a failed row is one line."""
+    runs, codes = [], [130, 0]
+
+    def fake_run(cmd):
+        runs.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        open(os.path.join(out, "finetune_ckpt.pt"), "w").close()      # saved when interrupted
+        if codes[len(runs) - 1] == 0:
+            with open(os.path.join(out, "summary.json"), "w") as f:
+                json.dump({"run": len(runs)}, f)
+        return subprocess.CompletedProcess(cmd, codes[len(runs) - 1])
+
+    monkeypatch.setattr(lora_table.subprocess, "run", fake_run)
+    args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
+    with pytest.raises(lora_table.TableError, match="attn r=4 failed or was interrupted"):
+        lora_table.run_row("attn", 4, args, [])
+    assert "--overwrite" in runs[0]
+    assert lora_table.run_row("attn", 4, args, []) == {"run": 2}
+    assert "--resume" in runs[1] and "--overwrite" not in runs[1]
