@@ -1,5 +1,7 @@
 """The measuring instruments: Frechet distance, the classifier, style measures."""
 import json
+import os
+import shutil
 
 import numpy as np
 import torch
@@ -95,3 +97,19 @@ def test_a_run_stores_its_sample_guidance_and_every_sampler_starts_from_it(tmp_p
 
     del ckpt["config"]["diffusion"]["sample_guidance"]                  # a checkpoint from before the field
     assert configs_from_checkpoint(ckpt)[1].sample_guidance == 2.0
+
+
+def test_evaluate_lora_writes_its_results_next_to_the_adapter(tiny_ckpt, quick_judge, tmp_path):
+    """evaluate.py --lora scores the adapter: its default JSON is <adapter>_eval.json, and the
+    base model's own <ckpt>_eval.json (if any) is left alone (it used to be replaced)."""
+    base = tmp_path / "base"
+    shutil.copytree(os.path.dirname(tiny_ckpt), base)
+    (base / "ckpt_eval.json").write_text('{"accuracy": 0.5}')
+    lora_out = tmp_path / "lora"
+    assert run_cli("lora_finetune.py", "--checkpoint", str(base / "ckpt.pt"), "--max-steps", "1", "--eval-n", "0",
+                   "--no-figures", "--batch-size", "16", "--out", str(lora_out)).returncode == 0
+    r = run_cli("evaluate.py", "--checkpoint", str(base / "ckpt.pt"), "--lora", str(lora_out / "adapter.safetensors"),
+                "--n", "1", "--steps", "2", "--data-dir", quick_judge)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((base / "ckpt_eval.json").read_text()) == {"accuracy": 0.5}
+    assert "lora" in json.loads((lora_out / "adapter_eval.json").read_text())
