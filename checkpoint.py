@@ -126,6 +126,7 @@ def atomic_write(path, write_fn, suffix=""):
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())         # again: some writers (safetensors) recreate it as 0600
         os.replace(tmp, path)
     except OSError as e:
         raise CheckpointError(f"{shown(path)}: could not write ({e.strerror or e})") from e
@@ -135,18 +136,21 @@ def atomic_write(path, write_fn, suffix=""):
             os.remove(tmp)
 
 
-def remove_stale_temps(paths):
+def remove_stale_temps(paths, patterns=None):
     """Remove the temp files that killed writers of `paths` left beside them: exactly atomic_write's
     names for those files (`.<name>.tmp-XXXXXXXX<suffix>`), and only those nobody holds locked (a live
-    writer's temp file is never touched). A user's `notes.tmp` or `.cache.tmp-abcdefgh` stays."""
+    writer's temp file is never touched). A user's `notes.tmp` or `.cache.tmp-abcdefgh` stays.
+    patterns: {folder: regex} for files whose names are not known in advance (step grids)."""
     import fcntl
     names = {}
     for p in paths:
         if p:
             folder, name = os.path.split(os.path.abspath(p))
-            names.setdefault(folder, set()).add(temp_prefix(name))
+            names.setdefault(folder, set()).add(re.escape(temp_prefix(name)))
+    for folder, pattern in (patterns or {}).items():
+        names.setdefault(os.path.abspath(folder), set()).add(r"\.(?:" + pattern + ")" + re.escape(TEMP_MARK))
     for folder, prefixes in names.items():
-        ours = re.compile("(?:" + "|".join(re.escape(p) for p in sorted(prefixes)) + r")[a-z0-9_]{8}(\.[A-Za-z0-9]+)?")
+        ours = re.compile("(?:" + "|".join(sorted(prefixes)) + r")[a-z0-9_]{8}(\.[A-Za-z0-9]+)?")
         try:
             entries = os.listdir(folder)
         except OSError:
@@ -234,11 +238,11 @@ class RunLock:
     that names the holder's PID. The lock file must be a plain file of its own: a `.lock` that
     is a link (symbolic or hard) or a special file is refused, never written through. Taking the
     lock also removes the temp files that killed writers of `names` (the files the run writes
-    in the folder) left behind."""
+    in the folder, and those whose names match the regex `pattern`) left behind."""
 
     NAME = ".lock"
 
-    def __init__(self, folder, names=()):
+    def __init__(self, folder, names=(), pattern=None):
         import fcntl                                   # POSIX; imported here so the module loads anywhere
         self.path, self.fd = os.path.join(folder, self.NAME), None
         where = shown(self.path)
@@ -279,7 +283,7 @@ class RunLock:
         except OSError as e:                         # a full disk
             self.release()
             raise CheckpointError(f"{where}: could not write ({e.strerror})") from e
-        remove_stale_temps([os.path.join(folder, n) for n in names])
+        remove_stale_temps([os.path.join(folder, n) for n in names], {folder: pattern} if pattern else None)
 
     def release(self):
         """Remove the lock file, then drop the lock (in that order: see the inode check above)."""

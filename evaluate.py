@@ -117,6 +117,7 @@ def get_classifier(dataset, data_dir, progress=True):
     path = os.path.join(data_dir, f"classifier_{dataset}_v{CLASSIFIER_VERSION}.pt")
     if os.path.lexists(path):
         return load_classifier(path)
+    remove_stale_temps([path])                          # a killed earlier training's
     x, y, _ = load_dataset(dataset, data_dir, "train", verbose=False)
     clf = train_classifier(x, y, progress=progress)
     xt, yt, _ = load_dataset(dataset, data_dir, "test", verbose=False)

@@ -60,7 +60,7 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         check_outputs([("--out", os.path.join(tcfg.out, n)) for n in files], inputs or {}, folders or {}, create=True,
                       weights_ok=True)      # its own checkpoint and adapter: --resume, --overwrite
         prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
-        lock = RunLock(tcfg.out, files)
+        lock = RunLock(tcfg.out, files, old_pattern)
     try:
         if lock:                                      # again under the lock: a writer that just finished counts
             prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lora
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model
+from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model, remove_stale_temps
 from config import Parser, SampleConfig, config_from_args
 from cross_attn import CrossAttention, capture_attention
 from dataset import DataError, load_dataset
@@ -533,6 +533,7 @@ def main(argv=None):
     check_outputs([("figure", os.path.join(folder, n)) for n in names]          # before any work
                   + [("--docs", os.path.join(args.docs, n)) for n in names if args.docs],
                   {"--checkpoint": args.checkpoint})
+    remove_stale_temps([os.path.join(d, n) for d in (folder, args.docs) if d for n in names])   # a killed run's
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     written = []
     for fig in tqdm(figures, desc="figures", disable=None):

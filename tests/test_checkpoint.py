@@ -100,6 +100,10 @@ def test_atomic_writes_use_unique_temp_names_that_keep_the_extension(tmp_path):
     assert np.load(tmp_path / "s.npz")["x"].tolist() == [0, 1, 2]
     assert oct(os.stat(tmp_path / "s.npz").st_mode & 0o777) != oct(0o600), "the temp file's 0600 mode leaked"
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(a), os.path.basename(b), "s.npz"])
+    import torch
+    from safetensors.torch import save_file                 # recreates its file as 0600 (safetensors 0.8)
+    atomic_write(str(tmp_path / "a.safetensors"), lambda tmp: save_file({"w": torch.zeros(2)}, tmp), suffix=".safetensors")
+    assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == os.stat(tmp_path / "s.npz").st_mode & 0o777
 
 
 def test_no_clobber_covers_every_file_a_run_writes(tmp_path):

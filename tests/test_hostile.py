@@ -615,17 +615,19 @@ def test_a_run_in_a_shared_folder_keeps_the_users_tmp_files(tmp_path):
     out = tmp_path / "shared"
     out.mkdir()
     for name, text in (("notes.tmp", "mine"), ("table.tmp.csv", "a,b"), (".cache.tmp-abcdefgh", "x"),
-                       (".loss.png.tmp-abcdefgh.txt.bak", "y")):
+                       (".loss.png.tmp-abcdefgh.txt.bak", "y"), (".samples_2.png.tmp-ab12cd34.png", "z")):
         (out / name).write_text(text)
-    (out / ".ckpt.pt.tmp-ab12cd34").write_text("a killed writer's")
+    killed = [".ckpt.pt.tmp-ab12cd34", ".samples_000200.png.tmp-ab12cd34.png"]    # a step grid's, too
+    for name in killed:
+        (out / name).write_text("a killed writer's")
     before = digest(str(out))
     r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--out", str(out))
     assert r.returncode == 0, r.stderr
     after = digest(str(out))
     assert {p: h for p, h in after.items() if p in before} == {p: h for p, h in before.items()
-                                                              if not p.endswith(".ckpt.pt.tmp-ab12cd34")}
+                                                              if os.path.basename(p) not in killed}
     assert sorted(os.listdir(out)) == sorted([".cache.tmp-abcdefgh", ".loss.png.tmp-abcdefgh.txt.bak", "ckpt.pt",
-                                              "notes.tmp", "table.tmp.csv"])
+                                              "notes.tmp", "table.tmp.csv", ".samples_2.png.tmp-ab12cd34.png"])
 
 
 def test_sample_removes_only_the_stale_temp_files_of_its_own_outputs(run_copy, tmp_path):

@@ -205,6 +205,8 @@ def decode(path):
 def test_main_writes_every_figure_and_docs_copies(run, tmp_path, capsys):
     docs = tmp_path / "docs"
     docs.mkdir()
+    stale = os.path.join(os.path.dirname(run["ckpt"]), ".denoising.gif.tmp-ab12cd34.gif")
+    open(stale, "w").close()                       # a killed earlier visualize.py's: removed (no ".tmp" below)
     assert V.main(["--checkpoint", run["ckpt"], "--steps", "6", "--docs", str(docs), "--threads", "1",
                    *run["data"]]) == 0
     printed = capsys.readouterr().out
