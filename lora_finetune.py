@@ -41,6 +41,7 @@ FINETUNE_DEFAULTS = {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3, "war
 # The italic run that moved the slant furthest in our measurements (docs/lora.md).
 BEST_ITALIC = "python lora_finetune.py --style italic --targets all --r 4 --alpha 4 --lr 4e-3"
 
+LORA_FROM_FLAGS = ("fused", "export_peft")   # on --resume, from the command line when given: the same numbers
 RUN_FILES = ("loss.png", "summary.json", "base_vs_tuned.png")   # in --out besides the checkpoint (more: see main)
 
 
@@ -121,7 +122,7 @@ def main(argv=None):
         args.checkpoint = stored_base(os.path.join(tcfg.out, "finetune_ckpt.pt"), args.checkpoint)
     writes = RUN_FILES + (("ckpt.pt",) if lcfg.full else ("adapter.safetensors", "lora_update.png", "strength_sweep.png",
                                                           "peft"))
-    given = args.given - {"dataset"} | ({"style"} if args.given & {"dataset", "style_dir"} else set())
+    given = args.given - {"dataset"} - set(LORA_FROM_FLAGS) | ({"style"} if args.given & {"dataset", "style_dir"} else set())
     dist, tcfg, ckpt_path, resume, lock = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
@@ -132,8 +133,9 @@ def main(argv=None):
 
 def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
     """The fine-tuning run itself, its folder locked."""
-    if resume is not None:  # the stored configuration wins, as in train.py
-        lcfg = config_from_dict(LoraConfig, resume["config"]["lora"])
+    if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed and exported
+        lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),
+                       **{name: getattr(lcfg, name) for name in LORA_FROM_FLAGS if name in args.given})
     kind = "full" if lcfg.full else "lora"
     device = dist.device
     if lcfg.export_peft and dist.main:                # not after the training: refused now, if at all
@@ -144,6 +146,7 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
     fingerprint = lora.base_fingerprint(model)
     base_data = dataset_of(base_ckpt)                 # the base's data, styled below (or unused)
     x, y = load_finetune_data(lcfg, tcfg.data_dir, base_data)
+    asked = tcfg.batch_size                           # stored as given, so the same flags resume the run
     tcfg = replace(tcfg, dataset=base_data, batch_size=min(tcfg.batch_size, len(x)))  # few-shot: one batch
     x, y = place_data(x, y, device, tcfg)
     total_params = count_params(model)
@@ -168,7 +171,7 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
     state = new_loop_state(model, groups, tcfg, len(x))
     ema = state["ema"]
     trained = (lambda m: m.state_dict()) if lcfg.full else lora.lora_state_dict
-    config = {"lora": asdict(lcfg), "train": asdict(tcfg), "base": os.path.abspath(args.checkpoint)}
+    config = {"lora": asdict(lcfg), "train": asdict(replace(tcfg, batch_size=asked)), "base": os.path.abspath(args.checkpoint)}
     if resume is not None:
         if resume.get("base_fingerprint") != fingerprint:
             raise TrainingError(f"{ckpt_path}: was fine-tuned from other base weights than {args.checkpoint}")

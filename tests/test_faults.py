@@ -134,10 +134,14 @@ def test_lora_few_shot_folder(tiny_ckpt, tmp_path):
     """10 images per digit are enough to run a LoRA fine-tune end to end."""
     root = digit_folder(str(tmp_path / "digits"))
     out = str(tmp_path / "lora")
-    r = run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--dataset", "folder", "--style-dir", root,
-                "--max-steps", "2", "--eval-n", "0", "--no-figures", "--out", out)
+    flags = ["--checkpoint", tiny_ckpt, "--dataset", "folder", "--style-dir", root, "--batch-size", "128",
+             "--eval-n", "0", "--no-figures", "--out", out]                 # one batch of all 100 images
+    r = run_cli("lora_finetune.py", *flags, "--max-steps", "2")
     assert r.returncode == 0, r.stderr
     assert "100 images" in r.stdout and os.path.getsize(os.path.join(out, "adapter.safetensors")) > 1000
+    r = run_cli("lora_finetune.py", *flags, "--max-steps", "3", "--resume")   # the same flags resume it
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["step"] == 3
     one_line_error(run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--dataset", "folder",
                            "--out", str(tmp_path / "l2")), "--style-dir")
 
@@ -193,6 +197,19 @@ def test_lora_export_peft_survives_resume_overwrite_and_a_killed_export(tiny_ckp
     assert load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["step"] == 4      # refused before training
     os.remove(os.path.join(peft_dir, "notes.txt"))
     assert run_cli("lora_finetune.py", *flags, "--max-steps", "2", "--overwrite").returncode == 0
+
+
+def test_a_finished_lora_run_gets_a_late_peft_export_on_resume(tiny_ckpt, tmp_path):
+    """--export-peft and --fused say how the adapter is exported and computed, not what it is:
+    --resume takes them from the command line (a late export used to be refused as a conflict)."""
+    out = str(tmp_path / "lora")
+    flags = ["--checkpoint", tiny_ckpt, "--eval-n", "0", "--no-figures", "--out", out, "--batch-size", "16",
+             "--epochs", "1", "--max-steps", "2"]
+    assert run_cli("lora_finetune.py", *flags).returncode == 0
+    r = run_cli("lora_finetune.py", *flags, "--resume", "--export-peft", "--no-fused")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(os.path.join(out, "peft"))) == ["adapter_config.json", "adapter_model.safetensors"]
+    one_line_error(run_cli("lora_finetune.py", *flags, "--resume", "--r", "8"), "--r 8")     # what it is: refused
 
 
 def test_truncated_adapter_is_refused(tiny_ckpt, tmp_path):
