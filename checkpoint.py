@@ -202,9 +202,9 @@ def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
         raise CheckpointError(f"--out {shown(out)}: is a file, not a run folder")
     found = [n for n in (ckpt_name, *writes) if os.path.lexists(os.path.join(out, n))]
     if found and not (resume or overwrite):
-        if ckpt_name not in found:                   # killed before its first checkpoint: nothing to resume
-            raise CheckpointError(f"{shown(out)} holds files of a run that saved no checkpoint ({', '.join(found)}); "
-                                  "pass --overwrite to start again (or choose another --out)")
+        if ckpt_name not in found:                   # killed before its first checkpoint, or another kind of run
+            raise CheckpointError(f"{shown(out)} already holds a run's files ({', '.join(found)}) but no {ckpt_name} "
+                                  "to resume; pass --overwrite to start again (or choose another --out)")
         raise CheckpointError(f"{shown(out)} already holds a run ({', '.join(found)}); pass --resume to continue it "
                               "or --overwrite to start again (or choose another --out)")
     try:

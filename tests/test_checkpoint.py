@@ -110,7 +110,7 @@ def test_no_clobber_covers_every_file_a_run_writes(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(out)
     open(os.path.join(out, "loss.png"), "w").close()             # another run's figure, no checkpoint
-    with pytest.raises(CheckpointError, match="saved no checkpoint \\(loss.png\\); pass --overwrite") as e:
+    with pytest.raises(CheckpointError, match="already holds a run's files \\(loss.png\\) but no finetune_ckpt.pt to resume; pass --overwrite") as e:
         prepare_run_folder(out, False, False, "finetune_ckpt.pt", writes=("loss.png", "adapter.safetensors"))
     assert "--resume" not in str(e.value)          # nothing to resume: --resume would say "no checkpoint"
     prepare_run_folder(out, False, True, "finetune_ckpt.pt", writes=("loss.png",))
