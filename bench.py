@@ -17,7 +17,7 @@ import torch
 
 from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
 from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser, TrainConfig
-from device import DeviceError, pick_device
+from device import DeviceError, pick_device, run_cli
 from loop import autocast_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -299,7 +299,7 @@ def run_section(name, args, **extra):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
     p = Parser(description="Benchmark training and sampling speed, memory and hardware utilisation.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and images: seconds, not minutes")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -319,7 +319,7 @@ def main():
     p.add_argument("--full-ddpm", type=int, default=-1,
                    help="1: run DDPM's 1,000 steps for real to get its accuracy (minutes on a CPU); "
                         "0: time 20 steps and scale (default: 1 on cuda, 0 on cpu)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device not in ("cpu", "cuda"):
@@ -436,5 +436,10 @@ def report(R):
               f"{c['import_s']:.1f} s, load {c['load_s']:.2f} s, sampling {c['sample_s']:.1f} s")
 
 
+def cli(argv=None):
+    """main() as a command: a failure is one line on stderr, Ctrl-C one line and exit 130."""
+    return run_cli("bench.py", main, (CheckpointError, DeviceError), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

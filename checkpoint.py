@@ -219,15 +219,18 @@ def remove_run_files(folder, names=(), pattern=None):
     """--overwrite starts again: remove the earlier run's own files in `folder` (the relative paths
     `names`, and names that fully match the regex `pattern`), so that none is taken for the new
     run's (an old eval_curve.csv continued on --resume, an old peft/ export beside a new adapter).
-    Regular files only; everything else in the folder (a user's notes, links) stays. A sub-folder
-    left empty goes too."""
-    paths = [os.path.join(folder, n) for n in names]
+    Regular files only, never through a link; everything else in the folder (a user's notes,
+    links) stays. A sub-folder left empty goes too."""
+    paths = [os.path.join(folder, n) for n in names
+             if not os.path.islink(os.path.join(folder, os.path.dirname(n)))]    # never through a linked folder
     if pattern and os.path.isdir(folder):
         paths += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if re.fullmatch(pattern, n)]
     for p in paths:
         if os.path.isfile(p) and not os.path.islink(p):
             os.remove(p)
     for sub in {os.path.dirname(n) for n in names} - {""}:
+        if os.path.islink(os.path.join(folder, sub)):
+            continue
         try:
             os.rmdir(os.path.join(folder, sub))
         except OSError:                          # not empty (a user's file), or not there
@@ -332,16 +335,23 @@ def _name_max(folder):
 
 def holds_weights(path):
     """True for a file of model weights: a torch checkpoint (a zip archive with a data.pkl, or a
-    pickle) or a safetensors file (an 8-byte header length, then its JSON header)."""
+    pickle of protocol 2 to 5) or a safetensors file (an 8-byte header length n, then n bytes of
+    a JSON object). A PNG, an npz, a JSON or a text file is none of these."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(9)
-        if head.startswith(b"PK\x03\x04"):
-            with zipfile.ZipFile(path) as z:
-                return any(n.endswith("data.pkl") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
+            head = f.read(8)
+            if head.startswith(b"PK\x03\x04"):
+                with zipfile.ZipFile(path) as z:
+                    return any(n.endswith("data.pkl") for n in z.namelist())
+            if head[:1] == b"\x80":
+                return head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                return False
+            return isinstance(json.loads(f.read(n)), dict)
+    except (OSError, zipfile.BadZipFile, ValueError):        # ValueError: not JSON (UnicodeDecodeError too)
         return False
-    return head[:1] == b"\x80" or (len(head) == 9 and head[8:9] == b"{")
 
 
 def check_outputs(outputs, inputs, folders=(), create=False, weights_ok=False):

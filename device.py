@@ -143,6 +143,7 @@ def run_cli(prog, main, errors, argv=None):
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
+        out.flush()                            # a closed pipe shows at the flush: here, not at exit
         sys.stdout = out.stream
     if out.error is not None and out.error.errno != errno.EPIPE:
         print(f"{prog}: error: could not print to stdout ({out.error.strerror or out.error}); "

@@ -405,7 +405,7 @@ def parse_args(argv=None):
                    help="comma-separated guidance scales, e.g. 0,1,2,3,5: writes a trade-off figure")
     p.add_argument("--style-dir", default=None, help="with --lora of a folder-trained adapter: that folder")
     p.add_argument("--json", default=None, help="where to write the results (default: next to what is scored: "
-                   "the npz, the (first) --lora adapter, or the checkpoint, as <name>_eval.json)")
+                   "the npz, the --lora adapter (<A>+<B> for two), or the checkpoint, as <name>_eval.json)")
     add_model_flags(p)
     add_sampling_flags(p)
     return p.parse_args(argv)
@@ -430,6 +430,7 @@ def main(argv=None):
         x, y = read_npz(args.npz)
         dataset = args.dataset or "auto"
     base = os.path.splitext(args.npz or (args.lora[0] if args.lora else args.checkpoint))[0]   # what is scored
+    base += "".join("+" + os.path.splitext(os.path.basename(a))[0] for a in (args.lora or [])[1:])   # A+B
     out = args.json or base + "_eval.json"
     sweep_png = base + "_guidance_sweep.png" if scales and not args.npz else None
     check_outputs({"--json": out, "--sweep-guidance figure": sweep_png},         # before any work

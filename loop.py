@@ -42,31 +42,33 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     write_folders: {name: its files} for those of `writes` that are folders (an export), not files:
     every other name must be a regular file or absent, checked before any work (not an
     IsADirectoryError at the end); old_pattern: a regex for the names of files the run writes
-    besides (step grids). On --overwrite all of them, the earlier run's, are removed at the start;
+    besides (step grids). On --overwrite all of them, the earlier run's, go at run.start_fresh();
     inputs / folders: {label: path} of the files and dataset folders the run reads, which no
     output may be or lie in; given: the flags given on the command line (config.explicit_flags);
     sections: {name: config built from the flags} of the other stored configs ("model", "lora",
     ...), checked against the checkpoint's on --resume.
-    -> (dist, tcfg, checkpoint path, checkpoint or None, lock): release the lock (or use it in a
-    `with`) when the run is over, however it ends."""
+    -> (dist, tcfg, checkpoint path, checkpoint or None, run): a HeldRun; use it in a `with` (the
+    lock goes when the run is over, however it ends) and call run.start_fresh() before training."""
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     dist = Dist(tcfg.device)                          # refuses a half-set torchrun environment first
     ckpt_path = os.path.join(tcfg.out, ckpt_name)
     lock = None
+    earlier = []
     if judges_run_folder(dist):
         write_folders = write_folders or {}
         files = [n for n in (ckpt_name, *writes) if n not in write_folders]
-        check_outputs([("--out", os.path.join(tcfg.out, n)) for n in files], inputs or {}, folders or {}, create=True,
-                      weights_ok=True)      # its own checkpoint and adapter: --resume, --overwrite
+        outputs = [("--out", os.path.join(tcfg.out, n)) for n in files]
+        check_outputs(outputs[:1], inputs or {}, folders or {}, create=True, weights_ok=True)   # its own checkpoint
+        check_outputs(outputs[1:], inputs or {}, folders or {}, create=True,    # an adapter: only beside that
+                      weights_ok=os.path.isfile(ckpt_path))                      # checkpoint, never another run's
         prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
         lock = RunLock(tcfg.out, files, old_pattern)
+        if overwrite and not resume:                  # what start_fresh() removes
+            earlier = files + [os.path.join(d, n) for d, names in write_folders.items() for n in names]
     try:
         if lock:                                      # again under the lock: a writer that just finished counts
             prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)
-            if overwrite and not resume:                  # start again: nothing of the earlier run stays
-                inside = [os.path.join(d, n) for d, names in write_folders.items() for n in names]
-                remove_run_files(tcfg.out, files + inside, old_pattern)
         ckpt = load_checkpoint(ckpt_path) if resume else None
         if ckpt is not None:
             check_loop_state(ckpt, ckpt_path)
@@ -76,7 +78,26 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
             lock.release()
         raise
     torch.manual_seed(tcfg.seed)
-    return dist, tcfg, ckpt_path, ckpt, lock or contextlib.nullcontext()
+    return dist, tcfg, ckpt_path, ckpt, HeldRun(lock, tcfg.out, earlier, old_pattern if earlier else None)
+
+
+class HeldRun(contextlib.AbstractContextManager):
+    """What open_run hands back: the run folder's lock (rank 0; none on the other ranks), released
+    at the end of the `with`, and what --overwrite has to remove of the earlier run."""
+
+    def __init__(self, lock, folder, earlier=(), pattern=None):
+        self.lock, self.folder, self.earlier, self.pattern = lock, folder, list(earlier), pattern
+
+    def start_fresh(self):
+        """--overwrite: remove the earlier run's own files, called once the new run has loaded its
+        model and data, so that a typo in a flag never costs the old run (see remove_run_files)."""
+        if self.earlier:
+            remove_run_files(self.folder, self.earlier, self.pattern)
+            self.earlier = []
+
+    def __exit__(self, *exc):
+        if self.lock:
+            self.lock.release()
 
 
 def judges_run_folder(dist):

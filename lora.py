@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import atomic_write, first_line, not_a_regular_file, remove_stale_temps, shown, write_json
+from checkpoint import atomic_write, not_a_regular_file, remove_stale_temps, shown, write_json
 from config import LORA_MAX_ALPHA, LORA_MAX_R
 
 QKV = r"\.attn\.to_(q|k|v)$"
@@ -232,23 +232,28 @@ def base_fingerprint(model):
     return h.hexdigest()[:16]
 
 
+def write_safetensors(path, tensors, metadata):
+    """`tensors` as a safetensors file, atomically. The bytes are made in memory and written into
+    atomic_write's temp file: safetensors' save_file makes a temp file of its own (unlocked, unknown
+    to remove_stale_temps) and renames it over ours."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    atomic_write(path, write, suffix=".safetensors")
+
+
 def save_adapter(path, model, targets, r, alpha, use_rslora, model_config, fingerprint, style=""):
     """Write only the LoRA tensors as safetensors, with what load_adapter needs to check."""
-    from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
     layers = [n for n, _ in named_lora_layers(model)]
     meta = {"format": "sd-lora-mnist/1", "targets": json.dumps(resolve_targets(targets)), "r": str(r),
             "layers": json.dumps(layers),
             "alpha": str(alpha), "rslora": str(bool(use_rslora)), "model_config": json.dumps(model_config),
             "base_fingerprint": fingerprint, "style": style}
-    def write(tmp):
-        try:
-            save_file(tensors, tmp, metadata=meta)
-        except OSError:
-            raise
-        except Exception as e:      # safetensors reports a full disk as its own SafetensorError
-            raise OSError(f"safetensors could not write ({first_line(e)})") from e
-    atomic_write(path, write, suffix=".safetensors")
+    write_safetensors(path, tensors, meta)
 
 
 def read_adapter(path):
@@ -394,11 +399,14 @@ PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")      # what ex
 def check_peft_folder(out_dir, replace=False):
     """Refuse an out_dir that export_peft may not write into (see there); called before the work
     too, so a run that cannot export stops at once and not after its training."""
+    if os.path.islink(out_dir) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        raise LoraError(f"{shown(out_dir)}: is a link or a file, not a folder of its own; refusing to write there")
     if replace:
         remove_stale_temps([os.path.join(out_dir, n) for n in PEFT_FILES])
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir)
-                                    or set(os.listdir(out_dir)) - set(PEFT_FILES if replace else ())):
-        raise LoraError(f"{shown(out_dir)}: exists and is not an empty folder; refusing to overwrite it")
+    others = sorted(set(os.listdir(out_dir)) - set(PEFT_FILES if replace else ())) if os.path.isdir(out_dir) else []
+    if others:
+        raise LoraError(f"{shown(out_dir)}: holds other files ({shown(', '.join(others)[:80])}); "
+                        "refusing to write an export beside them")
 
 
 def export_peft(model, out_dir, replace=False):
@@ -410,7 +418,6 @@ def export_peft(model, out_dir, replace=False):
     out_dir must be absent or empty; with replace=True (a run folder's own export, under its
     lock: --resume, --overwrite) it may also hold an earlier export's two files, which are
     replaced, and the temp files of a killed export, which are removed."""
-    from safetensors.torch import save_file
     check_peft_folder(out_dir, replace)
     layers = named_lora_layers(model)
     if not layers:
@@ -434,5 +441,5 @@ def export_peft(model, out_dir, replace=False):
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True}
     os.makedirs(out_dir, exist_ok=True)
     weights, config_file = (os.path.join(out_dir, n) for n in PEFT_FILES)
-    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}), suffix=".safetensors")
+    write_safetensors(weights, tensors, {"format": "pt"})
     write_json(config_file, config)     # last: a folder with it is whole

@@ -20,7 +20,7 @@ import torch
 
 import lora
 from checkpoint import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_finite, dataset_of, load_checkpoint,
-                        load_model, save_checkpoint, write_json)
+                        load_model, save_checkpoint, shown, write_json)
 from config import (LoraConfig, Parser, TrainConfig, add_config_flags, config_from_args, config_from_dict,
                     explicit_flags)
 from dataset import DataError, apply_style, load_dataset
@@ -41,7 +41,7 @@ FINETUNE_DEFAULTS = {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3, "war
 # The italic run that moved the slant furthest in our measurements (docs/lora.md).
 BEST_ITALIC = "python lora_finetune.py --style italic --targets all --r 8 --alpha 8 --lr 4e-3 --epochs 24"
 
-LORA_FROM_FLAGS = ("fused", "export_peft")   # on --resume, from the command line when given: the same numbers
+LORA_FROM_FLAGS = ("fused", "export_peft")   # on --resume, from the command line when given: how, not what
 RUN_FILES = ("loss.png", "summary.json", "base_vs_tuned.png")   # in --out besides the checkpoint (more: see main)
 
 
@@ -72,7 +72,12 @@ def stored_base(run_checkpoint, default):
         return default                                 # open_run says "--resume: no checkpoint"
     config = load_checkpoint(run_checkpoint)["config"]
     base = config.get("base") if isinstance(config, dict) else None
-    return base if isinstance(base, str) and base else default
+    if not (isinstance(base, str) and base):
+        return default
+    if not os.path.isfile(base):
+        raise TrainingError(f"--resume: the base this run was fine-tuned from, {shown(base)}, is not there "
+                            "any more; pass --checkpoint with its new path")
+    return base
 
 
 def load_finetune_data(lcfg, data_dir, base_dataset):
@@ -123,15 +128,15 @@ def main(argv=None):
     writes = RUN_FILES + (("ckpt.pt",) if lcfg.full else ("adapter.safetensors", "lora_update.png", "strength_sweep.png",
                                                           "peft"))
     given = args.given - {"dataset"} - set(LORA_FROM_FLAGS) | ({"style"} if args.given & {"dataset", "style_dir"} else set())
-    dist, tcfg, ckpt_path, resume, lock = open_run(
+    dist, tcfg, ckpt_path, resume, run = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
-        write_folders={"peft": lora.PEFT_FILES})
-    with lock:                    # one writer in the run folder until the run ends, however it ends
-        return finetune(args, dist, tcfg, ckpt_path, resume, lcfg)
+        write_folders={} if lcfg.full else {"peft": lora.PEFT_FILES})
+    with run:                     # one writer in the run folder until the run ends, however it ends
+        return finetune(args, dist, run, tcfg, ckpt_path, resume, lcfg)
 
 
-def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
+def finetune(args, dist, run, tcfg, ckpt_path, resume, lcfg):
     """The fine-tuning run itself, its folder locked."""
     if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed and exported
         lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),
@@ -186,6 +191,7 @@ def finetune(args, dist, tcfg, ckpt_path, resume, lcfg):
         save_checkpoint(ckpt_path, {"model": trained(model), "ema": trained(ema.module), "config": config,
                                     "base_fingerprint": fingerprint, **loop_state_dict(state)})
 
+    run.start_fresh()                             # --overwrite: the earlier run goes only now, inputs loaded
     t0, first_step = time.perf_counter(), state["step"]
     outcome = fit(model, diffusion, (x, y), tcfg, state, save, dist, params, desc=kind)
     seconds = time.perf_counter() - t0

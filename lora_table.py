@@ -49,13 +49,24 @@ def run_row(targets, r, args, extra):
                "--resume" if interrupted else "--overwrite", "--no-figures"]
         print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
         if not interrupted:
-            write_json(started_file, flags)                # after lora_finetune's check_outputs would be too late
-        if subprocess.run(cmd).returncode != 0:
+            write_json(started_file, flags)                # before the row starts: it may be stopped at any point
+        if run_child(cmd) != 0:
             raise TableError(f"row {targets} r={r} failed or was interrupted (see its output above); "
                              "run the same command again to continue it")
         write_json(flags_file, flags)
     with open(summary) as f:
         return json.load(f)
+
+
+def run_child(cmd):
+    """Run cmd to its end -> exit code. On Ctrl-C (which the child gets too) wait for the child to
+    save its checkpoint, then stop: subprocess.run would kill it a quarter of a second later."""
+    child = subprocess.Popen(cmd)
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.wait()
+        raise
 
 
 def row_folder(targets, r):

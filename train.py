@@ -28,7 +28,7 @@ from sample import generate, model_sampling, save_grid
 from unet import UNet, count_params
 
 RUN_FILES = ("loss.png", "samples.png", "eval_curve.csv", "eval_curve.png")   # written in --out besides ckpt.pt
-STEP_GRIDS = r"samples_\d{6}\.png"           # and --sample-every's grids, one per step
+STEP_GRIDS = r"samples_\d{6,}\.png"           # and --sample-every's grids, one per step
 
 
 def parse_args(argv=None):
@@ -164,14 +164,14 @@ def main(argv=None):
     except ValueError as e:
         raise TrainingError(str(e)) from e
     folders = {"--data-dir folder": tcfg.data_dir} if tcfg.dataset == "folder" else {}
-    dist, tcfg, ckpt_path, ckpt, lock = open_run(tcfg, args.resume, args.overwrite, "ckpt.pt", RUN_FILES,
+    dist, tcfg, ckpt_path, ckpt, run = open_run(tcfg, args.resume, args.overwrite, "ckpt.pt", RUN_FILES,
                                                  folders=folders, given=args.given, old_pattern=STEP_GRIDS,
                                                  sections={"model": model_cfg, "diffusion": diff_cfg})
-    with lock:                    # one writer in the run folder until the run ends, however it ends
-        return train(args, dist, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg)
+    with run:                     # one writer in the run folder until the run ends, however it ends
+        return train(args, dist, run, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg)
 
 
-def train(args, dist, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg):
+def train(args, dist, run, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg):
     """The run itself, its folder locked: data, model, the loop, figures, a short evaluation."""
     if ckpt is not None:          # the stored configuration wins; only where/how long to run comes from flags
         model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
@@ -210,6 +210,7 @@ def train(args, dist, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg):
         if curve and (step % tcfg.eval_every == 0 or step == run_length(len(x), tcfg)[2]):
             curve(step, ema.module, diffusion, time.perf_counter() - t0)
 
+    run.start_fresh()                             # --overwrite: the earlier run goes only now, inputs loaded
     t0 = time.perf_counter()
     outcome = fit(model, diffusion, (x, y), tcfg, state, save, dist, params, on_step=on_step)
     minutes = (time.perf_counter() - t0 - (curve.eval_seconds if curve else 0)) / 60

@@ -184,3 +184,23 @@ def test_check_outputs_refuses_special_files_and_names_too_long(tmp_path):
     long = str(tmp_path / ("y" * 250))
     check_outputs({"--out": long}, {})                           # 250 bytes fit ...
     assert len(os.path.basename(temp_path(long, ".png"))) < 255  # ... and so does its temp file's name
+
+
+def test_holds_weights_knows_checkpoints_and_adapters_by_their_bytes(tmp_path):
+    """What check_outputs never writes over: torch checkpoints (zip and legacy pickle) and
+    safetensors files, whatever their names; and what it does write over: a user's PNG, npz,
+    JSON or text, even ones that look alike in their first bytes."""
+    import json
+    import numpy as np
+    from safetensors.torch import save_file
+    from checkpoint import holds_weights
+    torch.save({"w": torch.zeros(2)}, tmp_path / "a.json")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.png", _use_new_zipfile_serialization=False)
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "c.txt"))
+    (tmp_path / "r.json").write_text(json.dumps({"acc": {"x": 1}}))       # '{' as the 9th byte
+    (tmp_path / "s.json").write_text('{"step":{"a": 1}}')
+    (tmp_path / "b.bin").write_bytes(b"\x80abc")
+    np.savez(tmp_path / "x.npz", images=np.zeros((1, 28, 28), np.uint8))
+    (tmp_path / "e").write_bytes(b"")
+    weights = {n for n in os.listdir(tmp_path) if holds_weights(str(tmp_path / n))}
+    assert weights == {"a.json", "legacy.png", "c.txt"}

@@ -76,8 +76,9 @@ def run_with_stdout(script, argv, stdout):
     else:
         out = os.open("/dev/full", os.O_WRONLY)
     try:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}    # stdout block-buffered, as usual
         return subprocess.run([sys.executable, script, *argv], cwd=ROOT, stdout=out, stderr=subprocess.PIPE,
-                              text=True, timeout=600)
+                              text=True, timeout=600, env=env)
     finally:
         os.close(out)
 
@@ -193,7 +194,7 @@ def test_lora_export_peft_survives_resume_overwrite_and_a_killed_export(tiny_ckp
     assert torch.equal(exported[f"base_model.model.{a_key[:-len('.lora_A')]}.lora_A.weight"].flatten(),
                        ema[a_key].flatten())
     open(os.path.join(peft_dir, "notes.txt"), "w").close()
-    one_line_error(run_cli("lora_finetune.py", *flags, "--max-steps", "6", "--resume"), "peft", "not an empty folder")
+    one_line_error(run_cli("lora_finetune.py", *flags, "--max-steps", "6", "--resume"), "peft", "holds other files (notes.txt)")
     assert load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))["step"] == 4      # refused before training
     os.remove(os.path.join(peft_dir, "notes.txt"))
     assert run_cli("lora_finetune.py", *flags, "--max-steps", "2", "--overwrite").returncode == 0

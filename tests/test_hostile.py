@@ -137,7 +137,7 @@ def test_finetune_obeys_the_no_clobber_rule_for_every_file_it_writes(run_copy, t
     before = digest(folder)
     common = ["--checkpoint", os.path.join(folder, "ckpt.pt"), "--max-steps", "1", "--eval-n", "0", "--no-figures"]
     one_line_error(run_cli("lora_finetune.py", *common, "--full", "--out", folder), "ckpt.pt: is the --checkpoint")
-    one_line_error(run_cli("lora_finetune.py", *common, "--out", folder), "already holds a run")
+    one_line_error(run_cli("lora_finetune.py", *common, "--out", folder), "adapter.safetensors: holds model weights")
     one_line_error(run_cli("lora_finetune.py", *common, "--full", "--overwrite", "--out", folder), "being read")
     assert digest(folder) == before
 
@@ -540,6 +540,7 @@ def deadline(seconds):
 def test_a_lock_file_that_is_a_link_is_refused_not_written_through(run_copy, tmp_path, link):
     folder = str(tmp_path / "run")
     shutil.copytree(run_copy["folder"], folder)
+    os.remove(os.path.join(folder, "adapter.safetensors"))     # not a LoRA run's own: refused before the lock
     victim = str(tmp_path / "victim.txt")
     open(victim, "w").write("precious user data\n")
     lock = os.path.join(folder, ".lock")
@@ -713,6 +714,38 @@ def test_overwrite_leaves_nothing_of_the_earlier_run_but_the_users_files(run_cop
     (lora_out / "peft" / "notes.txt").write_text("mine")
     assert run_cli("lora_finetune.py", *flags, "--overwrite").returncode == 0
     assert os.listdir(lora_out / "peft") == ["notes.txt"]
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_its_inputs(run_copy, tmp_path):
+    """--overwrite removes the earlier run only once the new run has loaded its model and data: a
+    typo in a flag, a user's file in peft/, another kind of run's weights or a linked peft/ folder
+    cost nothing (each used to delete the earlier run's files, then fail)."""
+    base = tmp_path / "base"
+    shutil.copytree(run_copy["folder"], base)                  # a train.py run (and an adapter)
+    lora_out = tmp_path / "lora"
+    flags = ["--max-steps", "1", "--eval-n", "0", "--no-figures", "--batch-size", "16", "--out", str(lora_out)]
+    assert run_cli("lora_finetune.py", "--checkpoint", str(base / "ckpt.pt"), *flags, "--export-peft").returncode == 0
+    elsewhere = tmp_path / "exports"
+    elsewhere.mkdir()
+    (elsewhere / "adapter_config.json").write_text("{}")      # the user's, reached by a link
+    keep = {d: digest(str(d)) for d in (base, lora_out, elsewhere)}
+    one_line_error(run_cli("train.py", *TINY_FLAGS, "--overwrite", "--dataset", "folder", "--data-dir",
+                           str(tmp_path / "typo"), "--out", str(base)), "typo")
+    one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(tmp_path / "typo.pt"), *flags, "--overwrite"),
+                   "typo.pt")
+    (lora_out / "peft" / "README.txt").write_text("mine")
+    keep[lora_out] = digest(str(lora_out))
+    one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(base / "ckpt.pt"), *flags, "--overwrite",
+                           "--export-peft"), "holds other files (README.txt)")
+    one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(run_copy["ckpt"]), "--full", "--overwrite",
+                           *flags[:-1], str(base)), "ckpt.pt: holds model weights")
+    assert {d: digest(str(d)) for d in keep} == keep
+    shutil.rmtree(lora_out / "peft")
+    os.symlink(elsewhere, lora_out / "peft")
+    assert run_cli("lora_finetune.py", "--checkpoint", str(base / "ckpt.pt"), *flags, "--overwrite").returncode == 0
+    assert digest(str(elsewhere)) == keep[elsewhere]
+    one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(base / "ckpt.pt"), *flags, "--overwrite",
+                           "--export-peft"), "is a link")
 
 
 DELETE = object()

@@ -107,7 +107,7 @@ def test_export_peft_refuses_a_non_empty_folder_and_a_model_without_lora(tmp_pat
     ours, _, _ = ours_and_peft("qkv")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
-    with pytest.raises(lora.LoraError, match="not an empty folder"):
+    with pytest.raises(lora.LoraError, match="holds other files \\(keep.txt\\)"):
         lora.export_peft(ours, str(tmp_path / "busy"))
     assert os.listdir(tmp_path / "busy") == ["keep.txt"]
     with pytest.raises(lora.LoraError, match="no LoRA layers"):

@@ -227,7 +227,6 @@ def adapter_model(seed):
 
 
 def test_save_adapter_survives_a_failing_save_file(tmp_path, monkeypatch):
-    import safetensors.torch
     path = str(tmp_path / "adapter.safetensors")
     save = lambda model: lora.save_adapter(path, model, "attn", 2, 2.0, False, asdict(TINY),
                                            lora.base_fingerprint(model))
@@ -235,11 +234,19 @@ def test_save_adapter_survives_a_failing_save_file(tmp_path, monkeypatch):
     save(old_model)
     old = lora.lora_state_dict(old_model)
 
-    def broken_save_file(tensors, filename, metadata=None):
-        half_then_fail(safetensors.torch.save(tensors, metadata=metadata), filename)
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
-    if hasattr(lora, "save_file"):                                  # imported at module level
-        monkeypatch.setattr(lora, "save_file", broken_save_file)
+    class HalfThenFail:                         # what lora.write_safetensors opens its temp file as
+        def __init__(self, filename, mode):
+            self.filename = filename
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            half_then_fail(bytes(data), self.filename)
+    monkeypatch.setattr(lora, "open", HalfThenFail, raising=False)    # found before the builtin
     new_model = adapter_model(seed=2)
     with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
         save(new_model)
