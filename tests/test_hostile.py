@@ -696,14 +696,16 @@ def test_overwrite_leaves_nothing_of_the_earlier_run_but_the_users_files(run_cop
     (an old eval_curve.csv used to be continued by the new run's --resume, an old peft/ export sat
     beside the new adapter with other weights); a user's files in the folder stay."""
     out = tmp_path / "run"
-    assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--sample-every", "1", "--no-figures",
-                   "--out", str(out)).returncode == 0
-    (out / "eval_curve.csv").write_text("step,accuracy\n1,0.5\n")      # as an --eval-every run leaves it
+    assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--no-figures", "--out", str(out)).returncode == 0
+    (out / "eval_curve.csv").write_text("step,accuracy\n1,0.5\n")      # as --eval-every leaves it
+    for step in ("000001", "1000000"):                                   # as --sample-every does
+        shutil.copy(os.path.join(run_copy["folder"], "samples.png"), out / f"samples_{step}.png")
     (out / "notes.txt").write_text("mine")
-    assert {"samples_000001.png", "samples_000002.png"} <= set(os.listdir(out))
+    (out / "samples_1.png").write_text("mine too: not a step grid's name")
     r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--overwrite", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "notes.txt"] and load_checkpoint(str(out / "ckpt.pt"))["step"] == 1
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "notes.txt", "samples_1.png"]
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 1
     lora_out = tmp_path / "lora"
     flags = ["--checkpoint", run_copy["ckpt"], "--max-steps", "1", "--eval-n", "0", "--no-figures", "--batch-size", "16",
              "--out", str(lora_out)]

@@ -56,8 +56,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
             assert torch.equal(tensor, cb[key][name]), f"{key}.{name} differs after resume"
 
 
-def test_eval_every_logs_the_quality_curve_and_resume_keeps_it(tmp_path, quick_judge):
+def test_eval_every_logs_the_quality_curve_and_resume_keeps_it(tmp_path, quick_judge, monkeypatch):
     import csv
+    import train
+    monkeypatch.setattr(train.QualityCurve, "STEPS", 2)      # the bookkeeping is under test, not the quality
     out = str(tmp_path / "run")
     flags = [*TINY_FLAGS, "--eval-every", "2", "--data-dir", quick_judge, "--out", out, "--no-figures"]
     assert run_cli("train.py", *flags, "--max-steps", "5").returncode == 0
