@@ -159,8 +159,14 @@ def test_a_real_process_prints_one_line(script, flags, message, tmp_path):
     one_line_error(r, message)
 
 
-def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path):
+def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path, monkeypatch):
     """A LoRA run writes its adapter, figures, summary and peft export; sample.py applies it."""
+    from diffusion import Diffusion
+    sample = Diffusion.sample
+
+    def figures_in_5_steps(self, model, y, *args, **kw):    # the figures' 270 samples: 5 DDIM steps, not 50
+        return sample(self, model, y, *args, **kw, **({} if args else {"steps": 5}))
+    monkeypatch.setattr(Diffusion, "sample", figures_in_5_steps)
     out = str(tmp_path / "lora")
     r = run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--style", "italic", "--max-steps", "3",
                 "--batch-size", "16", "--eval-n", "0", "--out", out, "--r", "2", "--targets", "qkv", "--export-peft")
