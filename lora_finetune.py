@@ -127,7 +127,8 @@ def main(argv=None):
         args.checkpoint = stored_base(os.path.join(tcfg.out, "finetune_ckpt.pt"), args.checkpoint)
     writes = RUN_FILES + (("ckpt.pt",) if lcfg.full else ("adapter.safetensors", "lora_update.png", "strength_sweep.png",
                                                           "peft"))
-    given = args.given - {"dataset"} - set(LORA_FROM_FLAGS) | ({"style"} if args.given & {"dataset", "style_dir"} else set())
+    given = (args.given - {"dataset"} - set(LORA_FROM_FLAGS)
+             | ({"style"} if args.given & {"dataset", "style_dir"} else set()))
     dist, tcfg, ckpt_path, resume, run = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
@@ -176,7 +177,8 @@ def finetune(args, dist, run, tcfg, ckpt_path, resume, lcfg):
     state = new_loop_state(model, groups, tcfg, len(x))
     ema = state["ema"]
     trained = (lambda m: m.state_dict()) if lcfg.full else lora.lora_state_dict
-    config = {"lora": asdict(lcfg), "train": asdict(replace(tcfg, batch_size=asked)), "base": os.path.abspath(args.checkpoint)}
+    config = {"lora": asdict(lcfg), "train": asdict(replace(tcfg, batch_size=asked)),
+              "base": os.path.abspath(args.checkpoint)}
     if resume is not None:
         if resume.get("base_fingerprint") != fingerprint:
             raise TrainingError(f"{ckpt_path}: was fine-tuned from other base weights than {args.checkpoint}")
