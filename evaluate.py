@@ -207,6 +207,22 @@ def frechet_vs_real(gen_feats, half_a, half_b):
             frechet_distance(half_a[:k], half_b))
 
 
+def within_digit_spread(clf, x, y, real_x, real_y):
+    """How varied the images of each digit are, next to real digits: the mean over digits of
+    tr Cov(features of the images of d) / tr Cov(features of the real digits d). 1 = as varied
+    as real digits; below 1 the images of a digit look more alike than real ones do (guidance
+    does that); 0 = one image copied. Unlike the Frechet distance it does not grow as the
+    sample shrinks (tr Cov is unbiased), so runs of any n compare. Digits with fewer than two
+    images on either side (or no real variety) are skipped; None if none is left."""
+    feats, real_feats = classify(clf, x)[1].double(), classify(clf, real_x)[1].double()
+    ratios = []
+    for d in range(10):
+        own, real = feats[y == d], real_feats[real_y == d]                  # (n_d, 128), (m_d, 128)
+        if len(own) >= 2 and len(real) >= 2 and real.var(0).sum() > 0:
+            ratios.append(own.var(0).sum() / real.var(0).sum())
+    return torch.stack(ratios).mean().item() if ratios else None
+
+
 def style_measures(x):
     """Two classical handwriting measures of images (N, 1, 28, 28) in [-1, 1], averaged:
     ink   -- fraction of pixels above mid-grey (stroke thickness);
@@ -307,17 +323,29 @@ def print_report(r, clf_acc):
                f"Frechet {r['frechet']:.2f} (real-vs-real floor {r['frechet_floor']:.2f})")
     print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | {frechet} | n={r['n']}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
+    if "spread" in r:
+        print(f"spread within a digit: {spread_text(r['spread'])} of real digits' (1 = as varied; guidance lowers it)")
+
+
+def spread_text(spread):
+    """within_digit_spread's value as the reports print it."""
+    return "n/a (needs >= 2 images of a digit)" if spread is None else f"{spread:.2f}"
 
 
 def save_sweep_figure(sweep, path):
-    """Accuracy and Frechet distance against the guidance scale: the quality/diversity trade-off."""
+    """Accuracy, spread within a digit and Frechet distance against the guidance scale: the
+    quality/diversity trade-off."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     w = [s["guidance"] for s in sweep]
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(w, [100 * s["accuracy"] for s in sweep], "o-", color="C0")
-    ax1.set(xlabel="guidance scale w", ylabel="label accuracy (%)")
+    ax1.plot(w, [100 * s["accuracy"] for s in sweep], "o-", color="C0", label="label accuracy")
+    spread = [(g, 100 * s["spread"]) for g, s in zip(w, sweep) if s.get("spread") is not None]
+    if spread:
+        ax1.plot(*zip(*spread), "^-", color="C2", label="spread within a digit (real = 100)")
+        ax1.legend(loc="center right", fontsize=8)
+    ax1.set(xlabel="guidance scale w", ylabel="% (accuracy, spread)")
     ax2 = ax1.twinx()
     ax2.plot(w, [s["frechet"] for s in sweep], "s--", color="C1")
     ax2.plot(w, [s["frechet_floor"] for s in sweep], ":", color="C1", lw=0.8)
@@ -445,13 +473,15 @@ def main(argv=None):
         results["sampling"] = asdict(scfg)                # the sweep varies only the guidance
 
     if args.npz:
-        results.update(evaluate_images(clf, x, y, real_x))
+        results.update(evaluate_images(clf, x, y, real_x), spread=within_digit_spread(clf, x, y, real_x, real_y))
         print_report(results, clf_acc)
     elif scales:
         sweep = []
         for w, cfg in zip(scales, sweep_cfgs):
-            r, _, _ = evaluate_model(model, diffusion, clf, real_x, args.n, cfg)
-            print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}")
+            r, x, y = evaluate_model(model, diffusion, clf, real_x, args.n, cfg)
+            r["spread"] = within_digit_spread(clf, x, y, real_x, real_y)
+            print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}, "
+                  f"spread {spread_text(r['spread'])}")
             sweep.append({"guidance": w, **r})
         results["sweep"] = sweep
         save_sweep_figure(sweep, sweep_png)
@@ -459,8 +489,9 @@ def main(argv=None):
     elif args.lora:
         results["lora"] = lora_comparison(args, model, diffusion, dataset, scfg)
     else:
-        r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg)
-        results.update(r, style=style_measures(x), real_style=style_measures(real_x))
+        r, x, y = evaluate_model(model, diffusion, clf, real_x, args.n, scfg)
+        results.update(r, spread=within_digit_spread(clf, x, y, real_x, real_y),
+                       style=style_measures(x), real_style=style_measures(real_x))
         print_report(results, clf_acc)
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")

@@ -43,6 +43,7 @@ def test_npz_of_real_test_digits_scores_high(tmp_path):
     with open(tmp_path / "real_eval.json") as f:
         res = json.load(f)
     assert res["accuracy"] > 0.9 and res["frechet"] < 5 * res["frechet_floor"] + 1
+    assert abs(res["spread"] - 1) < 0.02          # the real digits are exactly as varied as themselves (uint8 aside)
 
 
 def test_style_measures_see_bold_and_italic():
@@ -66,6 +67,8 @@ def test_results_record_every_sampling_setting_also_for_a_sweep(tiny_ckpt, tmp_p
             res = json.load(f)
         s = res["sampling"]
         assert (s["sampler"], s["steps"], s["guide_from"], s["guide_to"], s["guidance_rescale"]) == ("ddim", 2, 0.0, 0.5, 0.3)
+        rows = res.get("sweep", [res])
+        assert all(isinstance(row["spread"], float) and row["spread"] >= 0 for row in rows)
     assert [row["guidance"] for row in res["sweep"]] == [1.0, 2.0]
 
 

@@ -6,8 +6,8 @@
   sample size, for n below, at and above |A|. The features are 64-dimensional with about
   100 samples, where the finite-sample distance depends strongly on n (~22 at 100 vs ~15
   at 300), so a floor taken at another size shows.
-- evaluate_images / real_halves / style_measures: accuracy, confidence, the halves and the
-  handwriting measures on inputs whose answers are known.
+- evaluate_images / real_halves / style_measures / within_digit_spread: accuracy, confidence,
+  the halves, the handwriting measures and the spread on inputs whose answers are known.
 """
 import numpy as np
 import pytest
@@ -176,6 +176,30 @@ def test_real_halves_split_the_set_in_two():
     both = np.concatenate([a, b])
     assert np.array_equal(np.sort(both, axis=0), np.sort(real[:, 0, 0, :10].numpy(), axis=0))
     assert not np.array_equal(a, real[:20, 0, 0, :10].numpy()), "a random split, not the first half"
+
+
+def test_within_digit_spread_is_the_mean_ratio_of_variances_per_digit():
+    """Per digit, generated features with exactly k times the real standard deviation have
+    k^2 times its variance: the spread is the mean of the k_d^2 over the digits. The real set
+    itself gives 1, one image per digit copied gives 0, and a digit with a single image on
+    either side is left out."""
+    real_f = torch.from_numpy(np.concatenate([gaussian_features(12, np.zeros(10), np.eye(10), seed=d)
+                                              for d in range(10)])).float()
+    real_y = torch.arange(10).repeat_interleave(12)
+    k = torch.linspace(0.5, 1.4, 10)                            # digit d: k[d] times as varied
+    gen_f = real_f * k[real_y][:, None] + 3.0                   # a shift does not change a variance
+    clf = LogitsInPixels()
+    spread = evaluate.within_digit_spread(clf, images_with_logits(gen_f), real_y,
+                                          images_with_logits(real_f), real_y)
+    assert abs(spread - (k ** 2).mean().item()) < 1e-5
+    real_x = images_with_logits(real_f)
+    assert abs(evaluate.within_digit_spread(clf, real_x, real_y, real_x, real_y) - 1.0) < 1e-6
+    copied = real_x[real_y * 12]                                # the first real image of each digit, 12 times
+    assert evaluate.within_digit_spread(clf, copied, real_y, real_x, real_y) == 0.0
+    keep = (real_y != 3) | (torch.arange(120) == 36)            # digit 3 left with one image: skipped
+    spread = evaluate.within_digit_spread(clf, images_with_logits(gen_f)[keep], real_y[keep], real_x, real_y)
+    assert abs(spread - (k[torch.arange(10) != 3] ** 2).mean().item()) < 1e-5
+    assert evaluate.within_digit_spread(clf, real_x[:1], real_y[:1], real_x, real_y) is None
 
 
 def test_evaluate_images_accuracy_and_confidence():
