@@ -343,7 +343,8 @@ def save_sweep_figure(sweep, path):
     ax1.plot(w, [100 * s["accuracy"] for s in sweep], "o-", color="C0", label="label accuracy")
     spread = [(g, 100 * s["spread"]) for g, s in zip(w, sweep) if s.get("spread") is not None]
     if spread:
-        ax1.plot(*zip(*spread), "^-", color="C2", label="spread within a digit (real = 100)")
+        ax1.plot(*zip(*spread), "^-", color="C2", label="spread within a digit (dotted: real)")
+        ax1.axhline(100, color="C2", ls=":", lw=0.8)
         ax1.legend(loc="center right", fontsize=8)
     ax1.set(xlabel="guidance scale w", ylabel="% (accuracy, spread)")
     ax2 = ax1.twinx()
