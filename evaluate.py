@@ -324,7 +324,7 @@ def print_report(r, clf_acc):
     print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | {frechet} | n={r['n']}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
     if "spread" in r:
-        print(f"spread within a digit: {spread_text(r['spread'])} of real digits' (1 = as varied; guidance lowers it)")
+        print(f"spread within a digit: {spread_text(r['spread'])} (1 = as varied as real digits; guidance lowers it)")
 
 
 def spread_text(spread):
