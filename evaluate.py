@@ -172,21 +172,25 @@ def frechet_distance(a, b):
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * tr_sqrt)
 
 
-def evaluate_images(clf, x, y, real_x):
-    """Accuracy, per-digit accuracy, confidence and Frechet distance of images x with labels y."""
+def evaluate_images(clf, x, y, real_x, real_y=None):
+    """Accuracy, per-digit accuracy, confidence and Frechet distance of images x with labels y;
+    with the real digits' labels real_y also their spread within a digit."""
     probs, feats = classify(clf, x)
     pred = probs.argmax(1)
     per_digit = {d: (pred[y == d] == d).float().mean().item() for d in range(10) if (y == d).any()}
     frechet = floor = None                     # a covariance needs two samples: one image has no Frechet distance
     if len(x) >= 2:
         frechet, floor = frechet_vs_real(feats.numpy(), *real_halves(clf, real_x))
-    return {
+    r = {
         "accuracy": (pred == y).float().mean().item(),
         "per_digit_accuracy": per_digit,
         "confidence": probs.gather(1, y[:, None]).mean().item(),
         "frechet": frechet, "frechet_floor": floor,
         "n": len(x),
     }
+    if real_y is not None:
+        r["spread"] = within_digit_spread(feats, y, classify(clf, real_x)[1], real_y)
+    return r
 
 
 def real_halves(clf, real_x, seed=0):
@@ -207,14 +211,15 @@ def frechet_vs_real(gen_feats, half_a, half_b):
             frechet_distance(half_a[:k], half_b))
 
 
-def within_digit_spread(clf, x, y, real_x, real_y):
-    """How varied the images of each digit are, next to real digits: the mean over digits of
-    tr Cov(features of the images of d) / tr Cov(features of the real digits d). 1 = as varied
+def within_digit_spread(feats, y, real_feats, real_y):
+    """How varied the images of each digit are, next to real digits, from the judge's features
+    (N, D) and (M, D): the mean over digits of tr Cov(features of the images of d) /
+    tr Cov(features of the real digits d). 1 = as varied
     as real digits; below 1 the images of a digit look more alike than real ones do (guidance
     does that); 0 = one image copied. Unlike the Frechet distance it does not grow as the
     sample shrinks (tr Cov is unbiased), so runs of any n compare. Digits with fewer than two
     images on either side (or no real variety) are skipped; None if none is left."""
-    feats, real_feats = classify(clf, x)[1].double(), classify(clf, real_x)[1].double()
+    feats, real_feats = feats.double(), real_feats.double()
     ratios = []
     for d in range(10):
         own, real = feats[y == d], real_feats[real_y == d]                  # (n_d, 128), (m_d, 128)
@@ -243,8 +248,8 @@ def style_measures(x):
 # ----- sampling and scoring a model -----
 
 
-def evaluate_model(model, diffusion, clf, real_x, n, scfg, batch=200):
-    """Sample n per digit from the model and score them; adds sampling time.
+def evaluate_model(model, diffusion, clf, real_x, n, scfg, batch=200, real_y=None):
+    """Sample n per digit from the model and score them (see evaluate_images); adds sampling time.
     Chunks of `batch` images, chunk i seeded with scfg.seed + i (fresh noise per chunk)."""
     labels = list(range(10))
     t0 = time.perf_counter()
@@ -257,7 +262,7 @@ def evaluate_model(model, diffusion, clf, real_x, n, scfg, batch=200):
         ys.append(y.cpu())
     seconds = time.perf_counter() - t0
     x, y = torch.cat(xs), torch.cat(ys)
-    return {**evaluate_images(clf, x, y, real_x), "sampling_seconds": seconds}, x, y
+    return {**evaluate_images(clf, x, y, real_x, real_y), "sampling_seconds": seconds}, x, y
 
 
 # ----- the LoRA style comparison -----
@@ -474,13 +479,12 @@ def main(argv=None):
         results["sampling"] = asdict(scfg)                # the sweep varies only the guidance
 
     if args.npz:
-        results.update(evaluate_images(clf, x, y, real_x), spread=within_digit_spread(clf, x, y, real_x, real_y))
+        results.update(evaluate_images(clf, x, y, real_x, real_y))
         print_report(results, clf_acc)
     elif scales:
         sweep = []
         for w, cfg in zip(scales, sweep_cfgs):
-            r, x, y = evaluate_model(model, diffusion, clf, real_x, args.n, cfg)
-            r["spread"] = within_digit_spread(clf, x, y, real_x, real_y)
+            r, _, _ = evaluate_model(model, diffusion, clf, real_x, args.n, cfg, real_y=real_y)
             print(f"guidance {w}: accuracy {100 * r['accuracy']:.2f}%, Frechet {r['frechet']:.2f}, "
                   f"spread {spread_text(r['spread'])}")
             sweep.append({"guidance": w, **r})
@@ -490,9 +494,8 @@ def main(argv=None):
     elif args.lora:
         results["lora"] = lora_comparison(args, model, diffusion, dataset, scfg)
     else:
-        r, x, y = evaluate_model(model, diffusion, clf, real_x, args.n, scfg)
-        results.update(r, spread=within_digit_spread(clf, x, y, real_x, real_y),
-                       style=style_measures(x), real_style=style_measures(real_x))
+        r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg, real_y=real_y)
+        results.update(r, style=style_measures(x), real_style=style_measures(real_x))
         print_report(results, clf_acc)
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")

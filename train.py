@@ -231,8 +231,9 @@ def train(args, dist, run, tcfg, ckpt_path, ckpt, model_cfg, diff_cfg):
 def final_evaluation(model, diffusion, dataset, tcfg):
     """Score the EMA weights with evaluate.py's classifier, so every run says how good it is."""
     clf, clf_acc = evaluate.get_classifier(dataset, tcfg.data_dir)
-    real_x = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)[0]
-    r, _, _ = evaluate.evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, model_sampling(diffusion.cfg))
+    real_x, real_y, _ = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)
+    r, _, _ = evaluate.evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, model_sampling(diffusion.cfg),
+                                      real_y=real_y)
     print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
     evaluate.print_report(r, clf_acc)
 

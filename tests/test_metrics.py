@@ -182,24 +182,24 @@ def test_within_digit_spread_is_the_mean_ratio_of_variances_per_digit():
     """Per digit, generated features with exactly k times the real standard deviation have
     k^2 times its variance: the spread is the mean of the k_d^2 over the digits. The real set
     itself gives 1, one image per digit copied gives 0, and a digit with a single image on
-    either side is left out."""
+    either side is left out. evaluate_images reports it when given the real labels."""
     real_f = torch.from_numpy(np.concatenate([gaussian_features(12, np.zeros(10), np.eye(10), seed=d)
                                               for d in range(10)])).float()
     real_y = torch.arange(10).repeat_interleave(12)
     k = torch.linspace(0.5, 1.4, 10)                            # digit d: k[d] times as varied
     gen_f = real_f * k[real_y][:, None] + 3.0                   # a shift does not change a variance
-    clf = LogitsInPixels()
-    spread = evaluate.within_digit_spread(clf, images_with_logits(gen_f), real_y,
-                                          images_with_logits(real_f), real_y)
-    assert abs(spread - (k ** 2).mean().item()) < 1e-5
-    real_x = images_with_logits(real_f)
-    assert abs(evaluate.within_digit_spread(clf, real_x, real_y, real_x, real_y) - 1.0) < 1e-6
-    copied = real_x[real_y * 12]                                # the first real image of each digit, 12 times
-    assert evaluate.within_digit_spread(clf, copied, real_y, real_x, real_y) == 0.0
+    assert abs(evaluate.within_digit_spread(gen_f, real_y, real_f, real_y) - (k ** 2).mean().item()) < 1e-5
+    assert abs(evaluate.within_digit_spread(real_f, real_y, real_f, real_y) - 1.0) < 1e-6
+    copied = real_f[real_y * 12]                                # the first real image of each digit, 12 times
+    assert evaluate.within_digit_spread(copied, real_y, real_f, real_y) == 0.0
     keep = (real_y != 3) | (torch.arange(120) == 36)            # digit 3 left with one image: skipped
-    spread = evaluate.within_digit_spread(clf, images_with_logits(gen_f)[keep], real_y[keep], real_x, real_y)
+    spread = evaluate.within_digit_spread(gen_f[keep], real_y[keep], real_f, real_y)
     assert abs(spread - (k[torch.arange(10) != 3] ** 2).mean().item()) < 1e-5
-    assert evaluate.within_digit_spread(clf, real_x[:1], real_y[:1], real_x, real_y) is None
+    assert evaluate.within_digit_spread(real_f[:1], real_y[:1], real_f, real_y) is None
+    clf, gen_x, real_x = LogitsInPixels(), images_with_logits(gen_f), images_with_logits(real_f)
+    r = evaluate.evaluate_images(clf, gen_x, real_y, real_x, real_y)
+    assert abs(r["spread"] - (k ** 2).mean().item()) < 1e-5
+    assert "spread" not in evaluate.evaluate_images(clf, gen_x, real_y, real_x)
 
 
 def test_evaluate_images_accuracy_and_confidence():
