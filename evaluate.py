@@ -173,14 +173,16 @@ def frechet_distance(a, b):
 
 
 def evaluate_images(clf, x, y, real_x, real_y=None):
-    """Accuracy, per-digit accuracy, confidence and Frechet distance of images x with labels y;
-    with the real digits' labels real_y also their spread within a digit."""
+    """Accuracy, per-digit accuracy, confidence and Frechet distance of images x with labels y.
+    Given the real digits' labels real_y, also the spread within a digit, over the images the
+    judge reads as their label on both sides: a wrong digit would count as variety."""
     probs, feats = classify(clf, x)
+    real_probs, real_feats = classify(clf, real_x)
     pred = probs.argmax(1)
     per_digit = {d: (pred[y == d] == d).float().mean().item() for d in range(10) if (y == d).any()}
     frechet = floor = None                     # a covariance needs two samples: one image has no Frechet distance
     if len(x) >= 2:
-        frechet, floor = frechet_vs_real(feats.numpy(), *real_halves(clf, real_x))
+        frechet, floor = frechet_vs_real(feats.numpy(), *real_halves(real_feats))
     r = {
         "accuracy": (pred == y).float().mean().item(),
         "per_digit_accuracy": per_digit,
@@ -189,14 +191,15 @@ def evaluate_images(clf, x, y, real_x, real_y=None):
         "n": len(x),
     }
     if real_y is not None:
-        r["spread"] = within_digit_spread(feats, y, classify(clf, real_x)[1], real_y)
+        right, real_right = pred == y, real_probs.argmax(1) == real_y
+        r["spread"] = within_digit_spread(feats[right], y[right], real_feats[real_right], real_y[real_right])
     return r
 
 
-def real_halves(clf, real_x, seed=0):
-    """Features of two fixed random halves A, B of the real test set."""
-    perm = torch.randperm(len(real_x), generator=torch.Generator().manual_seed(seed)).numpy()
-    feats = classify(clf, real_x)[1].numpy()[perm]
+def real_halves(real_feats, seed=0):
+    """The features (M, D) of the real test set -> two fixed random halves A, B (numpy)."""
+    perm = torch.randperm(len(real_feats), generator=torch.Generator().manual_seed(seed)).numpy()
+    feats = real_feats.numpy()[perm]
     return feats[: len(feats) // 2], feats[len(feats) // 2:]
 
 
@@ -214,15 +217,15 @@ def frechet_vs_real(gen_feats, half_a, half_b):
 def within_digit_spread(feats, y, real_feats, real_y):
     """How varied the images of each digit are, next to real digits, from the judge's features
     (N, D) and (M, D): the mean over digits of tr Cov(features of the images of d) /
-    tr Cov(features of the real digits d). 1 = as varied
-    as real digits; below 1 the images of a digit look more alike than real ones do (guidance
-    does that); 0 = one image copied. Unlike the Frechet distance it does not grow as the
-    sample shrinks (tr Cov is unbiased), so runs of any n compare. Digits with fewer than two
-    images on either side (or no real variety) are skipped; None if none is left."""
+    tr Cov(features of the real digits d), a ratio of variances. 1 = as varied as real digits;
+    below 1 the images of a digit look more alike than real ones do (guidance does that);
+    0 = one image copied. Unlike the Frechet distance its expected value does not depend on
+    the sample size (tr Cov is unbiased); a small one is only noisier. Digits with fewer than
+    two images on either side (or no real variance) are skipped; None if none is left."""
     feats, real_feats = feats.double(), real_feats.double()
     ratios = []
     for d in range(10):
-        own, real = feats[y == d], real_feats[real_y == d]                  # (n_d, 128), (m_d, 128)
+        own, real = feats[y == d], real_feats[real_y == d]                  # (n_d, D), (m_d, D)
         if len(own) >= 2 and len(real) >= 2 and real.var(0).sum() > 0:
             ratios.append(own.var(0).sum() / real.var(0).sum())
     return torch.stack(ratios).mean().item() if ratios else None
@@ -329,12 +332,13 @@ def print_report(r, clf_acc):
     print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | {frechet} | n={r['n']}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
     if "spread" in r:
-        print(f"spread within a digit: {spread_text(r['spread'])} (1 = as varied as real digits; guidance lowers it)")
+        print(f"spread within a digit: {spread_text(r['spread'])}")
 
 
 def spread_text(spread):
     """within_digit_spread's value as the reports print it."""
-    return "n/a (needs >= 2 images of a digit)" if spread is None else f"{spread:.2f}"
+    return ("n/a (no digit with two images the judge reads right, on both sides)" if spread is None
+            else f"{spread:.2f} (1 = real digits' variance)")
 
 
 def save_sweep_figure(sweep, path):
@@ -345,13 +349,12 @@ def save_sweep_figure(sweep, path):
     import matplotlib.pyplot as plt
     w = [s["guidance"] for s in sweep]
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
-    ax1.plot(w, [100 * s["accuracy"] for s in sweep], "o-", color="C0", label="label accuracy")
-    spread = [(g, 100 * s["spread"]) for g, s in zip(w, sweep) if s.get("spread") is not None]
+    ax1.plot(w, [s["accuracy"] for s in sweep], "o-", color="C0", label="label accuracy")
+    spread = [(g, s["spread"]) for g, s in zip(w, sweep) if s.get("spread") is not None]
     if spread:
-        ax1.plot(*zip(*spread), "^-", color="C2", label="spread within a digit (dotted: real)")
-        ax1.axhline(100, color="C2", ls=":", lw=0.8)
+        ax1.plot(*zip(*spread), "^-", color="C2", label="spread within a digit (real = 1)")
         ax1.legend(loc="center right", fontsize=8)
-    ax1.set(xlabel="guidance scale w", ylabel="% (accuracy, spread)")
+    ax1.set(xlabel="guidance scale w", ylabel="accuracy (0-1), spread", ylim=(0, None))
     ax2 = ax1.twinx()
     ax2.plot(w, [s["frechet"] for s in sweep], "s--", color="C1")
     ax2.plot(w, [s["frechet_floor"] for s in sweep], ":", color="C1", lw=0.8)

@@ -90,7 +90,7 @@ class QualityCurve:
     def __init__(self, dataset, data_dir, out, images_per_step, resume_step=0):
         self.clf, _ = evaluate.get_classifier(dataset, data_dir)
         real_x = load_dataset(dataset, data_dir, "test", verbose=False)[0]
-        self.halves = evaluate.real_halves(self.clf, real_x)
+        self.halves = evaluate.real_halves(evaluate.classify(self.clf, real_x)[1])
         self.csv, self.png = os.path.join(out, "eval_curve.csv"), os.path.join(out, "eval_curve.png")
         self.images_per_step = images_per_step
         self.rows = [r for r in read_csv(self.csv) if int(r["step"]) <= resume_step] if resume_step else []

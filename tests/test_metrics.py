@@ -170,36 +170,56 @@ def images_with_logits(logits):
 
 def test_real_halves_split_the_set_in_two():
     g = torch.Generator().manual_seed(0)
-    real = images_with_logits(torch.randn(41, 10, generator=g))
-    a, b = evaluate.real_halves(LogitsInPixels(), real)
+    real = torch.randn(41, 10, generator=g)
+    a, b = evaluate.real_halves(real)
     assert len(a) == 20 and len(b) == 21
     both = np.concatenate([a, b])
-    assert np.array_equal(np.sort(both, axis=0), np.sort(real[:, 0, 0, :10].numpy(), axis=0))
-    assert not np.array_equal(a, real[:20, 0, 0, :10].numpy()), "a random split, not the first half"
+    assert np.array_equal(np.sort(both, axis=0), np.sort(real.numpy(), axis=0))
+    assert not np.array_equal(a, real[:20].numpy()), "a random split, not the first half"
 
 
 def test_within_digit_spread_is_the_mean_ratio_of_variances_per_digit():
-    """Per digit, generated features with exactly k times the real standard deviation have
-    k^2 times its variance: the spread is the mean of the k_d^2 over the digits. The real set
-    itself gives 1, one image per digit copied gives 0, and a digit with a single image on
-    either side is left out. evaluate_images reports it when given the real labels."""
-    real_f = torch.from_numpy(np.concatenate([gaussian_features(12, np.zeros(10), np.eye(10), seed=d)
-                                              for d in range(10)])).float()
+    """Digit d: 3 + d generated and 12 real feature vectors whose sample covariances (ddof = 1)
+    are exactly k_d^2 s_d^2 I and s_d^2 I, so the spread is the plain mean of the k_d^2 over the
+    digits -- whatever the counts, which differ, and whatever the real variances, which differ
+    too. The real set itself gives 1, one image per digit copied gives 0, and a digit with one
+    image, or whose real digits do not vary, is left out."""
+    k, s_ = np.linspace(0.5, 1.4, 10), np.linspace(0.5, 2.0, 10)
+    per_digit = [(gaussian_features(3 + d, [d, 0.0], (k[d] * s_[d]) ** 2 * np.eye(2), seed=d),
+                  gaussian_features(12, [d, 1.0], s_[d] ** 2 * np.eye(2), seed=10 + d)) for d in range(10)]
+    gen_f = torch.from_numpy(np.concatenate([g for g, _ in per_digit]))
+    real_f = torch.from_numpy(np.concatenate([r for _, r in per_digit]))
+    gen_y = torch.cat([torch.full((3 + d,), d) for d in range(10)])
     real_y = torch.arange(10).repeat_interleave(12)
-    k = torch.linspace(0.5, 1.4, 10)                            # digit d: k[d] times as varied
-    gen_f = real_f * k[real_y][:, None] + 3.0                   # a shift does not change a variance
-    assert abs(evaluate.within_digit_spread(gen_f, real_y, real_f, real_y) - (k ** 2).mean().item()) < 1e-5
-    assert abs(evaluate.within_digit_spread(real_f, real_y, real_f, real_y) - 1.0) < 1e-6
-    copied = real_f[real_y * 12]                                # the first real image of each digit, 12 times
-    assert evaluate.within_digit_spread(copied, real_y, real_f, real_y) == 0.0
-    keep = (real_y != 3) | (torch.arange(120) == 36)            # digit 3 left with one image: skipped
-    spread = evaluate.within_digit_spread(gen_f[keep], real_y[keep], real_f, real_y)
-    assert abs(spread - (k[torch.arange(10) != 3] ** 2).mean().item()) < 1e-5
-    assert evaluate.within_digit_spread(real_f[:1], real_y[:1], real_f, real_y) is None
-    clf, gen_x, real_x = LogitsInPixels(), images_with_logits(gen_f), images_with_logits(real_f)
-    r = evaluate.evaluate_images(clf, gen_x, real_y, real_x, real_y)
-    assert abs(r["spread"] - (k ** 2).mean().item()) < 1e-5
-    assert "spread" not in evaluate.evaluate_images(clf, gen_x, real_y, real_x)
+    spread = evaluate.within_digit_spread
+    assert abs(spread(gen_f, gen_y, real_f, real_y) - (k ** 2).mean()) < 1e-9
+    assert abs(spread(real_f, real_y, real_f, real_y) - 1.0) < 1e-12
+    assert spread(real_f[real_y * 12], real_y, real_f, real_y) == 0.0     # each digit's first image, 12 times
+    keep = (gen_y != 3) | (torch.arange(len(gen_y)) == 9)            # digit 3 left with one image
+    assert abs(spread(gen_f[keep], gen_y[keep], real_f, real_y) - (k[np.arange(10) != 3] ** 2).mean()) < 1e-9
+    flat = real_f.clone()
+    flat[real_y == 5] = 7.0                                          # real 5s that do not vary at all
+    assert abs(spread(gen_f, gen_y, flat, real_y) - (k[np.arange(10) != 5] ** 2).mean()) < 1e-9
+    assert spread(real_f[:1], real_y[:1], real_f, real_y) is None
+
+
+def test_evaluate_images_takes_the_spread_over_digits_the_judge_reads_right():
+    """A wrong digit is not variety: images the judge reads as another label are left out of
+    the spread, on the generated and on the real side alike."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(10).repeat_interleave(6)
+    logits = torch.randn(60, 10, generator=g) + 8 * nn.functional.one_hot(y, 10)   # all read right
+    real_logits = torch.randn(60, 10, generator=g) + 8 * nn.functional.one_hot(y, 10)
+    wrong = torch.arange(60) % 6 == 0                                # one image per digit reads as d + 1
+    logits[wrong] = logits[wrong].roll(1, dims=1)
+    real_logits[torch.arange(60) % 6 == 1] = real_logits[torch.arange(60) % 6 == 1].roll(1, dims=1)
+    clf = LogitsInPixels()
+    r = evaluate.evaluate_images(clf, images_with_logits(logits), y, images_with_logits(real_logits), y)
+    real_right = torch.arange(60) % 6 != 1
+    expected = evaluate.within_digit_spread(logits[~wrong], y[~wrong], real_logits[real_right], y[real_right])
+    assert abs(r["spread"] - expected) < 1e-6
+    assert abs(r["spread"] - evaluate.within_digit_spread(logits, y, real_logits, y)) > 0.05
+    assert "spread" not in evaluate.evaluate_images(clf, images_with_logits(logits), y, images_with_logits(real_logits))
 
 
 def test_evaluate_images_accuracy_and_confidence():
