@@ -353,7 +353,7 @@ def save_sweep_figure(sweep, path):
     spread = [(g, s["spread"]) for g, s in zip(w, sweep) if s.get("spread") is not None]
     if spread:
         ax1.plot(*zip(*spread), "^-", color="C2", label="spread within a digit (real = 1)")
-        ax1.legend(loc="center right", fontsize=8)
+        ax1.legend(loc="center right", bbox_to_anchor=(1.0, 0.72), fontsize=8)
     ax1.set(xlabel="guidance scale w", ylabel="accuracy (0-1), spread", ylim=(0, None))
     ax2 = ax1.twinx()
     ax2.plot(w, [s["frechet"] for s in sweep], "s--", color="C1")
