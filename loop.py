@@ -298,8 +298,8 @@ def train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg, au
     loss.backward()                                               # DDP: gradients averaged
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
     if not torch.isfinite(grad_norm):                             # the same on every rank
-        raise TrainingError(f"loss became non-finite ({loss.item()}, gradient norm {grad_norm.item()}) "
-                            f"at step {state['step']}; stopped without saving (the last good checkpoint "
+        raise TrainingError(f"the loss or its gradient became non-finite (loss {loss.item()}, gradient norm "
+                            f"{grad_norm.item()}) at step {state['step']}; stopped without saving (the last good checkpoint "
                             "is untouched). Try a lower --lr.")
     opt.step()
     if not all_finite(params):                                    # a step too large for the weights
@@ -421,6 +421,15 @@ def after_fit(outcome, state, dist, model, out, title, resume_hint, figures=True
     return None
 
 
+def smoothed(values, decay=0.9):
+    """Exponential moving average of a curve, starting at its first value."""
+    out, s = [], values[0]
+    for v in values:
+        s = decay * s + (1 - decay) * v
+        out.append(s)
+    return out
+
+
 def save_loss_curve(losses, path, title="training loss"):
     """losses: list of (step, loss) -> a PNG with the raw and smoothed curves."""
     if not losses:
@@ -429,13 +438,9 @@ def save_loss_curve(losses, path, title="training loss"):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     steps, values = zip(*losses)
-    smooth, s = [], values[0]
-    for v in values:
-        s = 0.9 * s + 0.1 * v
-        smooth.append(s)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, values, alpha=0.3, label="loss")
-    ax.plot(steps, smooth, label="smoothed")
+    ax.plot(steps, smoothed(values), label="smoothed")
     ax.set(xlabel="step", ylabel="MSE", title=title, yscale="log")
     ax.legend()
     fig.tight_layout()

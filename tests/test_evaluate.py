@@ -116,3 +116,50 @@ def test_evaluate_lora_writes_its_results_next_to_the_adapter(tiny_ckpt, quick_j
     assert r.returncode == 0, r.stderr
     assert json.loads((base / "ckpt_eval.json").read_text()) == {"accuracy": 0.5}
     assert "lora" in json.loads((lora_out / "adapter_eval.json").read_text())
+
+
+def test_the_judge_is_trained_the_same_whatever_the_global_rng_did_before():
+    """train_classifier(seed) fixes its weights' initialisation, shuffle and augmentation: two
+    calls with other global RNG states in between give the same judge, another seed another one."""
+    x, y, _ = load_dataset("mnist-5k", split="train")
+    x, y = x[:96], y[:96]
+    torch.manual_seed(123)
+    a = evaluate.train_classifier(x, y, epochs=1, batch_size=32, progress=False)
+    torch.manual_seed(456)
+    torch.rand(10)
+    b = evaluate.train_classifier(x, y, epochs=1, batch_size=32, progress=False)
+    c = evaluate.train_classifier(x, y, epochs=1, batch_size=32, seed=1, progress=False)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+    assert not a.training
+
+
+def test_augment_keeps_the_pixel_range_and_the_background():
+    """Shifted, sheared, thicker or thinner strokes, but pixels stay in [-1, 1] and an empty
+    (all -1) image stays empty: the shift pads with background, not grey."""
+    x, _, _ = load_dataset("mnist-5k", split="test")
+    x = x[:64]
+    g = torch.Generator().manual_seed(0)
+    out = evaluate.augment(x, g)
+    assert out.shape == x.shape and out.min() >= -1 - 1e-6 and out.max() <= 1 + 1e-6
+    assert (out - x).abs().amax(dim=(1, 2, 3)).min() > 0, "every image is changed"
+    blank = evaluate.augment(-torch.ones(8, 1, 28, 28), g)
+    assert torch.allclose(blank, -torch.ones_like(blank), atol=1e-6)
+    ink = ((out + 1) / 2).sum(dim=(1, 2, 3)) / ((x + 1) / 2).sum(dim=(1, 2, 3))
+    assert 0.3 < ink.median() < 2.5, "strokes change width, digits do not vanish or fill up"
+
+
+def test_the_report_prints_the_spread_only_when_there_is_one(capsys):
+    r = {"per_digit_accuracy": {d: 1.0 for d in range(10)}, "frechet": 2.0, "frechet_floor": 1.0, "accuracy": 0.975,
+         "confidence": 0.9, "n": 40}
+    evaluate.print_report(r, 0.984)
+    out = capsys.readouterr().out
+    assert "classifier accuracy on real test digits: 98.40%" in out and "accuracy 97.50%" in out
+    assert "Frechet 2.00 (real-vs-real floor 1.00)" in out and "spread" not in out and "sampling" not in out
+    evaluate.print_report({**r, "spread": 0.65, "sampling_seconds": 3.0}, 0.984)
+    out = capsys.readouterr().out
+    assert "spread within a digit: 0.65 (1 = real digits' variance)" in out and "sampling 3.0s" in out
+    evaluate.print_report({**r, "spread": None, "frechet": None}, 0.984)
+    out = capsys.readouterr().out
+    assert "spread within a digit: n/a" in out and "Frechet n/a" in out

@@ -383,3 +383,23 @@ def test_composing_two_adapters_adds_their_deltas(tmp_path):
     for n in deltas[0]:
         expected = base_sd[n + ".weight"] + 0.5 * deltas[0][n] + deltas[1][n]
         assert_close(sd[n + ".weight"], expected, atol=1e-6, msg=n)
+
+
+def test_side_by_side_draws_every_panel_from_the_same_noise_at_its_own_strength(tmp_path):
+    """lora_finetune's comparison figures: each panel samples digits 0..9 (n each) from a
+    generator seeded alike, at the LoRA scale of its column; the model is left at scale 1."""
+    import lora_finetune
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    lora.inject_lora(model, "qkv", 2, 2.0)
+    seen = []
+
+    class Recorder:
+        def sample(self, m, y, generator=None):
+            seen.append((lora.lora_layers(m)[0].scale, y.tolist(), generator.initial_seed()))
+            return torch.zeros(len(y), 1, 28, 28)
+    path = str(tmp_path / "sweep.png")
+    lora_finetune.side_by_side([model] * 3, ["a", "b", "c"], Recorder(), path, n=2, seed=5, scales=[0.0, 0.5, 2.0])
+    assert seen == [(s, [d for d in range(10) for _ in range(2)], 5) for s in (0.0, 0.5, 2.0)]
+    assert all(layer.scale == 1.0 for layer in lora.lora_layers(model))
+    assert os.path.getsize(path) > 1000

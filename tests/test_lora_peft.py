@@ -113,3 +113,37 @@ def test_export_peft_refuses_a_non_empty_folder_and_a_model_without_lora(tmp_pat
     with pytest.raises(lora.LoraError, match="no LoRA layers"):
         lora.export_peft(UNet(TINY), str(tmp_path / "empty"))
     lora.export_peft(ours, str(tmp_path / "empty"))                # an existing empty folder is fine
+
+
+@pytest.mark.parametrize("targets, r, alpha, rslora, dropout", [
+    ("qkv", 2, 8.0, False, 0.0), ("attn", 4, 3.0, True, 0.0), ("attn+ff", 3, 6.0, False, 0.1),
+    ("conv", 2, 5.0, True, 0.2), ("all", 8, 16.0, False, 0.0)])
+def test_every_lora_field_survives_adapter_file_peft_export_and_peft(targets, r, alpha, rslora, dropout, tmp_path):
+    """Each LoRA setting makes the round trip: our layers -> adapter file -> a fresh model ->
+    peft export -> PeftModel, which holds the same targets, r, alpha, rsLoRA, dropout and scaling
+    and gives the same output; the export of the trained model itself carries the dropout."""
+    ours, _, names = ours_and_peft(targets, r=r, alpha=alpha, use_rslora=rslora)
+    for layer in lora.lora_layers(ours):
+        layer.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+    cfg = {"model": "tiny"}
+    path = str(tmp_path / "adapter.safetensors")
+    lora.save_adapter(path, ours, targets, r, alpha, rslora, cfg, lora.base_fingerprint(ours))
+    again = lora.load_adapter(base_unet(), path, cfg)
+    assert sorted(n for n, _ in lora.named_lora_layers(again)) == sorted(names)
+    assert all((m.r, m.alpha, m.use_rslora, m.scaling) == (r, alpha, rslora, lora.lora_layers(ours)[0].scaling)
+               for m in lora.lora_layers(again))
+    assert_close(again(*INPUTS), ours.eval()(*INPUTS), atol=0, msg="adapter file round trip")
+
+    for model, folder, expected_dropout in ((again, "from_file", 0.0), (ours, "trained", dropout)):
+        out_dir = str(tmp_path / folder)
+        lora.export_peft(model, out_dir)
+        config = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+        assert (sorted(config["target_modules"]), config["r"], config["lora_alpha"], config["use_rslora"],
+                config["lora_dropout"]) == (sorted(names), r, alpha, rslora, expected_dropout)
+        loaded = peft.PeftModel.from_pretrained(base_unet(), out_dir).eval()
+        assert peft_wrapped(loaded) == set(names)
+        layer = loaded.base_model.model.get_submodule(names[0])
+        assert layer.scaling["default"] == pytest.approx(alpha / (r ** 0.5 if rslora else r))
+        drop = layer.lora_dropout["default"]
+        assert (drop.p if isinstance(drop, torch.nn.Dropout) else 0.0) == expected_dropout
+        assert_close(loaded(*INPUTS), ours(*INPUTS), atol=1e-5, msg=f"{targets}: peft vs ours")

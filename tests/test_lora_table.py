@@ -92,3 +92,54 @@ def test_ctrl_c_waits_for_the_row_to_save(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lora_table.run_child(cmd)
     assert child.returncode == 130 and time.time() - t0 >= 1.0     # it finished its 1 s of saving
+
+
+def summary(trainable, ink, slant, acc):
+    return {"trainable": trainable, "total_params": 100_000, "file_bytes": 4 * 1024 * trainable // 1000,
+            "ms_per_step": 12.5, "evaluation": {"shift": {"ink": ink, "slant": slant},
+                                                "rows": {"fine-tuned model": {"accuracy": acc}}}}
+
+
+def test_the_table_from_its_rows_flags_to_markdown(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Each row runs lora_finetune.py with its targets, r, alpha = r, the style, --eval-n, the base
+    and the passed-through flags; the table holds each summary's numbers as it says."""
+    cmds = []
+    numbers = {"attn-r4": summary(2000, 0.1, 0.42, 0.97), "conv-r2": summary(6000, 0.05, 0.85, 0.955)}
+
+    def fake_child(cmd):
+        cmds.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(numbers[os.path.basename(out)], f)
+        return 0
+    monkeypatch.setattr(lora_table, "run_child", fake_child)
+    out = str(tmp_path / "table")
+    assert lora_table.main(["--rows", "attn:4,conv:2", "--style", "italic", "--eval-n", "7", "--checkpoint",
+                            tiny_ckpt, "--out", out, "--epochs", "3"]) is None
+    for cmd, (targets, r) in zip(cmds, [("attn", "4"), ("conv", "2")]):
+        flags = cmd[2:]
+        assert cmd[1].endswith("lora_finetune.py")
+        assert flags[:14] == ["--style", "italic", "--targets", targets, "--r", r, "--alpha", r, "--eval-n", "7",
+                              "--checkpoint", os.path.abspath(tiny_ckpt), "--epochs", "3"]
+        assert flags[14:] == ["--out", os.path.join(out, f"{targets}-r{r}"), "--overwrite", "--no-figures"]
+    rows = json.load(open(os.path.join(out, "table.json")))
+    assert rows == [
+        {"targets": "attn", "r": 4, "trainable": 2000, "fraction": 0.02, "adapter_kib": 8.0,
+         "ink_shift": 0.1, "slant_shift": 0.42, "accuracy": 0.97, "ms_per_step": 12.5},
+        {"targets": "conv", "r": 2, "trainable": 6000, "fraction": 0.06, "adapter_kib": 24.0,
+         "ink_shift": 0.05, "slant_shift": 0.85, "accuracy": 0.955, "ms_per_step": 12.5}]
+    text = capsys.readouterr().out
+    assert "| targets | rank | trainable params | % of model | adapter | slant shift | accuracy |" in text
+    assert "| attn | 4 | 2,000 | 2.0% | 8 KiB | 42% | 97.0% |" in text
+    assert "| conv | 2 | 6,000 | 6.0% | 24 KiB | 85% | 95.5% |" in text
+    assert os.path.getsize(os.path.join(out, "table.png")) > 1000
+    assert lora_table.measure_of("bold") == "ink" and lora_table.measure_of("italic") == "slant"
+
+
+@pytest.mark.parametrize("flags, needle", [(["--rows", "attn"], "TARGETS:RANK"), (["--eval-n", "0"], "--eval-n"),
+                                           (["--eval-n", "10001"], "--eval-n")])
+def test_bad_table_flags_are_a_usage_error(flags, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        lora_table.main(flags)
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli, run_script
 from checkpoint import load_checkpoint
+from config import SampleConfig
 
 
 def test_train_writes_checkpoint_and_figures(tiny_ckpt):
@@ -89,8 +90,15 @@ def test_sample_writes_png_and_npz(tiny_ckpt, tmp_path):
     with Image.open(str(tmp_path / "g_steps.png")) as im:
         assert len(set(im.convert("L").tobytes())) > 10     # a drawn figure, not a blank page
     with np.load(npz) as f:
-        assert f["images"].shape == (30, 28, 28) and f["images"].dtype == np.uint8
-        assert f["labels"].tolist() == [d for d in range(10) for _ in range(3)]
+        images, labels = f["images"], f["labels"]
+    assert images.shape == (30, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == [d for d in range(10) for _ in range(3)]
+    with Image.open(png) as im:                # tile (row d, column c) is the npz's image 3 d + c
+        grid = np.asarray(im.convert("L")).astype(int)
+    for i in range(30):
+        r, c = divmod(i, 3)
+        tile = grid[2 + 30 * r:2 + 30 * r + 28, 2 + 30 * c:2 + 30 * c + 28]
+        assert np.abs(tile - images[i]).max() <= 1, i
 
 
 def test_sample_same_seed_same_images(tiny_ckpt, tmp_path):
@@ -230,3 +238,26 @@ def test_preset_long_resumes_a_run_stored_before_sample_guidance_existed(tmp_pat
     assert r.returncode == 0, r.stderr
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 2 and resumed["config"]["diffusion"]["sample_guidance"] == 2.0
+
+
+def test_sample_every_draws_grids_and_eval_n_scores_the_ema_with_the_runs_sampling(tmp_path, monkeypatch):
+    """--sample-every 2: a grid at steps 2 and 4; --eval-n 3: the final evaluation samples 3 per
+    digit of the EMA weights with the run's own sampling (its sample_guidance), against the real
+    test digits and their labels."""
+    import train
+    grids, scored = [], []
+    monkeypatch.setattr(train, "save_sample_grid", lambda model, diffusion, path: grids.append(os.path.basename(path)))
+    monkeypatch.setattr(train.evaluate, "get_classifier", lambda dataset, data_dir: ("judge", 0.9))
+
+    def evaluate_model(model, diffusion, clf, real_x, n, scfg, real_y=None):
+        scored.append((model.training, clf, len(real_x), n, scfg, real_y.bincount().tolist()))
+        return {"score": 1}, None, None
+    monkeypatch.setattr(train.evaluate, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(train.evaluate, "print_report", lambda r, acc: scored.append((r, acc)))
+    out = str(tmp_path / "run")
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "5", "--sample-every", "2", "--no-figures",
+                "--eval-n", "3", "--sample-guidance", "1.5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert grids == ["samples_000002.png", "samples_000004.png"]
+    assert scored == [(False, "judge", 500, 3, SampleConfig(guidance=1.5), [50] * 10), ({"score": 1}, 0.9)]
+    assert sorted(os.listdir(out)) == ["ckpt.pt"] and "trained 5 steps" in r.stdout

@@ -223,6 +223,7 @@ def test_main_writes_every_figure_and_docs_copies(run, tmp_path, capsys):
         assert os.path.getsize(docs / name) < 300_000
     film = decode(os.path.join(folder, "denoising.gif"))
     assert len(film) == 7           # 6 DDIM steps + the held result
+    assert film[0].shape == (22 + 2 * 2 * 30 + 6 + 4, 44 + 2 * 300 + 4), "zoom 2 pixels per pixel, two strips"
     assert np.abs(film[0].astype(int) - film[-1]).mean() > 5, "the film does not move"
     assert not [f for f in os.listdir(folder) if ".tmp" in f]
 
@@ -289,3 +290,35 @@ def test_bad_input_is_one_clear_error(run, tmp_path, capsys):
     with pytest.raises(SystemExit, match="2"):
         V.main(["--nope"])
     assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_by_level_orders_the_blocks_finest_first():
+    blocks = [{"H": 7, "i": 0}, {"H": 28, "i": 1}, {"H": 14, "i": 2}, {"H": 28, "i": 3}]
+    levels = V.by_level(blocks)
+    assert list(levels) == [28, 14, 7]
+    assert [b["i"] for b in levels[28]] == [1, 3], "blocks keep their order inside a level"
+
+
+def test_real_batch_is_balanced_and_seeded_and_the_batch_drops_every_8th_label(tmp_path):
+    from test_dataset import digit_folder
+    root = digit_folder(str(tmp_path / "digits"), per_digit=3)
+    x, y = V.real_batch("folder", root, 20, "cpu", seed=0)
+    assert x.shape == (20, 1, 28, 28) and y.bincount().tolist() == [2] * 10
+    x2, _ = V.real_batch("folder", root, 20, "cpu", seed=0)
+    x3, _ = V.real_batch("folder", root, 20, "cpu", seed=1)
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+    assert V.real_batch("folder", root, 7, "cpu")[1].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0))
+    t, noise, drop = V.batch_randomness(d, x, seed=3)
+    assert drop.tolist() == [i % 8 == 0 for i in range(20)], "only every 8th label, with p_uncond 0"
+    g = torch.Generator().manual_seed(3)
+    t2, noise2, _ = d.draw(20, (1, 28, 28), "cpu", generator=g)
+    assert torch.equal(t, t2) and torch.equal(noise, noise2)
+
+
+def test_entropy_fraction_is_over_the_last_dimension_by_default():
+    w = torch.zeros(3, 5, 4)
+    w[..., 0] = 1.0                                         # every row one-hot over the last dim
+    assert V.entropy_fraction(w).shape == (3, 5) and V.entropy_fraction(w).abs().max() < 1e-6
+    assert_close(V.entropy_fraction(torch.full((3, 5, 4), 0.25)), torch.ones(3, 5), atol=1e-6)
+    assert_close(V.entropy_fraction(torch.full((2, 8), 0.5), dim=0), torch.ones(8), atol=1e-6)

@@ -1,0 +1,171 @@
+"""bench.py's arithmetic and plumbing: medians and interleaved timing on a scripted clock, the
+child command of a section, the table's ratios from known numbers, its flag checks, and the
+sampling sections on the tiny model (the same images batched and unbatched)."""
+import argparse
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+import bench
+from config import ModelConfig
+
+
+class Clock:
+    """A perf_counter that moves only when a scripted call runs: each call takes the next duration."""
+
+    def __init__(self, durations):
+        self.now, self.durations = 0.0, list(durations)
+
+    def __call__(self):
+        return self.now
+
+    def work(self):
+        self.now += self.durations.pop(0)
+
+
+def test_timed_is_the_median_after_warm_up_and_reports_the_first_call(monkeypatch):
+    clock = Clock([5.0, 7.0, 1.0, 3.0, 2.0])
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    assert bench.timed(clock.work, warmup=2, reps=3) == (2.0, 5.0)
+    assert clock.durations == []
+
+
+def test_interleaved_times_the_step_and_four_matmuls_alternately(monkeypatch):
+    clock = Clock([0.0] + [0.5, 0.1, 0.1, 0.1, 0.1, 0.3, 0.2, 0.2, 0.2, 0.2, 0.4, 0.05, 0.05, 0.05, 0.05])
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    step_s, peak = bench.interleaved(clock.work, (clock.work, 1e9), reps=3)
+    assert step_s == pytest.approx(0.4)                               # median of 0.5, 0.3, 0.4
+    assert peak == pytest.approx(4 * 1e9 / 0.4 / 1e9)                 # median of 10, 5, 20 GFLOP/s
+
+
+def test_model_config_is_the_presets_model():
+    assert bench.model_config("cpu") == ModelConfig()
+    gpu = bench.model_config("gpu")
+    assert (gpu.base_channels, gpu.channel_mults, gpu.num_res_blocks, gpu.context_dim, gpu.ff_mult) == \
+        (64, (1, 2, 2), 2, 128, 4)
+
+
+def args_for(**kw):
+    base = dict(device="cpu", batch=4, reps=2, n=20, preset="cpu", checkpoint="c.pt", threads=1, full_ddpm=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_run_section_passes_every_setting_to_its_child_and_reads_its_json(monkeypatch):
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='progress\n{"img_per_s": 12.5}\n', stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert bench.run_section("train", args_for(), mode="bf16", lora=1) == {"img_per_s": 12.5}
+    cmd = seen[0]
+    flags = dict(zip(cmd[2::2], cmd[3::2]))
+    assert cmd[1].endswith("bench.py") and flags == {
+        "--section": "train", "--device": "cpu", "--batch": "4", "--reps": "2", "--n": "20", "--preset": "cpu",
+        "--checkpoint": "c.pt", "--threads": "1", "--full-ddpm": "0", "--mode": "bf16", "--lora": "1"}
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, stdout="", stderr="Traceback ...\nRuntimeError: no compiler\n"))
+    assert bench.run_section("train", args_for(), mode="compile") == {"error": "RuntimeError: no compiler"}
+
+
+def results(**over):
+    """A complete result set with round numbers."""
+    R = {"machine": "test box", "device": "cpu", "preset": "cpu", "batch": 64, "n": 100,
+         "matmul": {"fp32_gflops": 200.0, "bf16_gflops": 400.0},
+         "train": {"eager": {"img_per_s": 500.0, "ms_per_step": 128.0, "data_ms_per_step": 0.25,
+                             "first_step_s": 1.0, "optimizer_state_mb": 1.5, "peak_rss_mb": 300.0,
+                             "interleaved_peak_gflops": 100.0, "gflop_per_image": 0.1},
+                   "compile": {"img_per_s": 800.0, "ms_per_step": 80.0, "first_step_s": 42.0,
+                               "optimizer_state_mb": 1.5, "peak_rss_mb": 900.0}},
+         "lora_train": {"img_per_s": 700.0, "ms_per_step": 91.4, "optimizer_state_mb": 0.02, "peak_rss_mb": 280.0},
+         "profile": {"total_ms_per_step": 120.0, "top": [{"op": "aten::conv", "self_ms_per_step": 60.0,
+                                                         "share": 0.5, "calls_per_step": 12}]},
+         "sample": {"ddpm1000": {"seconds": 100.0, "accuracy": None, "extrapolated": True},
+                    "ddim50": {"seconds": 5.0, "accuracy": 0.99}, "ddim20": {"seconds": 2.0, "accuracy": 0.9},
+                    "ddim50_unbatched": {"seconds": 6.0, "accuracy": 0.99}, "peak_rss_mb": 350.0},
+         "lora_sampling": {"base": {"ms_per_call": 10.0}, "unmerged": {"ms_per_call": 12.5},
+                           "merged": {"ms_per_call": 10.0}},
+         "sample_cli": {"end_to_end_s": 4.0, "import_s": 2.0, "load_s": 0.05, "sample_s": 1.5}}
+    R.update(over)
+    return R
+
+
+def test_report_prints_the_ratios_of_the_numbers_it_was_given(capsys):
+    bench.report(results())
+    out = capsys.readouterr().out
+    lines = {l.split()[0] + (" " + l.split()[1] if l.startswith("full") else ""): l for l in out.splitlines() if l}
+    assert "matmul peak fp32 200, bf16 400 GFLOP/s" in out and "0.100 GFLOP per training image" in out
+    eager = [l for l in out.splitlines() if l.startswith("full, eager")][0].split()
+    assert eager[2:] == ["500", "128.0", "50%", "300", "1.50"]        # util = 0.1 * 500 / 100
+    compiled = [l for l in out.splitlines() if l.startswith("full, compile")][0].split()
+    assert compiled[4] == "40%"                                       # no interleaved peak: fp32's 200
+    lora_row = [l for l in out.splitlines() if l.startswith("LoRA qkv r4")][0].split()
+    assert lora_row[-5:] == ["700", "91.4", "-", "280", "0.02"]
+    assert "compile: first step (compilation) 42 s" in out
+    assert "data time per step (indexing the in-memory tensor): 0.250 ms" in out
+    assert "DDIM 50 is 20.0x faster than DDPM 1000; batching guidance 1.20x" in out
+    assert "ddpm1000" in out and "(20 steps timed, x50)" in out and "99%" in out
+    assert "merged/base 1.000, unmerged/base 1.250" in out
+    assert "4.0 s end to end; in-process: imports 2.0 s, load 0.05 s, sampling 1.5 s" in out
+    assert "aten::conv" in out and "50.0%" in out and "x12" in out and lines
+
+
+def test_report_reports_failed_sections_and_goes_on(capsys):
+    R = results(sample={"error": "no checkpoint"}, lora_sampling={"error": "x"}, matmul={"error": "y"})
+    R["train"]["compile"] = {"error": "no compiler"}
+    bench.report(R)
+    out = capsys.readouterr().out
+    assert "full, compile" in out and "failed: no compiler" in out
+    assert "sampling failed: no checkpoint" in out
+    assert "matmul peak fp32 nan" in out and "merged/base" not in out
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--device", "tpu"], "--device tpu"), (["--modes", "eager,warp"], "--modes"),
+    (["--modes", "bf16"], "includes eager"), (["--n", "15"], "multiple of 10"), (["--reps", "0"], "--reps"),
+    (["--checkpoint", "nowhere.pt"], "nowhere.pt not found")])
+def test_bad_flags_are_one_usage_error(flags, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*flags, "--json", str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_the_sampling_sections_on_the_tiny_model(tiny_ckpt, quick_judge, tmp_path, monkeypatch):
+    """section_sample: guidance as two separate passes gives the same images (so the same
+    accuracy) as the batched one; DDPM is 20 guided calls scaled by 50. lora_sampling: a time
+    per model. The accuracies are the judge's on those very images."""
+    os.symlink(quick_judge, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    args = args_for(checkpoint=tiny_ckpt, n=10, reps=1)
+    monkeypatch.setattr(bench, "timed", lambda fn, warmup, reps: (fn(), (0.01, None))[1])   # a guided call: 10 ms
+    r = bench.section_sample(args, torch.device("cpu"))
+    assert r["ddpm1000"]["seconds"] == pytest.approx(10.0), "1,000 DDPM steps of one guided call each"
+    assert set(r) == {"ddim20", "ddim50", "ddim50_unbatched", "ddpm1000", "peak_rss_mb"}
+    assert r["ddim50"]["accuracy"] == r["ddim50_unbatched"]["accuracy"]
+    assert r["ddpm1000"]["extrapolated"] and r["ddpm1000"]["accuracy"] is None
+    assert all(0 <= r[k]["accuracy"] <= 1 and r[k]["seconds"] > 0 for k in ("ddim20", "ddim50"))
+    s = bench.section_lora_sampling(args, torch.device("cpu"))
+    assert set(s) == {"base", "unmerged", "merged"} and all(v["ms_per_call"] > 0 for v in s.values())
+
+
+def test_the_train_section_counts_images_per_second_and_flops(monkeypatch):
+    """The train section's rows agree with each other: img/s = batch / step time, and the FLOP
+    count is FlopCounterMode's of one step, per image."""
+    monkeypatch.setattr(bench, "model_config", lambda preset: ModelConfig(
+        base_channels=8, channel_mults=(1, 2), context_tokens=2, context_dim=16, attn_heads=2, ff_mult=1))
+    r = bench.section_train(argparse.Namespace(preset="cpu", mode="eager", batch=4, lora=0, reps=2),
+                            torch.device("cpu"))
+    assert r["img_per_s"] == pytest.approx(4 / (r["ms_per_step"] / 1000))
+    assert 0.001 < r["gflop_per_image"] < 0.1 and r["optimizer_state_mb"] > 0
+    lora_r = bench.section_train(argparse.Namespace(preset="cpu", mode="eager", batch=4, lora=1, reps=2),
+                                 torch.device("cpu"))
+    assert "gflop_per_image" not in lora_r and lora_r["optimizer_state_mb"] < r["optimizer_state_mb"] / 10
+    json.dumps(r)                                                    # what a child prints must be JSON
+    _, _, data = bench.train_step_fn("eager", torch.device("cpu"), 4, bench.model_config("cpu"))
+    assert data.shape == (4500, 1, 28, 28) and data.min() >= -1 and data.max() <= 1 and abs(data.mean()) < 0.01

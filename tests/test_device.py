@@ -1,0 +1,150 @@
+"""device.py without a process group: which device, when a process belongs to a group, the
+environment a group needs (each mistake one DeviceError naming the variable), and run_cli's exits."""
+import io
+import sys
+
+import pytest
+import torch
+
+import device
+from device import DeviceError, Dist, GuardedStdout, pick_device
+
+
+def test_pick_device_auto_is_the_best_available_and_names_are_checked():
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert pick_device("auto").type == expected and pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="expected auto, cpu, cuda or mps"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            pick_device("cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(DeviceError, match="MPS is not available"):
+            pick_device("mps")
+
+
+@pytest.mark.parametrize("env, group", [({}, False), ({"RANK": "0"}, False), ({"WORLD_SIZE": "2"}, False),
+                                        ({"RANK": "0", "WORLD_SIZE": "1"}, True)])
+def test_a_process_belongs_to_a_group_when_rank_and_world_size_are_set(monkeypatch, env, group):
+    for k in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert device.launched_by_torchrun() is group
+    if not group:
+        d = Dist("cpu")
+        assert (d.enabled, d.rank, d.world, d.main) == (False, 0, 1, True)
+        model = torch.nn.Linear(2, 2)
+        assert d.wrap(model) is model and d.any(True) is True and d.any(False) is False
+        assert d.mean(torch.tensor(2.5)) == 2.5 and d.share({"a": 1}) == {"a": 1}
+        assert d.max_param_difference(model) == 0.0
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"MASTER_ADDR": None, "MASTER_PORT": "29500"}, "MASTER_ADDR not"),
+    ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": None}, "MASTER_PORT not"),
+    ({"MASTER_ADDR": None, "MASTER_PORT": None}, "MASTER_ADDR and MASTER_PORT not"),
+    ({"RANK": "one"}, "must be integers"), ({"RANK": "2"}, "RANK=2 is not one of the WORLD_SIZE=2"),
+    ({"RANK": "-1"}, "RANK=-1 is not one of"), ({"MASTER_PORT": "65536"}, "MASTER_PORT='65536'"),
+    ({"MASTER_PORT": "0"}, "MASTER_PORT='0'"), ({"MASTER_ADDR": "no-such-host.invalid"}, "no such host")])
+def test_a_half_set_group_environment_is_one_error_naming_it(monkeypatch, env, needle):
+    full = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **env}
+    for k, v in full.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    with pytest.raises(DeviceError, match=needle):
+        Dist("cpu")
+
+
+def test_run_cli_exit_codes(capsys):
+    class Bad(Exception):
+        pass
+
+    def main(argv):
+        if argv == ["bad"]:
+            raise Bad("no such thing")
+        if argv == ["stop"]:
+            raise KeyboardInterrupt
+        print("done")
+        return 3
+    assert device.run_cli("prog.py", main, (Bad,), ["ok"]) == 3
+    assert capsys.readouterr().out == "done\n"
+    with pytest.raises(SystemExit) as e:
+        device.run_cli("prog.py", main, (Bad,), ["bad"])
+    assert e.value.code == "prog.py: error: no such thing"
+    assert device.run_cli("prog.py", main, (Bad,), ["stop"]) == 130
+    assert capsys.readouterr().err == "prog.py: interrupted\n"
+    assert not isinstance(sys.stdout, GuardedStdout), "stdout is given back"
+
+
+def test_guarded_stdout_drops_what_cannot_be_printed_and_keeps_the_error():
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+    g = GuardedStdout(Closed())
+    assert g.write("abc") == 3 and isinstance(g.error, BrokenPipeError)
+    assert g.write("more") == 4
+    ok = GuardedStdout(io.StringIO())
+    ok.write("x")
+    ok.flush()
+    assert ok.stream.getvalue() == "x" and ok.error is None and ok.getvalue() == "x"
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (BrokenPipeError(32, "Broken pipe"), 0, ""),                          # `| head` closed the pipe: not an error
+    (OSError(28, "No space left on device"), 1, "prog.py: error: could not print to stdout (No space left on device)")])
+def test_run_cli_finishes_the_work_when_stdout_goes_away(monkeypatch, capsys, error, code, message):
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise error
+    work = []
+
+    def main(argv):
+        print("first path")
+        work.append("second file written")
+        print("second path")
+        return 0
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert device.run_cli("prog.py", main, (), []) == code
+    assert work == ["second file written"]
+    assert capsys.readouterr().err.strip().startswith(message) if message else capsys.readouterr().err == ""
+
+
+# every script's cli(): its own errors are one line, Ctrl-C is 130, its main's code is the exit code
+SCRIPTS = {"train": ["TrainingError", "CheckpointError", "DataError", "DeviceError", "SamplingError"],
+           "sample": ["SampleError", "CheckpointError", "DeviceError", "LoraError", "SamplingError"],
+           "evaluate": ["SampleError", "CheckpointError", "DeviceError", "DataError", "LoraError", "SamplingError"],
+           "lora_finetune": ["TrainingError", "CheckpointError", "DataError", "DeviceError", "LoraError",
+                             "SamplingError"],
+           "visualize": ["VisualizeError", "CheckpointError", "DeviceError", "DataError", "LoraError", "SamplingError"],
+           "lora_table": ["TableError", "CheckpointError"], "bench": ["CheckpointError", "DeviceError"]}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_scripts_cli_turns_its_errors_into_one_line(script, monkeypatch, capsys):
+    import importlib
+    import checkpoint
+    import dataset
+    import diffusion
+    import lora
+    module = importlib.import_module(script)
+    where = {"CheckpointError": checkpoint, "DataError": dataset, "DeviceError": device, "SamplingError": diffusion,
+             "LoraError": lora, "TrainingError": importlib.import_module("loop"), "SampleError": importlib.import_module("sample")}
+    for name in SCRIPTS[script]:
+        error = getattr(where.get(name, module), name)
+
+        def fail(argv, error=error):
+            raise error("the reason")
+        monkeypatch.setattr(module, "main", fail)
+        with pytest.raises(SystemExit) as e:
+            module.cli([])
+        assert e.value.code == f"{script}.py: error: the reason", name
+    monkeypatch.setattr(module, "main", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert module.cli([]) == 130 and capsys.readouterr().err == f"{script}.py: interrupted\n"
+    monkeypatch.setattr(module, "main", lambda argv: 7 if argv == ["x"] else 0)
+    assert module.cli(["x"]) == 7
+    monkeypatch.setattr(module, "main", lambda argv: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError):                     # a bug is not an expected error: it shows
+        module.cli([])
