@@ -8,30 +8,28 @@ from conftest import TINY_FLAGS, run_cli, run_script
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one_also_across_a_resume(tmp_path):
+    """2 processes for 2 steps, then --resume to 4 under torchrun: the same losses and weights as
+    1 process for 4 steps (same global batches and noise); rank 0 alone reports and writes."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    flags = [*TINY_FLAGS, "--max-steps", "4", "--ckpt-every", "100", "--no-figures"]
-    r1 = run_cli("train.py", *flags, "--out", one)
-    r2 = run_script(*TORCHRUN, "train.py", *flags, "--out", two)
+    flags = [*TINY_FLAGS, "--ckpt-every", "100", "--no-figures"]
+    r1 = run_cli("train.py", *flags, "--max-steps", "4", "--out", one)
+    r2 = run_script(*TORCHRUN, "train.py", *flags, "--max-steps", "2", "--out", two)
     assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-3000:]
-    assert "processes: 2" in r2.stdout and "parameters agree across ranks (max difference 0)" in r2.stdout
-    assert r2.stdout.count("trained 4 steps") == 1                        # rank 0 alone reports and writes
+    r = run_script(*TORCHRUN, "train.py", "--resume", "--max-steps", "4", "--out", two, "--no-figures")
+    assert r.returncode == 0 and r.stdout.count("resumed") == 1, r.stderr[-3000:]   # rank 0 alone says it
+    assert "processes: 2" in r.stdout and "parameters agree across ranks (max difference 0)" in r.stdout
+    assert r.stdout.count("trained 4 steps") == 1                         # rank 0 alone reports and writes
     assert sorted(os.listdir(two)) == ["ckpt.pt"]
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, two))
-    assert len(a["losses"]) == len(b["losses"]) == 4
+    assert a["step"] == b["step"] == 4 and len(a["losses"]) == len(b["losses"]) == 4
     for (s1, l1), (s2, l2) in zip(a["losses"], b["losses"]):               # same global batches and noise
         assert s1 == s2 and abs(l1 - l2) < 1e-4 * abs(l1), (s1, l1, l2)
     diffs = torch.cat([(a["model"][k] - b["model"][k]).abs().flatten() for k in a["model"]])
     assert diffs.mean() < 1e-4, diffs.mean()    # Adam can flip the sign of a ~0 gradient: tiny, rare
 
 
-def test_resume_under_torchrun_and_lora(tmp_path, tiny_ckpt):
-    out = str(tmp_path / "run")
-    flags = [*TINY_FLAGS, "--ckpt-every", "100", "--no-figures"]
-    assert run_script(*TORCHRUN, "train.py", *flags, "--max-steps", "2", "--out", out).returncode == 0
-    r = run_script(*TORCHRUN, "train.py", "--resume", "--max-steps", "4", "--out", out, "--no-figures")
-    assert r.returncode == 0 and r.stdout.count("resumed") == 1, r.stderr[-3000:]   # rank 0 alone says it
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+def test_lora_under_torchrun(tmp_path, tiny_ckpt):
     lora_out = str(tmp_path / "lora")
     r = run_script(*TORCHRUN, "lora_finetune.py", "--checkpoint", tiny_ckpt, "--max-steps", "2", "--batch-size", "16",
                    "--eval-n", "0", "--no-figures", "--out", lora_out)
