@@ -12,8 +12,8 @@ from torch import nn
 
 
 def linear_betas(T):
-    """Ho et al.: betas rising linearly from 1e-4 to 0.02 (scaled to T steps), float64. Below
-    T = 50 the scaled betas would reach 1 (alpha_bar 0 or negative): capped at 0.999, as cosine's."""
+    """Ho et al.: betas rising linearly from 1e-4 to 0.02 (scaled to T steps), float64. At
+    T <= 20 the scaled betas would reach 1 (alpha_bar 0 or negative): capped at 0.999, as cosine's."""
     scale = 1000 / T
     return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
 

@@ -10,9 +10,17 @@ import device
 from device import DeviceError, Dist, GuardedStdout, pick_device
 
 
-def test_pick_device_auto_is_the_best_available_and_names_are_checked():
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    assert pick_device("auto").type == expected and pick_device("cpu") == torch.device("cpu")
+def test_pick_device_auto_is_the_best_available_and_names_are_checked(monkeypatch):
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        try:
+            assert pick_device("auto").type == expected
+        finally:                                      # "cuda" turns TF32 on: leave the process as it was
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    monkeypatch.undo()
+    assert pick_device("cpu") == torch.device("cpu")
     with pytest.raises(DeviceError, match="expected auto, cpu, cuda or mps"):
         pick_device("tpu")
     if not torch.cuda.is_available():
@@ -48,6 +56,14 @@ def test_a_process_belongs_to_a_group_when_rank_and_world_size_are_set(monkeypat
     ({"RANK": "-1"}, "RANK=-1 is not one of"), ({"MASTER_PORT": "65536"}, "MASTER_PORT='65536'"),
     ({"MASTER_PORT": "0"}, "MASTER_PORT='0'"), ({"MASTER_ADDR": "no-such-host.invalid"}, "no such host")])
 def test_a_half_set_group_environment_is_one_error_naming_it(monkeypatch, env, needle):
+    import socket
+
+    def lookup(host, *args, **kwargs):                  # no real DNS: offline machines, slow resolvers
+        if host.endswith(".invalid"):
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    monkeypatch.setattr(device, "answers", lambda *a: False)   # a check that let it through fails fast, not in 30 s
     full = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **env}
     for k, v in full.items():
         if v is None:

@@ -193,6 +193,8 @@ def test_gradients_are_clipped_to_grad_clip_before_the_step():
     model = Scale()
     loss, state = one_step(model, TrainConfig(grad_clip=1e-3, lr=0.1, warmup_steps=0))
     assert model.w.grad.norm().item() == pytest.approx(1e-3, rel=1e-4), "the clipped gradient"
+    exp_avg = state["optimizer"].state[model.w]["exp_avg"]         # (1 - beta1) g: the step saw the clipped g
+    assert abs(exp_avg.item()) == pytest.approx(0.1 * 1e-3, rel=1e-4), "clipped before the optimiser step"
     unclipped = Scale()
     one_step(unclipped, TrainConfig(grad_clip=1.0, lr=0.1, warmup_steps=0))
     assert unclipped.w.grad.norm().item() > 1e-2, "the test needs a gradient above the clip"

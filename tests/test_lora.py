@@ -396,10 +396,11 @@ def test_side_by_side_draws_every_panel_from_the_same_noise_at_its_own_strength(
 
     class Recorder:
         def sample(self, m, y, generator=None):
-            seen.append((lora.lora_layers(m)[0].scale, y.tolist(), generator.initial_seed()))
+            seen.append((lora.lora_layers(m)[0].scale, y.tolist(), torch.randn(4, generator=generator).tolist()))
             return torch.zeros(len(y), 1, 28, 28)
     path = str(tmp_path / "sweep.png")
     lora_finetune.side_by_side([model] * 3, ["a", "b", "c"], Recorder(), path, n=2, seed=5, scales=[0.0, 0.5, 2.0])
-    assert seen == [(s, [d for d in range(10) for _ in range(2)], 5) for s in (0.0, 0.5, 2.0)]
+    noise = torch.randn(4, generator=torch.Generator().manual_seed(5)).tolist()     # a fresh generator per panel
+    assert seen == [(s, [d for d in range(10) for _ in range(2)], noise) for s in (0.0, 0.5, 2.0)]
     assert all(layer.scale == 1.0 for layer in lora.lora_layers(model))
     assert os.path.getsize(path) > 1000

@@ -245,11 +245,12 @@ def test_sample_every_draws_grids_and_eval_n_scores_the_ema_with_the_runs_sampli
     digit of the EMA weights with the run's own sampling (its sample_guidance), against the real
     test digits and their labels."""
     import train
-    grids, scored = [], []
+    grids, scored, weights = [], [], []
     monkeypatch.setattr(train, "save_sample_grid", lambda model, diffusion, path: grids.append(os.path.basename(path)))
     monkeypatch.setattr(train.evaluate, "get_classifier", lambda dataset, data_dir: ("judge", 0.9))
 
     def evaluate_model(model, diffusion, clf, real_x, n, scfg, real_y=None):
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
         scored.append((model.training, clf, len(real_x), n, scfg, real_y.bincount().tolist()))
         return {"score": 1}, None, None
     monkeypatch.setattr(train.evaluate, "evaluate_model", evaluate_model)
@@ -261,3 +262,6 @@ def test_sample_every_draws_grids_and_eval_n_scores_the_ema_with_the_runs_sampli
     assert grids == ["samples_000002.png", "samples_000004.png"]
     assert scored == [(False, "judge", 500, 3, SampleConfig(guidance=1.5), [50] * 10), ({"score": 1}, 0.9)]
     assert sorted(os.listdir(out)) == ["ckpt.pt"] and "trained 5 steps" in r.stdout
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert all(torch.equal(weights[0][k], ckpt["ema"][k]) for k in ckpt["ema"]), "the EMA weights are scored"
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["ema"])
