@@ -202,5 +202,10 @@ def test_holds_weights_knows_checkpoints_and_adapters_by_their_bytes(tmp_path):
     (tmp_path / "b.bin").write_bytes(b"\x80abc")
     np.savez(tmp_path / "x.npz", images=np.zeros((1, 28, 28), np.uint8))
     (tmp_path / "e").write_bytes(b"")
+    import pickle
+    for protocol in (2, 3, 4, 5):                                        # torch.save(pickle_protocol=...) takes any
+        torch.save({"w": torch.zeros(2)}, tmp_path / f"p{protocol}.pt", pickle_protocol=protocol,
+                   _use_new_zipfile_serialization=False)
+    (tmp_path / "p1.bin").write_bytes(pickle.dumps({"w": 1}, protocol=1))   # no 0x80 header: not a checkpoint
     weights = {n for n in os.listdir(tmp_path) if holds_weights(str(tmp_path / n))}
-    assert weights == {"a.json", "legacy.png", "c.txt"}
+    assert weights == {"a.json", "legacy.png", "c.txt", "p2.pt", "p3.pt", "p4.pt", "p5.pt"}
