@@ -89,22 +89,23 @@ def one_line_error(r, *needles):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    """A tiny model trained for a few steps by train.py itself."""
+    """A tiny model trained for a few steps by train.py itself (its figures are checked apart,
+    in test_scripts.py: the sample grid alone would take 25 s here)."""
     out = tmp_path_factory.mktemp("run")
-    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "3", "--out", str(out))
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "3", "--no-figures", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return os.path.join(out, "ckpt.pt")
 
 
 @pytest.fixture(scope="session")
 def quick_judge(tmp_path_factory):
-    """A data folder holding evaluate.py's cached classifier, quickly trained (1 epoch on 1,000
+    """A data folder holding evaluate.py's cached classifier, quickly trained (1 epoch on 256
     digits): enough for scripts that score samples (--eval-every) to run in seconds."""
     import evaluate
     from dataset import load_dataset
     folder = tmp_path_factory.mktemp("judge")
     x, y, _ = load_dataset("mnist-5k", split="train")
-    clf = evaluate.train_classifier(x[:1000], y[:1000], epochs=1, progress=False)
+    clf = evaluate.train_classifier(x[:256], y[:256], epochs=1, progress=False)
     torch.save({"model": clf.state_dict(), "test_accuracy": 0.0},
                folder / f"classifier_mnist-5k_v{evaluate.CLASSIFIER_VERSION}.pt")
     return str(folder)
