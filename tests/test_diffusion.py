@@ -207,3 +207,16 @@ def test_sampling_without_a_guidance_uses_the_models_sample_guidance():
     y = torch.tensor([1, 7])
     run = lambda **kw: d.sample(model, y, "ddim", 4, generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(run(), run(guidance=1.5)) and not torch.equal(run(), run(guidance=2.0))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_draw_drops_labels_with_probability_p_uncond(p):
+    """Classifier-free guidance learns the unconditional model from the labels dropped here: a
+    share p_uncond of them, independent of t; the noise is standard normal."""
+    d = Diffusion(DiffusionConfig(timesteps=100, p_uncond=p))
+    t, noise, drop = d.draw(100_000, (1, 2, 2), "cpu", torch.Generator().manual_seed(0))
+    assert abs(drop.double().mean().item() - p) < 0.005
+    if 0 < p:
+        assert abs(t[drop].double().mean().item() - t[~drop].double().mean().item()) < 1.5
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    assert t.min() == 0 and t.max() == 99

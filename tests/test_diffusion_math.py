@@ -358,3 +358,26 @@ def test_ddim_with_eta_frames_have_the_closed_form_mean_and_variance(eta):
         variances.append(v)
     moment_check(frames[:-1], x0, means[:-1], variances[:-1], f"ddim eta={eta}")
     assert_close(x.double(), x0.expand_as(x), atol=2e-5, msg="final frame is x_0")
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_adds_exactly_sigma_of_fresh_noise_per_step(eta):
+    """The marginals of DDIM do not depend on eta (that is its point), so the frames' moments
+    cannot tell eta from eta^2. The step itself can: given x_t, x_prev - sqrt(ap) x_0 - k (x_t -
+    sqrt(a) x_0) is the fresh noise sigma z, with sigma^2 = eta^2 (1 - ap) / (1 - a) (1 - a / ap)."""
+    d = Diffusion(DiffusionConfig(timesteps=T, prediction="v"))
+    x0 = make_x0((1, 32, 32)).double()
+    steps, B = 8, 100
+    ts = ddim_steps(steps)
+    _, frames = d.sample(Oracle(x0.float(), "v"), torch.zeros(B, dtype=torch.long), sampler="ddim", steps=steps,
+                         guidance=1.0, eta=eta, generator=torch.Generator().manual_seed(2), trajectory=True,
+                         image_shape=(1, 32, 32))
+    _, abar = ref_schedule(T, "cosine")
+    for i, t in enumerate(ts[:-1]):
+        a, ap = abar[t], abar[ts[i + 1]]
+        sigma2 = eta ** 2 * (1 - ap) / (1 - a) * (1 - a / ap)
+        k = math.sqrt(1 - ap - sigma2) / math.sqrt(1 - a)
+        fresh = frames[i + 1].double() - math.sqrt(ap) * x0 - k * (frames[i].double() - math.sqrt(a) * x0)
+        n = fresh.numel()
+        assert abs(fresh.mean().item()) < 5 * math.sqrt(sigma2 / n), (i, fresh.mean().item())
+        assert abs(fresh.var().item() / sigma2 - 1) < 5 * math.sqrt(2 / n) + 1e-3, (i, fresh.var().item(), sigma2)

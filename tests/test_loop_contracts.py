@@ -263,3 +263,27 @@ def test_resume_config_takes_the_stored_run_and_only_where_and_how_long_from_the
     with pytest.raises(loop.TrainingError, match="--max-steps 19: the run is already at step 20"):
         loop.resume_config(ckpt, replace(flags, max_steps=19), given=set())
     assert loop.resume_config(ckpt, replace(flags, max_steps=20), given=set()).max_steps == 20
+
+
+def test_ctrl_c_saves_at_the_next_step_whatever_ckpt_every_says(monkeypatch):
+    """SIGINT during step 3 (of 9): the loop finishes that step, saves a checkpoint of it (with
+    --ckpt-every far away), says "interrupted" and gives Ctrl-C back to whoever had it."""
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    calls = []
+    real_loss = Recording.loss
+
+    def loss(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)            # the StopFlag's handler, not KeyboardInterrupt
+        return real_loss(self, *args)
+    monkeypatch.setattr(Recording, "loss", loss)
+    saves = []
+    tcfg = TrainConfig(batch_size=4, epochs=3, log_every=1, ckpt_every=10 ** 6, device="cpu", channels_last=False)
+    model = Scale()
+    state = loop.new_loop_state(model, list(model.parameters()), tcfg, N)
+    outcome = loop.fit(model, Recording(DiffusionConfig(timesteps=50), []), numbered_data(), tcfg, state,
+                       lambda s: saves.append(s["step"]), Dist("cpu"), list(model.parameters()))
+    assert (outcome, saves, state["step"], len(calls)) == ("interrupted", [3], 3, 3)
+    assert signal.getsignal(signal.SIGINT) is before
