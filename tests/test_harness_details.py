@@ -273,3 +273,21 @@ def test_a_digit_is_light_on_dark_whatever_the_paper(tmp_path, paper, ink):
     Image.fromarray(a).save(tmp_path / "d.png")
     got = load_image(str(tmp_path / "d.png")).astype(int)
     assert got[6:22, 12:16].mean() > got[0].mean() + 50
+
+
+def test_a_lora_run_resumes_only_on_the_base_it_was_tuned_from(tiny_ckpt, tmp_path):
+    """--resume with --checkpoint of other base weights (same architecture, one weight changed) is
+    refused in one line, and the run's checkpoint is untouched."""
+    from checkpoint import load_checkpoint, save_checkpoint
+    from conftest import one_line_error, run_cli
+    out = str(tmp_path / "lora")
+    flags = ["--max-steps", "1", "--batch-size", "8", "--eval-n", "0", "--no-figures", "--out", out]
+    assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, *flags).returncode == 0
+    other = load_checkpoint(tiny_ckpt)
+    other["ema"]["conv_out.weight"] = other["ema"]["conv_out.weight"] + 0.01
+    save_checkpoint(str(tmp_path / "other.pt"), other)
+    before = open(os.path.join(out, "finetune_ckpt.pt"), "rb").read()
+    r = run_cli("lora_finetune.py", "--checkpoint", str(tmp_path / "other.pt"), "--resume", "--max-steps", "2",
+                "--out", out)
+    one_line_error(r, "was fine-tuned from other base weights")
+    assert open(os.path.join(out, "finetune_ckpt.pt"), "rb").read() == before
