@@ -174,3 +174,38 @@ def test_the_train_section_counts_images_per_second_and_flops(monkeypatch):
     json.dumps(r)                                                    # what a child prints must be JSON
     _, _, data = bench.train_step_fn("eager", torch.device("cpu"), 4, bench.model_config("cpu"))
     assert data.shape == (4500, 1, 28, 28) and data.min() >= -1 and data.max() <= 1 and abs(data.mean()) < 0.01
+
+
+def test_main_runs_each_section_in_order_and_writes_the_table(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """The parent process: every section once, in order, each training mode (on a CPU all but
+    compile_bf16; --quick: no compile, 3 reps, 20 images), the results as JSON and the table.
+    A child (--section) prints its one JSON line and nothing else."""
+    calls = []
+
+    def run_section(name, args, **extra):
+        calls.append((name, extra, args.reps, args.n))
+        if name == "train":
+            return results()["lora_train"] if extra.get("lora") else results()["train"]["eager"]
+        return results()[{"matmul": "matmul", "profile": "profile", "sample": "sample",
+                          "lora_sampling": "lora_sampling", "cli": "sample_cli"}[name]]
+    monkeypatch.setattr(bench, "run_section", run_section)
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+    out = str(tmp_path / "bench.json")
+    bench.main(["--checkpoint", tiny_ckpt, "--json", out])
+    trained = [extra["mode"] for name, extra, _, _ in calls if name == "train" and not extra.get("lora")]
+    assert trained == ["eager", "channels_last", "bf16", "compile"]
+    assert [c[0] for c in calls] == ["matmul"] + ["train"] * 5 + ["profile", "sample", "lora_sampling", "cli"]
+    assert calls[5][1] == {"mode": "channels_last", "lora": 1} and calls[0][2:] == (8, 100)
+    saved = json.load(open(out))
+    assert list(saved["train"]) == trained and saved["batch"] == 64 and saved["sample_cli"]["end_to_end_s"] > 0
+    assert "DDIM 50 is 20.0x faster" in capsys.readouterr().out
+    calls.clear()
+    bench.main(["--checkpoint", tiny_ckpt, "--json", out, "--quick"])
+    assert [c[1]["mode"] for c in calls if c[0] == "train" and "lora" not in c[1]] == ["eager", "channels_last", "bf16"]
+    assert calls[0][2:] == (3, 20)
+    capsys.readouterr()
+    monkeypatch.setitem(bench.SECTIONS, "matmul", lambda args, device: {"fp32_gflops": 1.5})
+    calls.clear()
+    assert bench.main(["--section", "matmul", "--checkpoint", tiny_ckpt, "--json", str(tmp_path / "child.json")]) is None
+    assert capsys.readouterr().out == '{"fp32_gflops": 1.5}\n' and calls == []
+    assert not os.path.exists(tmp_path / "child.json")
