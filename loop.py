@@ -299,8 +299,8 @@ def train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg, au
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
     if not torch.isfinite(grad_norm):                             # the same on every rank
         raise TrainingError(f"the loss or its gradient became non-finite (loss {loss.item()}, gradient norm "
-                            f"{grad_norm.item()}) at step {state['step']}; stopped without saving (the last good checkpoint "
-                            "is untouched). Try a lower --lr.")
+                            f"{grad_norm.item()}) at step {state['step']}; stopped without saving (the last good "
+                            "checkpoint is untouched). Try a lower --lr.")
     opt.step()
     if not all_finite(params):                                    # a step too large for the weights
         raise TrainingError(f"the weights became non-finite (or overflowed) in the optimiser step at step "

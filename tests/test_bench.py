@@ -206,6 +206,7 @@ def test_main_runs_each_section_in_order_and_writes_the_table(tiny_ckpt, tmp_pat
     capsys.readouterr()
     monkeypatch.setitem(bench.SECTIONS, "matmul", lambda args, device: {"fp32_gflops": 1.5})
     calls.clear()
-    assert bench.main(["--section", "matmul", "--checkpoint", tiny_ckpt, "--json", str(tmp_path / "child.json")]) is None
+    child = ["--section", "matmul", "--checkpoint", tiny_ckpt, "--json", str(tmp_path / "child.json")]
+    assert bench.main(child) is None
     assert capsys.readouterr().out == '{"fp32_gflops": 1.5}\n' and calls == []
     assert not os.path.exists(tmp_path / "child.json")

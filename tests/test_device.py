@@ -147,7 +147,8 @@ def test_every_scripts_cli_turns_its_errors_into_one_line(script, monkeypatch, c
     import lora
     module = importlib.import_module(script)
     where = {"CheckpointError": checkpoint, "DataError": dataset, "DeviceError": device, "SamplingError": diffusion,
-             "LoraError": lora, "TrainingError": importlib.import_module("loop"), "SampleError": importlib.import_module("sample")}
+             "LoraError": lora, "TrainingError": importlib.import_module("loop"),
+             "SampleError": importlib.import_module("sample")}
     for name in SCRIPTS[script]:
         error = getattr(where.get(name, module), name)
 

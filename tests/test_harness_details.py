@@ -131,7 +131,7 @@ def test_quality_curve_counts_training_minutes_without_its_own_evaluations(tmp_p
     curve.csv, curve.png = str(tmp_path / "eval_curve.csv"), str(tmp_path / "eval_curve.png")
     curve.images_per_step, curve.rows, curve.minutes_before, curve.eval_seconds = 32, [], 0.0, 0.0
     curve(10, torch.nn.Identity(), JUST_A_CONFIG, seconds_since_start=120.0)   # 2 min of training so far
-    curve(20, torch.nn.Identity(), JUST_A_CONFIG, seconds_since_start=300.0)   # 5 min of wall time, 30 s of it evaluating
+    curve(20, torch.nn.Identity(), JUST_A_CONFIG, seconds_since_start=300.0)   # 5 min, 30 s of it evaluating
     rows = train.read_csv(curve.csv)
     assert [float(r["train_minutes"]) for r in rows] == [2.0, 4.5]
     assert [int(r["images"]) for r in rows] == [320, 640]

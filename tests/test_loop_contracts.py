@@ -13,7 +13,6 @@ from torch.utils.data import DistributedSampler
 
 import loop
 from config import DiffusionConfig, TrainConfig
-from conftest import assert_close
 from device import Dist
 from diffusion import Diffusion
 

@@ -68,7 +68,8 @@ def test_each_sampling_flag_arrives_in_the_sample_config(script):
         extra = ["--guide-from", "0.2"] if field == "guide_to" else []
         scfg = sample.sample_config(module.parse_args([flag, str(value), *extra]), diff_cfg)
         assert getattr(scfg, field) == value, field
-        untouched = {f: v for f, v in asdict(scfg).items() if f != field and not (field == "guide_to" and f == "guide_from")}
+        moved = {field, "guide_from"} if field == "guide_to" else {field}
+        untouched = {f: v for f, v in asdict(scfg).items() if f not in moved}
         assert untouched == {f: v for f, v in asdict(SampleConfig(guidance=1.25)).items() if f in untouched}, field
     assert sample.sample_config(module.parse_args([]), diff_cfg).guidance == 1.25
 
