@@ -201,11 +201,11 @@ def section_sample(args, device):
         cond, uncond = model(x, t, labels), model(x, t, torch.full_like(labels, model.cfg.num_classes))
         return uncond + 2.0 * (cond - uncond)
 
-    results = {}
+    results, mid = {}, d.T // 2                     # a timestep mid-way through the process
     x = torch.randn(2 * len(y), 1, 28, 28, device=device)
     with torch.no_grad():                           # warm-up: oneDNN sets up its kernels per shape
-        model(x, torch.full((len(x),), d.T // 2, device=device), y.repeat(2))
-        d.predict_eps_x0(model, x[:len(y)], d.T // 2, y, 2.0)
+        model(x, torch.full((len(x),), mid, device=device), y.repeat(2))
+        d.predict_eps_x0(model, x[:len(y)], mid, y, 2.0)
     runs = [("ddim20", "ddim", 20, True), ("ddim50", "ddim", 50, True), ("ddim50_unbatched", "ddim", 50, False)]
     if args.full_ddpm:
         runs.append(("ddpm1000", "ddpm", 1000, True))
@@ -221,7 +221,7 @@ def section_sample(args, device):
         results[name] = {"seconds": sec, "accuracy": acc}
     if not args.full_ddpm:  # every DDPM step is one guided network call: time 20, scale to 1,000
         x = torch.randn(len(y), 1, 28, 28, device=device)
-        sec, _ = timed(lambda: d.predict_eps_x0(model, x, d.T // 2, y, 2.0), 2, 20)   # a step mid-way
+        sec, _ = timed(lambda: d.predict_eps_x0(model, x, mid, y, 2.0), 2, 20)
         results["ddpm1000"] = {"seconds": 1000 * sec, "accuracy": None, "extrapolated": True}
     results["peak_rss_mb"] = peak_rss_mb()
     return results
@@ -249,14 +249,14 @@ def section_lora_sampling(args, device):
     y = torch.arange(10, device=device).repeat_interleave(args.n // 10)
     x = torch.randn(len(y), 1, 28, 28, device=device)
     sync = synchronizer(device)
-    times = {k: [] for k in models}
+    times, mid = {k: [] for k in models}, d.T // 2     # a timestep mid-way through the process
     with torch.no_grad():
         for model in models.values():                                   # warm-up
-            d.predict_eps_x0(model, x, d.T // 2, y, 2.0)
+            d.predict_eps_x0(model, x, mid, y, 2.0)
         for _ in range(args.reps * 3):
             for name, model in models.items():
                 t = time.perf_counter()
-                d.predict_eps_x0(model, x, d.T // 2, y, 2.0)
+                d.predict_eps_x0(model, x, mid, y, 2.0)
                 sync()
                 times[name].append(time.perf_counter() - t)
     return {k: {"ms_per_call": 1000 * statistics.median(v)} for k, v in times.items()}
