@@ -21,15 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, atomic_write, check_outputs, dataset_of, first_line, load_model,
-                        not_a_regular_file, remove_stale_temps, save_checkpoint, shown, write_json)
-from config import Parser
-from dataset import DataError, apply_style, load_dataset
-from device import DeviceError, pick_device, run_cli
-from diffusion import SamplingError
-from lora import LoraError, read_adapter
-from sample import (MAX_IMAGES, SampleError, add_model_flags, add_sampling_flags, generate, load_model_for_sampling,
-                    sample_config)
+from config import MAX_IMAGES
+from dataset import apply_style, load_dataset
+from harness.adapters import read_adapter
+from harness.cli import Parser, run_cli
+from harness.dist import pick_device
+from harness.files import (CheckpointError, atomic_write, check_outputs, dataset_of, first_line, load_model,
+                           not_a_regular_file, read_csv, remove_stale_temps, save_checkpoint, shown, write_csv,
+                           write_json)
+from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, load_model_for_sampling,
+                             sample_config)
+from sample import generate, model_sampling
 
 CLASSIFIER_VERSION = 2    # bump when the classifier or its training changes: invalidates caches
 
@@ -430,6 +432,76 @@ def npz_labels(a, n, path):
 # ----- the command line -----
 
 
+class QualityCurve:
+    """--eval-every N: every N steps a quick evaluation of the EMA weights, so that one run
+    shows how quality grows with training. 10 samples per digit with DDIM 20 steps (100
+    images, ~10 s on 2 CPU cores): accuracy to a few %, and the Frechet distance against the
+    real-vs-real floor at the same n (100). Rows go to eval_curve.csv, the figure to
+    eval_curve.png; a resumed run keeps the rows it had."""
+    N_PER_DIGIT, STEPS = 10, 20
+    FIELDS = ("step", "images", "train_minutes", "accuracy", "frechet", "floor", "frechet_ratio", "eval_seconds")
+
+    def __init__(self, dataset, data_dir, out, images_per_step, resume_step=0):
+        self.clf, _ = get_classifier(dataset, data_dir)
+        real_x = load_dataset(dataset, data_dir, "test", verbose=False)[0]
+        self.halves = real_halves(classify(self.clf, real_x)[1])
+        self.csv, self.png = os.path.join(out, "eval_curve.csv"), os.path.join(out, "eval_curve.png")
+        self.images_per_step = images_per_step
+        self.rows = [r for r in read_csv(self.csv) if int(r["step"]) <= resume_step] if resume_step else []
+        self.minutes_before = float(self.rows[-1]["train_minutes"]) if self.rows else 0.0
+        self.eval_seconds = 0.0                  # spent here: not training time
+
+    def __call__(self, step, model, diffusion, seconds_since_start):
+        t0 = time.perf_counter()
+        x, y, _ = generate(model.eval(), diffusion, list(range(10)), self.N_PER_DIGIT,
+                           model_sampling(diffusion.cfg, steps=self.STEPS))
+        probs, feats = classify(self.clf, x.cpu())
+        frechet, floor = frechet_vs_real(feats.numpy(), *self.halves)
+        spent = time.perf_counter() - t0
+        minutes = self.minutes_before + (seconds_since_start - self.eval_seconds) / 60
+        self.eval_seconds += spent
+        self.rows.append({"step": step, "images": step * self.images_per_step, "train_minutes": round(minutes, 3),
+                          "accuracy": (probs.argmax(1) == y.cpu()).float().mean().item(), "frechet": frechet,
+                          "floor": floor, "frechet_ratio": frechet / floor, "eval_seconds": round(spent, 2)})
+        write_csv(self.csv, self.FIELDS, self.rows)
+        save_curve_figure(self.rows, self.png)
+
+
+def save_curve_figure(rows, path):
+    """Accuracy and Frechet / floor against training images (top axis: training minutes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    images = [int(r["images"]) / 1000 for r in rows]
+    minutes = [float(r["train_minutes"]) for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(images, [100 * float(r["accuracy"]) for r in rows], "o-")
+    ax1.set(xlabel="training images (thousands)", ylabel="judge accuracy (%)", ylim=(0, 102))
+    ax2.plot(images, [float(r["frechet_ratio"]) for r in rows], "s-", color="C1")
+    ax2.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax2.set(xlabel="training images (thousands)", ylabel="Frechet / real-vs-real floor", yscale="log")
+    if images[-1] > 0 and minutes[-1] > 0:          # training minutes as a top axis
+        per = minutes[-1] / images[-1]
+        for ax in (ax1, ax2):
+            top = ax.secondary_xaxis("top", functions=(lambda k: k * per, lambda m: m / per))
+            top.set_xlabel("training minutes", fontsize=8)
+    fig.suptitle(f"quality while training (EMA weights, {QualityCurve.N_PER_DIGIT} per digit, "
+                 f"DDIM {QualityCurve.STEPS})", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
+    plt.close(fig)
+
+
+def final_evaluation(model, diffusion, dataset, tcfg):
+    """Score the EMA weights with py's classifier, so every run says how good it is."""
+    clf, clf_acc = get_classifier(dataset, tcfg.data_dir)
+    real_x, real_y, _ = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)
+    r, _, _ = evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, model_sampling(diffusion.cfg),
+                                      real_y=real_y)
+    print(f"final evaluation ({tcfg.eval_n} samples per digit; `python py` for the full one):")
+    print_report(r, clf_acc)
+
+
 def parse_args(argv=None):
     p = Parser(description="Measure how well generated digits match their labels and real data.")
     p.add_argument("--n", type=int, default=100,
@@ -508,13 +580,5 @@ def main(argv=None):
     return 0
 
 
-ERRORS = (SampleError, CheckpointError, DeviceError, DataError, LoraError, SamplingError)
-
-
-def cli(argv=None):
-    """main() as a command: every expected failure is one line on stderr and a non-zero exit."""
-    return run_cli("evaluate.py", main, ERRORS, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

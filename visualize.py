@@ -20,13 +20,14 @@ from torch import nn
 from tqdm import tqdm
 
 import lora
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_model, remove_stale_temps
-from config import Parser, SampleConfig, config_from_args
+from config import SampleConfig
 from cross_attn import CrossAttention, capture_attention
-from dataset import DataError, load_dataset
-from device import DeviceError, pick_device, run_cli
-from diffusion import Diffusion, SamplingError
-from sample import SampleError, add_sampling_flags, sample_config
+from dataset import load_dataset
+from diffusion import Diffusion
+from harness.cli import Parser, UsageError, config_from_args, run_cli
+from harness.dist import pick_device
+from harness.files import DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, remove_stale_temps
+from harness.scripts import SampleError, add_sampling_flags, sample_config
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
 FIGURES = ("attention", "trap", "film")
@@ -35,7 +36,7 @@ NAMES = {"attention": ("attention_maps.png", "attention_steering.png"),
 T_FRACTIONS = (0.9, 0.5, 0.1)      # where on the trajectory the attention is shown: t ~ 900, 500, 100 of 1000
 
 
-class VisualizeError(Exception):
+class VisualizeError(UsageError):
     """Bad input to visualize.py; the message says which flag and why."""
 
 
@@ -479,6 +480,80 @@ def run_check(args, device):
 
 # ----- the script -----
 
+# ----- lora_finetune.py's figures -----
+
+def side_by_side(models, titles, diffusion, path, n=6, seed=0, scales=None):
+    """One panel per model (or per LoRA scale): rows are digits 0..9, same noise in every panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    panels = []
+    for model, scale in zip(models, scales or [None] * len(models)):
+        if scale is not None:
+            lora.set_scale(model, scale)
+        device = next(model.parameters()).device
+        y = torch.arange(10, device=device).repeat_interleave(n)
+        x = diffusion.sample(model, y, generator=torch.Generator(device).manual_seed(seed))
+        panels.append(make_grid((x.cpu() + 1) / 2, nrow=n, padding=1, pad_value=0.5)[0])
+    if scales is not None:
+        lora.set_scale(models[0], 1.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 3.9))
+    for ax, panel, title in zip(axes, panels, titles):
+        ax.imshow(panel, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def finetune_figures(base_model, tuned, diffusion, out, lcfg):
+    """Base vs tuned samples, and (LoRA) the same noise at growing adapter strength."""
+    kind = "full" if lcfg.full else "lora"
+    compare = os.path.join(out, "base_vs_tuned.png")
+    side_by_side([base_model, tuned], ["base model", f"{kind} ({lcfg.style})"], diffusion, compare)
+    print(compare)
+    if not lcfg.full:
+        sweep = os.path.join(out, "strength_sweep.png")
+        scales = [0.0, 0.25, 0.5, 0.75, 1.0]
+        side_by_side([tuned] * 5, [f"scale {s}" for s in scales], diffusion, sweep, n=3, scales=scales)
+        update = os.path.join(out, "lora_update.png")
+        save_update_figure(lora.update_stats(tuned), update)
+        print(sweep)
+        print(update)
+
+
+def save_update_figure(stats, path):
+    """Two panels from update_stats(): the relative update size per layer, and each layer's
+    singular values sigma_i / sigma_1 for i = 1..r (1 everywhere: all of rank r is used)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not stats:
+        raise lora.LoraError("no LoRA layers: no update to draw")
+    names, y = [s["name"] for s in stats], range(len(stats))
+    r = max(s["r"] for s in stats)
+    ratios = torch.zeros(len(stats), r)                                # (layers, r)
+    for i, s in enumerate(stats):
+        sv = torch.tensor(s["singular_values"][:r])
+        ratios[i, :len(sv)] = sv / sv[0] if sv[0] > 0 else sv
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 1.2 + 0.2 * len(stats)), sharey=True,
+                                   gridspec_kw={"width_ratios": [2, 1]})
+    ax1.barh(y, [100 * s["rel_norm"] for s in stats], color="C0")
+    ax1.set(yticks=list(y), xlabel="||dW|| / ||W||  (%)", title="how much each layer changed")
+    ax1.set_yticklabels(names, fontsize=7)
+    ax1.invert_yaxis()                                                 # first layer on top
+    im = ax2.imshow(ratios.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax2.set(xticks=range(r), xticklabels=[str(i + 1) for i in range(r)], xlabel="i",
+            title="sigma_i / sigma_1 of dW")
+    fig.colorbar(im, ax=ax2, fraction=0.08)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
+    plt.close(fig)
+
+
+
 def parse_args(argv=None):
     p = Parser(description="Figures that look inside a trained model (cross-attention maps, where the "
                            "label steers, the one-token trap, the denoising film), or --check its gradients.")
@@ -567,13 +642,5 @@ def main(argv=None):
     return 0
 
 
-ERRORS = (VisualizeError, CheckpointError, DeviceError, DataError, lora.LoraError, SamplingError)
-
-
-def cli(argv=None):
-    """main() as a command: every expected failure is one line on stderr and a non-zero exit."""
-    return run_cli("visualize.py", main, ERRORS, argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 
+import bench
 import pytest
 import torch
 
-import bench
 from config import ModelConfig
 
 

@@ -4,10 +4,10 @@ from dataclasses import asdict
 
 import pytest
 import torch
-
 from conftest import TINY, TINY_T, one_line_error, run_cli
-from checkpoint import CheckpointError, load_checkpoint, load_model, prepare_run_folder, save_checkpoint
+
 from config import DiffusionConfig
+from harness.files import CheckpointError, load_checkpoint, load_model, prepare_run_folder, save_checkpoint
 from unet import UNet
 
 
@@ -69,7 +69,7 @@ def test_run_folder_rules(tmp_path):
 
 
 def test_check_outputs_resolves_paths_before_comparing(tmp_path):
-    from checkpoint import check_outputs
+    from harness.files import check_outputs
     ckpt = tmp_path / "run" / "ckpt.pt"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"weights")
@@ -93,7 +93,8 @@ def test_check_outputs_resolves_paths_before_comparing(tmp_path):
 
 def test_atomic_writes_use_unique_temp_names_that_keep_the_extension(tmp_path):
     import numpy as np
-    from checkpoint import atomic_write, temp_path
+
+    from harness.files import atomic_write, temp_path
     a, b = temp_path(str(tmp_path / "s.npz"), ".npz"), temp_path(str(tmp_path / "s.npz"), ".npz")
     assert a != b and a.endswith(".npz") and os.path.basename(a).startswith(".s.npz.tmp-")
     atomic_write(str(tmp_path / "s.npz"), lambda tmp: np.savez(tmp, x=np.arange(3)), suffix=".npz")
@@ -101,7 +102,7 @@ def test_atomic_writes_use_unique_temp_names_that_keep_the_extension(tmp_path):
     assert oct(os.stat(tmp_path / "s.npz").st_mode & 0o777) != oct(0o600), "the temp file's 0600 mode leaked"
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(a), os.path.basename(b), "s.npz"])
     import torch
-    from safetensors.torch import save_file                 # recreates its file as 0600 (safetensors 0.8)
+    from safetensors.torch import save_file  # recreates its file as 0600 (safetensors 0.8)
     atomic_write(str(tmp_path / "a.safetensors"), lambda tmp: save_file({"w": torch.zeros(2)}, tmp), suffix=".safetensors")
     assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == os.stat(tmp_path / "s.npz").st_mode & 0o777
 
@@ -118,7 +119,7 @@ def test_no_clobber_covers_every_file_a_run_writes(tmp_path):
 
 @pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link", "fifo", "folder"])
 def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, kind):
-    from checkpoint import RunLock
+    from harness.files import RunLock
     folder, victim = tmp_path / "run", tmp_path / "victim.txt"
     folder.mkdir()
     victim.write_text("precious")
@@ -132,7 +133,7 @@ def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(tmp_path, ki
 
 
 def test_a_full_disk_while_locking_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
-    from checkpoint import RunLock
+    from harness.files import RunLock
 
     def full(*args):
         raise OSError(28, "No space left on device")
@@ -160,7 +161,7 @@ def test_a_failing_torch_save_is_one_line_and_keeps_the_old_checkpoint(tmp_path,
 
 
 def test_stale_temps_are_a_dead_writers_of_our_own_names_only(tmp_path):
-    from checkpoint import _new_temp, remove_stale_temps
+    from harness.files import _new_temp, remove_stale_temps
     fd, live = _new_temp(str(tmp_path / "ckpt.pt"))          # a writer still at work: its temp is locked
     dead = [".ckpt.pt.tmp-abcd1234", ".loss.png.tmp-0123abcd.png"]
     users = ["notes.tmp", "table.tmp.csv", ".cache.tmp-abcdefgh", "ckpt.pt.tmp", ".ckpt.pt.tmp-abc", "ckpt.pt"]
@@ -175,7 +176,7 @@ def test_stale_temps_are_a_dead_writers_of_our_own_names_only(tmp_path):
 
 
 def test_check_outputs_refuses_special_files_and_names_too_long(tmp_path):
-    from checkpoint import check_outputs, temp_path
+    from harness.files import check_outputs, temp_path
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(CheckpointError, match="FIFO"):
         check_outputs({"--out": str(tmp_path / "fifo")}, {})
@@ -191,9 +192,11 @@ def test_holds_weights_knows_checkpoints_and_adapters_by_their_bytes(tmp_path):
     safetensors files, whatever their names; and what it does write over: a user's PNG, npz,
     JSON or text, even ones that look alike in their first bytes."""
     import json
+
     import numpy as np
     from safetensors.torch import save_file
-    from checkpoint import holds_weights
+
+    from harness.files import holds_weights
     torch.save({"w": torch.zeros(2)}, tmp_path / "a.json")
     torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.png", _use_new_zipfile_serialization=False)
     save_file({"w": torch.zeros(2)}, str(tmp_path / "c.txt"))

@@ -8,7 +8,7 @@ import evaluate
 import lora_finetune
 import sample
 import train
-from config import (DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict)
+from config import DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
 
 
 @pytest.mark.parametrize("cls, bad, message", [

@@ -3,8 +3,8 @@ import os
 
 import numpy as np
 import torch
-
 from conftest import TINY_FLAGS, one_line_error, run_cli
+
 from dataset import load_dataset, load_folder
 
 

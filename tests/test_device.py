@@ -3,11 +3,12 @@ environment a group needs (each mistake one DeviceError naming the variable), an
 import io
 import sys
 
+import device
 import pytest
 import torch
 
-import device
-from device import DeviceError, Dist, GuardedStdout, pick_device
+from harness.cli import GuardedStdout
+from harness.dist import DeviceError, Dist, pick_device
 
 
 def test_pick_device_auto_is_the_best_available_and_names_are_checked(monkeypatch):
@@ -141,7 +142,9 @@ SCRIPTS = {"train": ["TrainingError", "CheckpointError", "DataError", "DeviceErr
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_scripts_cli_turns_its_errors_into_one_line(script, monkeypatch, capsys):
     import importlib
+
     import checkpoint
+
     import dataset
     import diffusion
     import lora

@@ -1,10 +1,10 @@
 """The process: schedules, the closed-form forward process, samplers, guidance."""
 import pytest
 import torch
-
 from conftest import TINY, assert_close
-from config import DiffusionConfig
+
 import diffusion
+from config import DiffusionConfig
 from diffusion import Diffusion, cosine_betas, linear_betas
 from unet import UNet
 

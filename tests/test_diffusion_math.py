@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_close
+
 from config import DiffusionConfig
 from diffusion import Diffusion
 

@@ -2,7 +2,6 @@
 import os
 
 import torch
-
 from conftest import TINY_FLAGS, run_cli, run_script
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -5,10 +5,10 @@ import shutil
 
 import numpy as np
 import torch
-
 from conftest import TINY_FLAGS, run_cli
-from dataset import apply_style, load_dataset
+
 import evaluate
+from dataset import apply_style, load_dataset
 
 
 def test_frechet_distance_zero_for_same_set_and_grows_with_shift():
@@ -75,7 +75,7 @@ def test_results_record_every_sampling_setting_also_for_a_sweep(tiny_ckpt, tmp_p
 def test_a_run_stores_its_sample_guidance_and_every_sampler_starts_from_it(tmp_path, monkeypatch):
     """train.py --sample-guidance w goes into the checkpoint; sample.py and evaluate.py then
     sample at w unless --guidance says otherwise; an older checkpoint without the field samples at 2."""
-    from checkpoint import configs_from_checkpoint
+    from harness.files import configs_from_checkpoint
     out = tmp_path / "run"
     assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--sample-guidance", "1.5", "--out", str(out),
                    "--no-figures").returncode == 0

@@ -12,12 +12,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli
-from checkpoint import load_checkpoint
-from config import TrainConfig
-from loop import resume_command
 from test_dataset import digit_folder
+
+from config import TrainConfig
+from harness.files import load_checkpoint
+from harness.run import resume_command
 
 FLAGS = [*TINY_FLAGS, "--epochs", "4", "--ckpt-every", "1", "--no-figures"]   # 4 x 281 steps; a save every step
 

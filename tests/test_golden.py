@@ -17,10 +17,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY
-from config import DiffusionConfig
+
 import lora
+from config import DiffusionConfig
 from diffusion import Diffusion
 from unet import UNet
 

@@ -4,20 +4,19 @@ components, training time that leaves the evaluation out, and the block formulas
 import os
 import types
 
+import checkpoint
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import checkpoint
-import train
-from checkpoint import CheckpointError, RunLock, check_outputs
-from config import DiffusionConfig
 from conftest import assert_close
-from conv_block import ResnetBlock
-from dataset import DataError, load_folder
 from test_dataset import digit_folder
 
+import train
+from config import DiffusionConfig
+from conv_block import ResnetBlock
+from dataset import DataError, load_folder
+from harness.files import CheckpointError, RunLock, check_outputs
 
 # ----- digit folders -----
 
@@ -192,6 +191,7 @@ def test_grey_ink_drawn_in_the_alpha_channel_is_laid_on_white_paper(tmp_path):
     is 100 < 128, so the paper behind it is white and the digit comes back light on black, at
     (255 - 100) / 255 of the full stroke."""
     from PIL import Image
+
     from dataset import load_dataset, load_image
     x, _, _ = load_dataset("mnist-5k", split="test")
     a = ((x[0, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
@@ -233,8 +233,8 @@ def test_a_torchvision_mnist_folder_is_read_without_a_download(tmp_path, capsys)
 
 def test_a_batch_may_be_the_whole_dataset_but_not_more(monkeypatch):
     from config import TrainConfig
-    from device import Dist
-    from loop import TrainingError
+    from harness.dist import Dist
+    from harness.run import TrainingError
     monkeypatch.setattr(train, "load_dataset", lambda name, data_dir, split="train", verbose=True:
                         (torch.zeros(16, 1, 28, 28), torch.arange(16) % 10, "folder"))
     x, y, name = train.load_training_data(TrainConfig(batch_size=16, dataset="folder"), Dist("cpu"))
@@ -267,6 +267,7 @@ def test_a_digit_is_light_on_dark_whatever_the_paper(tmp_path, paper, ink):
     """A scan on grey paper (a border brighter than mid-grey) is inverted; a light digit on dark
     paper is kept: either way the digit comes back brighter than its background, like MNIST."""
     from PIL import Image
+
     from dataset import load_image
     a = np.full((28, 28), paper, np.uint8)
     a[6:22, 12:16] = ink
@@ -278,8 +279,9 @@ def test_a_digit_is_light_on_dark_whatever_the_paper(tmp_path, paper, ink):
 def test_a_lora_run_resumes_only_on_the_base_it_was_tuned_from(tiny_ckpt, tmp_path):
     """--resume with --checkpoint of other base weights (same architecture, one weight changed) is
     refused in one line, and the run's checkpoint is untouched."""
-    from checkpoint import load_checkpoint, save_checkpoint
     from conftest import one_line_error, run_cli
+
+    from harness.files import load_checkpoint, save_checkpoint
     out = str(tmp_path / "lora")
     flags = ["--max-steps", "1", "--batch-size", "8", "--eval-n", "0", "--no-figures", "--out", out]
     assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, *flags).returncode == 0

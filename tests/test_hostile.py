@@ -24,18 +24,18 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evaluate
 import lora
 import sample
-from checkpoint import CheckpointError, RunLock, load_checkpoint, load_model, save_checkpoint
-from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli
 from config import DiffusionConfig, SampleConfig
 from dataset import DataError, load_dataset, load_image
 from diffusion import Diffusion, SamplingError
 from evaluate import read_npz
+from harness.files import CheckpointError, RunLock, load_checkpoint, load_model, save_checkpoint
 
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -773,6 +773,7 @@ def test_tampered_loop_state_is_refused_on_resume(run_copy, tmp_path, key, value
 
 def test_a_huge_model_config_is_refused_before_the_model_is_allocated(run_copy, tmp_path, monkeypatch):
     import checkpoint
+
     import train
 
     def huge(c):                                      # every field in range; 38 GB of weights
@@ -871,8 +872,8 @@ def free_port():
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_missing_peer_ends_in_one_line_not_a_hang(monkeypatch, tmp_path, rank):
-    import torch.distributed as td
     import device
+    import torch.distributed as td
     monkeypatch.setattr(device, "JOIN_TIMEOUT", timedelta(seconds=1))
     for k, v in {"RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}.items():
         monkeypatch.setenv(k, v)

@@ -6,15 +6,15 @@ batch, timesteps and noise can be read back exactly (a step costs microseconds).
 import contextlib
 import math
 
+import loop
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-import loop
 from config import DiffusionConfig, TrainConfig
-from device import Dist
 from diffusion import Diffusion
+from harness.dist import Dist
 
 N = 24                      # images; image i is filled with the number i, so a batch names its indices
 

@@ -5,9 +5,9 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import TINY, assert_close
 from torch import nn
 
-from conftest import TINY, assert_close
 import lora
 from config import DiffusionConfig
 from diffusion import Diffusion
@@ -275,8 +275,8 @@ def test_adapter_round_trip_and_checks(tmp_path):
 
 
 def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
     torch.manual_seed(0)
     base_sd = UNet(TINY).state_dict()
     model, _ = lora_model()
@@ -301,8 +301,8 @@ def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
 
 
 def test_adapter_without_layers_metadata_is_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
     torch.manual_seed(0)
     model, _ = lora_model()
     path = str(tmp_path / "a.safetensors")
@@ -348,8 +348,8 @@ def test_update_stats_are_the_norms_and_singular_values_of_BA():
 
 
 def test_update_figure_is_a_real_png(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     model, _ = known_update_model()
     path = str(tmp_path / "update.png")
     lora.save_update_figure(lora.update_stats(model), path)

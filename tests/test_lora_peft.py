@@ -8,9 +8,9 @@ import os
 import peft
 import pytest
 import torch
+from conftest import TINY, assert_close
 from safetensors import safe_open
 
-from conftest import TINY, assert_close
 import lora
 from unet import UNet
 

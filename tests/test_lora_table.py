@@ -4,9 +4,8 @@ import json
 import os
 import subprocess
 
-import pytest
-
 import lora_table
+import pytest
 
 
 def test_parse_rows():

@@ -2,11 +2,11 @@
 from dataclasses import replace
 
 import torch
-
 from conftest import TINY
+
+from config import DiffusionConfig
 from conv_block import ResnetBlock
 from cross_attn import CrossAttention, CrossAttnBlock
-from config import DiffusionConfig
 from diffusion import Diffusion
 from unet import UNet, timestep_embedding
 

@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli, run_script
-from checkpoint import load_checkpoint
+
 from config import SampleConfig
+from harness.files import load_checkpoint
 
 
 def test_train_writes_its_checkpoint(tiny_ckpt):
@@ -56,6 +56,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 def test_eval_every_logs_the_quality_curve_and_resume_keeps_it(tmp_path, quick_judge, monkeypatch):
     import csv
+
     import train
     monkeypatch.setattr(train.QualityCurve, "STEPS", 2)      # the bookkeeping is under test, not the quality
     out = str(tmp_path / "run")
@@ -243,8 +244,9 @@ def test_figures_grids_and_eval_n_of_a_run(tmp_path, monkeypatch):
     the final evaluation samples 3 per digit of the EMA weights with the run's sampling (its
     sample_guidance), against the real test digits and their labels. The sampler is stubbed:
     each call's images are one grey level, so every PNG shows which call drew it."""
-    import train
     from PIL import Image
+
+    import train
     drawn, scored, weights = [], [], []
 
     def generate(model, diffusion, labels, n, scfg, **kw):

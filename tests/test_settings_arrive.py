@@ -9,14 +9,14 @@ from dataclasses import asdict, fields, replace
 
 import pytest
 import torch
+from conftest import TINY, TINY_FLAGS, TINY_T, model_flags, run_cli
 
 import evaluate
 import lora
 import sample
-from checkpoint import load_checkpoint, load_model
-from conftest import TINY, TINY_FLAGS, TINY_T, model_flags, run_cli
 from config import DiffusionConfig, LoraConfig, ModelConfig, SampleConfig
 from diffusion import Diffusion
+from harness.files import load_checkpoint, load_model
 from unet import UNet
 
 BASE = SampleConfig(steps=4, guidance=2.0)

@@ -13,9 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-
 from conftest import TINY, assert_close
+
 from config import DiffusionConfig
 from conv_block import ResnetBlock
 from cross_attn import CrossAttention, CrossAttnBlock

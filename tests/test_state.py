@@ -14,13 +14,13 @@ import json
 import os
 from dataclasses import asdict
 
+import checkpoint
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, assert_close
 from torch import nn
 
-from conftest import TINY, assert_close
-import checkpoint
 import lora
 from unet import UNet
 

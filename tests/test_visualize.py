@@ -7,16 +7,16 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, assert_close
 from PIL import Image
 from torch import nn
 
-from conftest import TINY, assert_close
 import lora
 import visualize as V
-from checkpoint import CheckpointError, save_checkpoint
 from config import DiffusionConfig, SampleConfig
 from cross_attn import CrossAttention, capture_attention
 from diffusion import Diffusion
+from harness.files import CheckpointError, save_checkpoint
 from unet import UNet
 
 INPUTS = (torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 30, 45]), torch.tensor([0, 3, 7, 10]))

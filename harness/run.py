@@ -8,7 +8,6 @@ and seed, memory layout, optimiser + schedule + EMA, the stored config on resume
 happens after the loop) lives here too, so a fix lands once.
 """
 import contextlib
-import math
 import os
 import shlex
 import signal
@@ -16,13 +15,12 @@ import time
 from dataclasses import fields, replace
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, RunLock, atomic_write, check_outputs, dataset_of, first_line,
-                        load_checkpoint, prepare_run_folder, remove_run_files, shown)
 from config import TrainConfig, config_from_dict
-from device import Dist, launched_by_torchrun
+from harness.dist import Dist, launched_by_torchrun
+from harness.files import (CheckpointError, RunLock, atomic_write, check_outputs, dataset_of, first_line,
+                           load_checkpoint, prepare_run_folder, remove_run_files, shown)
 
 
 class TrainingError(Exception):
@@ -173,24 +171,6 @@ def run_length(n_images, tcfg):
     return steps_per_epoch, total, min(total, tcfg.max_steps) if tcfg.max_steps else total
 
 
-def warmup_cosine(optimizer, warmup_steps, total_steps):
-    """LR: linear warm-up from 0, then cosine decay to 0 at total_steps."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def new_loop_state(model, params, tcfg, n_images):
-    """AdamW over params (tensors or param groups), warm-up + cosine schedule, EMA of the weights."""
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = warmup_cosine(opt, tcfg.warmup_steps, run_length(n_images, tcfg)[1])
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg.ema_decay))
-    return {"optimizer": opt, "scheduler": sched, "ema": ema, "step": 0, "losses": []}
-
-
 def loop_state_dict(state):
     """What --resume needs besides the weights: optimiser, LR schedule, EMA count, step, losses, RNG."""
     return {"ema_n_averaged": int(state["ema"].n_averaged), "optimizer": state["optimizer"].state_dict(),
@@ -285,32 +265,6 @@ def autocast_for(tcfg, device):
     return contextlib.nullcontext()
 
 
-def train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg, autocast):
-    """One optimiser step: loss -> backward -> clip -> AdamW -> LR schedule -> EMA. -> the loss.
-
-    net: what runs the forward (model, or its DDP / compiled wrapper); model: the plain
-    network the EMA follows; randomness: (t, noise, drop) for this batch.
-    """
-    opt = state["optimizer"]
-    with autocast:
-        loss = diffusion.loss(net, x0, y, randomness)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()                                               # DDP: gradients averaged
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-    if not torch.isfinite(grad_norm):                             # the same on every rank
-        raise TrainingError(f"the loss or its gradient became non-finite (loss {loss.item()}, gradient norm "
-                            f"{grad_norm.item()}) at step {state['step']}; stopped without saving (the last good "
-                            "checkpoint is untouched). Try a lower --lr.")
-    opt.step()
-    if not all_finite(params):                                    # a step too large for the weights
-        raise TrainingError(f"the weights became non-finite (or overflowed) in the optimiser step at step "
-                            f"{state['step']} (--lr {tcfg.lr}, --weight-decay {tcfg.weight_decay}); stopped "
-                            "without saving (the last good checkpoint is untouched). Try a lower --lr.")
-    state["scheduler"].step()
-    state["ema"].update_parameters(model)
-    return loss
-
-
 def all_finite(tensors):
     """True when every element of every tensor is finite: one norm over them all is finite exactly
     then (or overflows for weights beyond ~1e19, which are no better)."""
@@ -322,75 +276,101 @@ def all_finite(tensors):
     return bool(torch.isfinite(total))
 
 
-def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train", on_step=None):
-    """The flat training loop. -> "done" or "interrupted".
-
-    model: the plain network; data: (x, y) tensors on the device; params: the parameters to
-    clip; state: from new_loop_state; save(state): writes a checkpoint (called on rank 0 only);
-    on_step(step): rank 0's periodic extras after each step (sample grids, the quality curve).
+class Steps:
+    """What train.py's loop iterates over: for each optimiser step, its batch and its randomness,
+    plus the bookkeeping around the step (progress bar, loss log, when to checkpoint, Ctrl-C).
 
     Step s uses global batch s of a DistributedSampler's shuffle, and randomness (t, noise,
     dropped labels) drawn from a generator seeded by (seed, s) for the whole global batch;
     each of the N ranks takes every N-th sample. So 1 or N processes, and a resumed run,
     all see the same samples with the same noise at every step (with --dropout 0, the
-    default: dropout masks come from each process's own RNG).
+    default: dropout masks come from each process's own RNG). Iteration starts at
+    state["step"] and ends at the run's last step, or after the step in which Ctrl-C came.
     """
-    from torch.utils.data import DistributedSampler
-    x_all, y_all = data
-    B = tcfg.batch_size
-    if B % dist.world:
-        raise TrainingError(f"--batch-size {B} must be divisible by the {dist.world} processes")
-    steps_per_epoch, _, stop_at = run_length(len(x_all), tcfg)
-    sampler = DistributedSampler(range(len(x_all)), num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                 seed=tcfg.seed, drop_last=True)
-    mine, b = slice(dist.rank, B, dist.world), B // dist.world       # this rank's share of a batch
-    stop = StopFlag()
-    model.train()
-    net = dist.wrap(model)
-    net = torch.compile(net) if tcfg.compile else net            # compiled once, on the first step
-    autocast = autocast_for(tcfg, x_all.device)
-    order, t_data, t_last, n_img = None, 0.0, time.perf_counter(), 0
-    bar = tqdm(total=stop_at, initial=state["step"], desc=desc, unit="step", dynamic_ncols=True,
-               disable=not dist.main)
-    try:
-        while state["step"] < stop_at:
-            step = state["step"]
-            epoch, i = divmod(step, steps_per_epoch)
+
+    def __init__(self, data, diffusion, tcfg, state, dist, desc="train"):
+        from torch.utils.data import DistributedSampler
+        self.x_all, self.y_all = data
+        self.diffusion, self.tcfg, self.state, self.dist, self.desc = diffusion, tcfg, state, dist, desc
+        B = tcfg.batch_size
+        if B % dist.world:
+            raise TrainingError(f"--batch-size {B} must be divisible by the {dist.world} processes")
+        self.steps_per_epoch, _, self.stop_at = run_length(len(self.x_all), tcfg)
+        self.sampler = DistributedSampler(range(len(self.x_all)), num_replicas=dist.world, rank=dist.rank,
+                                          shuffle=True, seed=tcfg.seed, drop_last=True)
+        self.mine, self.b = slice(dist.rank, B, dist.world), B // dist.world    # this rank's share of a batch
+        self.interrupted, self.outcome = False, "done"
+
+    def batch(self, step, order):
+        """Step `step`'s images, labels and (t, noise, drop), this rank's share. -> (x0, y, randomness, order)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        device = self.x_all.device
+        if order is None or i == 0:
+            self.sampler.set_epoch(epoch)
+            order = torch.tensor(list(self.sampler), device=device)           # this rank's shuffle
+        idx = order[i * self.b:(i + 1) * self.b]
+        g = torch.Generator(device).manual_seed((self.tcfg.seed * 1_000_003 + step) % 2 ** 63)   # fits int64
+        t, noise, drop = self.diffusion.draw(self.tcfg.batch_size, self.x_all.shape[1:], device, generator=g,
+                                             t_power=self.tcfg.t_power)
+        m = self.mine
+        return self.x_all[idx], self.y_all[idx], (t[m], noise[m], drop[m]), order
+
+    def __enter__(self):
+        self.stop = StopFlag()                          # Ctrl-C: finish the step, save, stop
+        self.bar = tqdm(total=self.stop_at, initial=self.state["step"], desc=self.desc, unit="step",
+                        dynamic_ncols=True, disable=not self.dist.main)
+        self.t_data, self.t_last, self.n_img = 0.0, time.perf_counter(), 0
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.restore()
+        self.bar.close()
+
+    def __iter__(self):
+        order = None
+        while self.state["step"] < self.stop_at and not self.interrupted:
             t0 = time.perf_counter()
-            if order is None or i == 0:
-                sampler.set_epoch(epoch)
-                order = torch.tensor(list(sampler), device=x_all.device)     # this rank's shuffle
-            idx = order[i * b:(i + 1) * b]
-            x0, y = x_all[idx], y_all[idx]                                # (B/N, 1, 28, 28), (B/N,)
-            g = torch.Generator(x_all.device).manual_seed((tcfg.seed * 1_000_003 + step) % 2 ** 63)   # fits int64
-            t, noise, drop = diffusion.draw(B, x0.shape[1:], x_all.device, generator=g, t_power=tcfg.t_power)
-            t_data += time.perf_counter() - t0
+            x0, y, randomness, order = self.batch(self.state["step"], order)
+            self.t_data += time.perf_counter() - t0
+            yield x0, y, randomness                         # (B/N, 1, 28, 28), (B/N,), (t, noise, drop)
+        self.outcome = "interrupted" if self.interrupted else "done"
 
-            loss = train_step(net, model, diffusion, x0, y, (t[mine], noise[mine], drop[mine]), state, params,
-                              tcfg, autocast)
-            state["step"] = step = step + 1
-            n_img += B
-            bar.update(1)
+    def log(self, loss):
+        """After each step: the progress bar; every --log-every steps the loss (mean over the
+        global batch) joins state["losses"], the loss curve."""
+        step, B = self.state["step"], self.tcfg.batch_size
+        self.n_img += B
+        self.bar.update(1)
+        if step % self.tcfg.log_every == 0 or step == self.stop_at:
+            now = time.perf_counter()
+            loss_value = self.dist.mean(loss)
+            self.state["losses"].append((step, loss_value))
+            self.bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{self.n_img / (now - self.t_last):.0f}",
+                                 data_ms=f"{1000 * self.t_data / max(1, self.n_img // B):.2f}")
+            self.t_last, self.n_img, self.t_data = now, 0, 0.0
 
-            if step % tcfg.log_every == 0 or step == stop_at:
-                now = time.perf_counter()
-                loss_value = dist.mean(loss)                              # over the global batch
-                state["losses"].append((step, loss_value))
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{n_img / (now - t_last):.0f}",
-                                data_ms=f"{1000 * t_data / max(1, n_img // B):.2f}")
-                t_last, n_img, t_data = now, 0, 0.0
-            interrupted = dist.any(stop.set)
-            if dist.main and (step % tcfg.ckpt_every == 0 or step == stop_at or interrupted):
-                save(state)
-            if dist.main and on_step:
-                on_step(step)
-                model.train()
-            if interrupted:
-                return "interrupted"
-    finally:
-        stop.restore()
-        bar.close()
-    return "done"
+    def checkpoint_due(self):
+        """True on rank 0 every --ckpt-every steps, at the last step, and once Ctrl-C came (then
+        the loop ends after this step). Every rank calls it: Ctrl-C on any rank stops them all."""
+        step = self.state["step"]
+        self.interrupted = self.dist.any(self.stop.set)
+        return self.dist.main and (step % self.tcfg.ckpt_every == 0 or step == self.stop_at or self.interrupted)
+
+
+def check_step(loss, grad_norm, step):
+    """Stop before an optimiser step on a non-finite gradient (the same on every rank)."""
+    if not torch.isfinite(grad_norm):
+        raise TrainingError(f"the loss or its gradient became non-finite (loss {loss.item()}, gradient norm "
+                            f"{grad_norm.item()}) at step {step}; stopped without saving (the last good "
+                            "checkpoint is untouched). Try a lower --lr.")
+
+
+def check_weights(params, step, tcfg):
+    """Stop after an optimiser step that made the weights non-finite (a step too large for them)."""
+    if not all_finite(params):
+        raise TrainingError(f"the weights became non-finite (or overflowed) in the optimiser step at step "
+                            f"{step} (--lr {tcfg.lr}, --weight-decay {tcfg.weight_decay}); stopped "
+                            "without saving (the last good checkpoint is untouched). Try a lower --lr.")
 
 
 def resume_command(script, tcfg, *extra):

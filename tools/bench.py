@@ -15,12 +15,16 @@ import time
 
 import torch
 
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
-from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, Parser, TrainConfig
-from device import DeviceError, pick_device, run_cli
-from loop import autocast_for
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project's modules
+sys.path.insert(0, ROOT)
+
+from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, TrainConfig
+from harness.cli import Parser, run_cli
+from harness.dist import DeviceError, pick_device
+from harness.files import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
+from harness.run import autocast_for
+
 
 
 def peak_rss_mb():
@@ -83,7 +87,7 @@ def train_step_fn(mode, device, batch, cfg, lora_config=None):
     """train.py's training step (loop.train_step) under `mode` (MODES), on random data of
     MNIST's size. -> (step_fn, optimizer, data)."""
     from diffusion import Diffusion
-    from loop import new_loop_state, train_step
+    from train import new_loop_state, train_step
     from unet import UNet
     channels_last, bf16, compiled = MODES[mode]
     tcfg = TrainConfig(batch_size=batch, channels_last=channels_last, precision="bf16" if bf16 else "fp32",
@@ -189,7 +193,7 @@ def section_profile(args, device):
 def section_sample(args, device):
     """Sampling 100 images (10 per digit) with several samplers, and their accuracy."""
     import evaluate
-    from checkpoint import load_model
+    from harness.files import load_model
     from diffusion import Diffusion
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
@@ -233,7 +237,7 @@ def section_lora_sampling(args, device):
     import copy
 
     import lora
-    from checkpoint import load_model
+    from harness.files import load_model
     from diffusion import Diffusion
     base, diff_cfg, _ = load_model(args.checkpoint, device)
     unmerged = copy.deepcopy(base)
@@ -265,11 +269,11 @@ def section_lora_sampling(args, device):
 def section_cli(args, device):
     """Where `python sample.py --label 7` spends its time, measured inside one process."""
     code = "import time; t = time.perf_counter(); import sample; print(time.perf_counter() - t)"
-    import_s = float(subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+    import_s = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                                     check=True).stdout)     # torch + this project, in a fresh process
     import sample
     t1 = time.perf_counter()
-    from checkpoint import load_model
+    from harness.files import load_model
     model, diff_cfg, _ = load_model(args.checkpoint, device)
     t2 = time.perf_counter()
     from diffusion import Diffusion
@@ -285,7 +289,7 @@ SECTIONS = {"matmul": lambda a, d: matmul_peak(d), "train": section_train, "samp
 
 def run_section(name, args, **extra):
     """Run one section in a fresh process; returns its JSON result."""
-    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--section", name, "--device", args.device,
+    cmd = [sys.executable, os.path.abspath(__file__), "--section", name, "--device", args.device,
            "--batch", str(args.batch), "--reps", str(args.reps), "--n", str(args.n), "--preset", args.preset,
            "--checkpoint", args.checkpoint, "--threads", str(args.threads), "--full-ddpm", str(args.full_ddpm)]
     for k, v in extra.items():
@@ -365,7 +369,7 @@ def main(argv=None):
     R["lora_sampling"] = run_section("lora_sampling", args)
     out_png = os.path.join("runs", "bench_sample_7.png")
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--label", "7", "--checkpoint",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--label", "7", "--checkpoint",
                         args.checkpoint, "--device", args.device, "--out", out_png], capture_output=True, text=True,
                        check=False)
     R["sample_cli"] = {"end_to_end_s": time.perf_counter() - t0 if r.returncode == 0 else None,
@@ -436,10 +440,5 @@ def report(R):
               f"{c['import_s']:.1f} s, load {c['load_s']:.2f} s, sampling {c['sample_s']:.1f} s")
 
 
-def cli(argv=None):
-    """main() as a command: a failure is one line on stderr, Ctrl-C one line and exit 130."""
-    return run_cli("bench.py", main, (CheckpointError, DeviceError), argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

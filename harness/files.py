@@ -4,6 +4,7 @@ A checkpoint is a dict {"model", "ema", "optimizer", "scheduler", "step", "confi
 of tensors and plain Python values, so `torch.load(weights_only=True)` can read it and no
 pickled code ever runs.
 """
+import csv
 import functools
 import json
 import os
@@ -73,7 +74,7 @@ def _new_temp(path, suffix=""):
     """A new, uniquely named, empty temp file beside `path`, locked (flock) by this process until the
     returned descriptor is closed: a temp file nobody holds is a dead writer's (remove_stale_temps).
     -> (fd, temp path)."""
-    import fcntl                                          # POSIX; imported here so the module loads anywhere
+    import fcntl  # POSIX; imported here so the module loads anywhere
     folder, name = os.path.split(os.path.abspath(path))
     while True:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(name), suffix=suffix, dir=folder)
@@ -249,7 +250,7 @@ class RunLock:
     NAME = ".lock"
 
     def __init__(self, folder, names=(), pattern=None):
-        import fcntl                                   # POSIX; imported here so the module loads anywhere
+        import fcntl  # POSIX; imported here so the module loads anywhere
         self.path, self.fd = os.path.join(folder, self.NAME), None
         where = shown(self.path)
         while True:
@@ -501,3 +502,21 @@ def load_model(path, device="cpu", ema=True):
     model = UNet(model_cfg)
     load_state(model, ckpt[key], path, key)
     return model.to(device).eval(), diff_cfg, ckpt
+
+
+def read_csv(path):
+    """Rows of a CSV as dicts of strings ([] when there is no file)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path, fields, rows):
+    """Rows (dicts) as CSV, atomically."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(path, write, suffix=".csv")

@@ -13,15 +13,18 @@ import re
 import subprocess
 import sys
 
-from checkpoint import DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_checkpoint, write_json
-from config import MAX_IMAGES, Parser
-from device import run_cli
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project's modules
+sys.path.insert(0, ROOT)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from config import MAX_IMAGES
+from harness.cli import Parser, UsageError, run_cli
+from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_checkpoint,
+                           write_json)
+
 ROWS = "attn:1,attn:4,attn:16,attn+ff:4,all-linear:4"
 
 
-class TableError(Exception):
+class TableError(UsageError):
     """A row that failed; the message says which."""
 
 
@@ -45,7 +48,7 @@ def run_row(targets, r, args, extra):
              "--eval-n", str(args.eval_n), "--checkpoint", os.path.abspath(args.checkpoint), *extra]
     if not (os.path.isfile(summary) and read_json(flags_file) == flags):     # new, unfinished or changed
         interrupted = read_json(started_file) == flags and os.path.isfile(os.path.join(out, "finetune_ckpt.pt"))
-        cmd = [sys.executable, os.path.join(HERE, "lora_finetune.py"), *flags, "--out", out,
+        cmd = [sys.executable, os.path.join(ROOT, "lora_finetune.py"), *flags, "--out", out,
                "--resume" if interrupted else "--overwrite", "--no-figures"]
         print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
         if not interrupted:
@@ -164,10 +167,5 @@ def main(argv=None):
     print(os.path.join(args.out, "table.png"))
 
 
-def cli(argv=None):
-    """main() as a command: a failed row is one line on stderr, Ctrl-C one line and exit 130."""
-    return run_cli("lora_table.py", main, (TableError, CheckpointError), argv)
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

@@ -1,13 +1,11 @@
-"""Where a process runs: the device (cuda > mps > cpu), under torchrun its place in the
-process group, and run_cli: how every script ends (one line per failure, never a traceback).
-Every script imports this; it imports nothing of the project.
+"""Where a process runs: the device (cuda > mps > cpu) and, under torchrun, its place in the
+process group. Imports nothing of the project.
 
 Under plain `python train.py` there is no process group at all and rank 0 of 1 does
 everything; under `torchrun` (RANK and WORLD_SIZE in the environment) each process joins
 the group -- NCCL on CUDA, gloo on CPU -- and rank 0 alone prints, saves and evaluates.
 """
 import contextlib
-import errno
 import os
 import socket
 import sys
@@ -90,66 +88,6 @@ def held_back_stderr():
                 held.seek(0)
                 with open(2, "wb", closefd=False) as err:
                     err.write(held.read())
-
-
-class GuardedStdout:
-    """sys.stdout that cannot stop the work. The scripts print the paths they wrote; when nobody
-    reads them any more (`| head` closed the pipe, `> /dev/full`), the rest of the output is
-    dropped and the work goes on, so every file is still written. `error` keeps what went wrong."""
-
-    def __init__(self, stream):
-        self.stream, self.error = stream, None
-
-    def write(self, text):
-        if self.error is None:
-            try:
-                return self.stream.write(text)
-            except OSError as e:
-                self._lost(e)
-        return len(text)
-
-    def flush(self):
-        if self.error is None:
-            try:
-                self.stream.flush()
-            except OSError as e:
-                self._lost(e)
-
-    def _lost(self, e):
-        self.error = e
-        try:                                   # what is still buffered goes to /dev/null, so the
-            null = os.open(os.devnull, os.O_WRONLY)    # interpreter's last flush cannot fail either
-            os.dup2(null, self.stream.fileno())
-            os.close(null)
-        except (OSError, ValueError):          # no file descriptor (a StringIO): nothing buffered
-            pass
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def run_cli(prog, main, errors, argv=None):
-    """main(argv) as a command. An expected failure (one of `errors`) is one line on stderr and
-    exit 1, Ctrl-C is "prog: interrupted" and 130 (files are written atomically: none is left
-    half-written), and a stdout that goes away never stops the work (GuardedStdout). A closed
-    pipe is what `| head` does, so it is not an error; any other failure to print (a full disk)
-    is one line and exit 1, after the work is done."""
-    out = sys.stdout = GuardedStdout(sys.stdout)
-    try:
-        code = main(argv)
-    except errors as e:
-        sys.exit(f"{prog}: error: {e}")
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        out.flush()                            # a closed pipe shows at the flush: here, not at exit
-        sys.stdout = out.stream
-    if out.error is not None and out.error.errno != errno.EPIPE:
-        print(f"{prog}: error: could not print to stdout ({out.error.strerror or out.error}); "
-              "every file was written", file=sys.stderr)
-        return 1
-    return code
 
 
 class Dist:

