@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lora
+from harness.adapters import apply_adapters, read_adapter
 from config import SampleConfig
 from cross_attn import CrossAttention, capture_attention
 from dataset import load_dataset
@@ -404,9 +405,9 @@ def gradient_report(model, diffusion, x0, y, randomness, vanishing=1e-5):
 def adapter_checks(model, path, model_config, x_t, t, y, tol=1e-4):
     """Load the adapter onto `model` (unmerged, scale 1) and check LoRA's identities.
     -> [(check, measured, ok)]; tolerances are relative to the size of the output."""
-    tensors, _ = lora.read_adapter(path)
+    tensors, _ = read_adapter(path)
     base = model(x_t, t, y)
-    lora.apply_adapters(model, [path], [1.0], model_config)
+    apply_adapters(model, [path], [1.0], model_config)
     state, layers = lora.lora_state_dict(model), lora.lora_layers(model)
     loaded = set(state) == set(tensors) and all(torch.equal(state[k].cpu(), v) for k, v in tensors.items())
     size = 1.0 + base.abs().max().item()
@@ -451,7 +452,7 @@ def adapter_checks(model, path, model_config, x_t, t, y, tol=1e-4):
 def run_check(args, device):
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     if args.lora:
-        lora.read_adapter(args.lora)               # a missing or foreign file before any work
+        read_adapter(args.lora)               # a missing or foreign file before any work
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     x0, y = real_batch(args.dataset, args.data_dir, args.batch_size, device, args.seed)
     randomness = batch_randomness(diffusion, x0, args.seed)

@@ -160,13 +160,13 @@ class GuardedStdout:
         return getattr(self.stream, name)
 
 
-def run_cli(main, argv=None):
+def run_cli(main, argv=None, prog=None):
     """main(argv) as a command. An expected failure (one of ERRORS) is one line on stderr and
     exit 1, Ctrl-C is "prog: interrupted" and 130 (files are written atomically: none is left
     half-written), and a stdout that goes away never stops the work (GuardedStdout). A closed
     pipe is what `| head` does, so it is not an error; any other failure to print (a full disk)
     is one line and exit 1, after the work is done."""
-    prog = os.path.basename(sys.modules[main.__module__].__file__)
+    prog = prog or os.path.basename(sys.modules[main.__module__].__file__)     # train.py, ...
     out = sys.stdout = GuardedStdout(sys.stdout)
     try:
         code = main(argv)

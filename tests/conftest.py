@@ -15,6 +15,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))     # bench.py, lora_table.py
 torch.set_num_threads(1)              # tiny tensors: one thread is as fast, and never stalls on a busy CPU
 os.environ.setdefault("OMP_NUM_THREADS", "1")       # the same for the scripts run as subprocesses
 
@@ -54,17 +55,18 @@ def run_script(*args, cwd=ROOT):
 
 
 def run_cli(script, *argv):
-    """Run `python <script> argv` in this process, through the same cli() that the script's
-    __main__ calls: -> CompletedProcess(returncode, stdout, stderr). A traceback is not
+    """Run `python <script> argv` in this process, through the same run_cli() that the
+    script's __main__ calls: -> CompletedProcess(returncode, stdout, stderr). A traceback is not
     caught: it fails the test, as it would be a bug."""
-    module = importlib.import_module(script.removesuffix(".py"))
+    from harness.cli import run_cli as script_cli
+    module = importlib.import_module(os.path.basename(script).removesuffix(".py"))
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = module.cli(list(argv)) or 0
+                code = script_cli(module.main, list(argv)) or 0
             except SystemExit as e:               # sys.exit("message"): the message goes to stderr, code 1
                 code = e.code if isinstance(e.code, int) else 1
                 if isinstance(e.code, str):

@@ -5,10 +5,8 @@ from dataclasses import fields
 import pytest
 
 import evaluate
-import lora_finetune
-import sample
-import train
 from config import DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
+from harness import scripts
 
 
 @pytest.mark.parametrize("cls, bad, message", [
@@ -37,16 +35,16 @@ def test_steps_beyond_the_models_T_are_refused():
         SampleConfig(steps=51).check_steps(50)
 
 
-@pytest.mark.parametrize("module, groups", [
-    (train, (ModelConfig, DiffusionConfig, TrainConfig)),
-    (sample, (SampleConfig,)),
-    (evaluate, (SampleConfig,)),
-    (lora_finetune, (LoraConfig,)),
+@pytest.mark.parametrize("parse_args, groups", [
+    (scripts.train_args, (ModelConfig, DiffusionConfig, TrainConfig)),
+    (scripts.sample_args, (SampleConfig,)),
+    (evaluate.parse_args, (SampleConfig,)),
+    (scripts.finetune_args, (LoraConfig,)),
 ])
-def test_flags_are_generated_from_the_dataclasses(module, groups):
+def test_flags_are_generated_from_the_dataclasses(parse_args, groups):
     """Each field is a flag whose default is the dataclass default: one source of truth. The one
     exception: a sampler's --guidance is unset (None) until the checkpoint's sample_guidance fills it."""
-    args = module.parse_args([])
+    args = parse_args([])
     for cls in groups:
         for f in fields(cls):
             expected = None if (cls, f.name) == (SampleConfig, "guidance") else f.default
@@ -61,12 +59,12 @@ def test_stored_config_with_unknown_field_is_an_error():
 
 def test_presets_set_their_flags_and_explicit_flags_win():
     """--preset long is the previous default recipe (94k images); a flag given explicitly beats it."""
-    args = train.parse_args(["--preset", "long"])
+    args = scripts.train_args(["--preset", "long"])
     assert (args.epochs, args.batch_size, args.lr, args.ema_decay, args.t_power) == (21, 64, 2e-3, 0.995, 1.0)
     assert args.base_channels == ModelConfig().base_channels          # the same model as the default
-    assert train.parse_args(["--preset", "long", "--epochs", "3"]).epochs == 3
-    assert {"epochs", "lr", "t_power"} <= train.parse_args(["--preset", "long"]).given
-    assert args.sample_guidance == 1.5 and train.parse_args([]).sample_guidance == 2.0   # long: sampled at w 1.5
+    assert scripts.train_args(["--preset", "long", "--epochs", "3"]).epochs == 3
+    assert {"epochs", "lr", "t_power"} <= scripts.train_args(["--preset", "long"]).given
+    assert args.sample_guidance == 1.5 and scripts.train_args([]).sample_guidance == 2.0   # long: sampled at w 1.5
 
 
 # Every bound of every checked field: the value at the edge is accepted, the nearest value past it
@@ -152,6 +150,6 @@ def test_the_defaults_are_the_measured_recipe():
                                         500, 10, 20, 0)
     assert LoraConfig() == LoraConfig("bold", "qkv", 4, 4.0, 0.0, False, 1.0, False, "", True, False)
     assert SampleConfig() == SampleConfig("ddim", 50, 2.0, 0.0, 0.0, 1.0, 0.0, 0)
-    assert lora_finetune.FINETUNE_DEFAULTS == {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3,
+    assert scripts.FINETUNE_DEFAULTS == {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3,
                                                "warmup_steps": 20, "ema_decay": 0.99, "t_power": 2.0,
                                                "ckpt_every": 200, "eval_n": 20}

@@ -3,10 +3,10 @@ environment a group needs (each mistake one DeviceError naming the variable), an
 import io
 import sys
 
-import device
 import pytest
 import torch
 
+from harness import cli, dist
 from harness.cli import GuardedStdout
 from harness.dist import DeviceError, Dist, pick_device
 
@@ -39,7 +39,7 @@ def test_a_process_belongs_to_a_group_when_rank_and_world_size_are_set(monkeypat
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert device.launched_by_torchrun() is group
+    assert dist.launched_by_torchrun() is group
     if not group:
         d = Dist("cpu")
         assert (d.enabled, d.rank, d.world, d.main) == (False, 0, 1, True)
@@ -64,7 +64,7 @@ def test_a_half_set_group_environment_is_one_error_naming_it(monkeypatch, env, n
             raise socket.gaierror(-2, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
     monkeypatch.setattr(socket, "getaddrinfo", lookup)
-    monkeypatch.setattr(device, "answers", lambda *a: False)   # a check that let it through fails fast, not in 30 s
+    monkeypatch.setattr(dist, "answers", lambda *a: False)   # a check that let it through fails fast, not in 30 s
     full = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", **env}
     for k, v in full.items():
         if v is None:
@@ -76,7 +76,7 @@ def test_a_half_set_group_environment_is_one_error_naming_it(monkeypatch, env, n
 
 
 def test_run_cli_exit_codes(capsys):
-    class Bad(Exception):
+    class Bad(cli.UsageError):
         pass
 
     def main(argv):
@@ -86,13 +86,13 @@ def test_run_cli_exit_codes(capsys):
             raise KeyboardInterrupt
         print("done")
         return 3
-    assert device.run_cli("prog.py", main, (Bad,), ["ok"]) == 3
+    assert cli.run_cli(main, ["ok"]) == 3
     assert capsys.readouterr().out == "done\n"
     with pytest.raises(SystemExit) as e:
-        device.run_cli("prog.py", main, (Bad,), ["bad"])
-    assert e.value.code == "prog.py: error: no such thing"
-    assert device.run_cli("prog.py", main, (Bad,), ["stop"]) == 130
-    assert capsys.readouterr().err == "prog.py: interrupted\n"
+        cli.run_cli(main, ["bad"])
+    assert e.value.code == "test_device.py: error: no such thing"
+    assert cli.run_cli(main, ["stop"]) == 130
+    assert capsys.readouterr().err == "test_device.py: interrupted\n"
     assert not isinstance(sys.stdout, GuardedStdout), "stdout is given back"
 
 
@@ -111,7 +111,7 @@ def test_guarded_stdout_drops_what_cannot_be_printed_and_keeps_the_error():
 
 @pytest.mark.parametrize("error, code, message", [
     (BrokenPipeError(32, "Broken pipe"), 0, ""),                          # `| head` closed the pipe: not an error
-    (OSError(28, "No space left on device"), 1, "prog.py: error: could not print to stdout (No space left on device)")])
+    (OSError(28, "No space left on device"), 1, "test_device.py: error: could not print to stdout (No space left on device)")])
 def test_run_cli_finishes_the_work_when_stdout_goes_away(monkeypatch, capsys, error, code, message):
     class Gone(io.StringIO):
         def write(self, text):
@@ -124,47 +124,38 @@ def test_run_cli_finishes_the_work_when_stdout_goes_away(monkeypatch, capsys, er
         print("second path")
         return 0
     monkeypatch.setattr(sys, "stdout", Gone())
-    assert device.run_cli("prog.py", main, (), []) == code
+    assert cli.run_cli(main, []) == code
     assert work == ["second file written"]
     assert capsys.readouterr().err.strip().startswith(message) if message else capsys.readouterr().err == ""
 
 
-# every script's cli(): its own errors are one line, Ctrl-C is 130, its main's code is the exit code
-SCRIPTS = {"train": ["TrainingError", "CheckpointError", "DataError", "DeviceError", "SamplingError"],
-           "sample": ["SampleError", "CheckpointError", "DeviceError", "LoraError", "SamplingError"],
-           "evaluate": ["SampleError", "CheckpointError", "DeviceError", "DataError", "LoraError", "SamplingError"],
-           "lora_finetune": ["TrainingError", "CheckpointError", "DataError", "DeviceError", "LoraError",
-                             "SamplingError"],
-           "visualize": ["VisualizeError", "CheckpointError", "DeviceError", "DataError", "LoraError", "SamplingError"],
-           "lora_table": ["TableError", "CheckpointError"], "bench": ["CheckpointError", "DeviceError"]}
+# every script ends in run_cli(main): the errors a user can act on are one line, Ctrl-C is 130,
+# its main's code is the exit code, and a bug keeps its traceback
+SCRIPTS = {"train": [], "sample": ["SampleError"], "evaluate": [], "lora_finetune": [],
+           "visualize": ["VisualizeError"], "lora_table": ["TableError"], "bench": []}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_every_scripts_cli_turns_its_errors_into_one_line(script, monkeypatch, capsys):
+def test_every_scripts_errors_are_one_line_under_its_own_name(script, monkeypatch, capsys):
     import importlib
 
-    import checkpoint
-
-    import dataset
-    import diffusion
-    import lora
+    from harness import scripts
     module = importlib.import_module(script)
-    where = {"CheckpointError": checkpoint, "DataError": dataset, "DeviceError": device, "SamplingError": diffusion,
-             "LoraError": lora, "TrainingError": importlib.import_module("loop"),
-             "SampleError": importlib.import_module("sample")}
-    for name in SCRIPTS[script]:
-        error = getattr(where.get(name, module), name)
+    assert 'if __name__ == "__main__":\n    sys.exit(run_cli(main))' in open(module.__file__).read()
+    own = [getattr(scripts if name == "SampleError" else module, name) for name in SCRIPTS[script]]
+    for error in [*cli.ERRORS, *own]:
 
         def fail(argv, error=error):
             raise error("the reason")
-        monkeypatch.setattr(module, "main", fail)
+        fail.__module__ = module.__name__             # as the script's own main: its name is the prog
         with pytest.raises(SystemExit) as e:
-            module.cli([])
-        assert e.value.code == f"{script}.py: error: the reason", name
+            cli.run_cli(fail, [])
+        assert e.value.code == f"{script}.py: error: the reason", error.__name__
     monkeypatch.setattr(module, "main", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert module.cli([]) == 130 and capsys.readouterr().err == f"{script}.py: interrupted\n"
+    assert cli.run_cli(module.main, [], prog=f"{script}.py") == 130
+    assert capsys.readouterr().err == f"{script}.py: interrupted\n"
     monkeypatch.setattr(module, "main", lambda argv: 7 if argv == ["x"] else 0)
-    assert module.cli(["x"]) == 7
+    assert cli.run_cli(module.main, ["x"], prog=f"{script}.py") == 7
     monkeypatch.setattr(module, "main", lambda argv: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError):                     # a bug is not an expected error: it shows
-        module.cli([])
+        cli.run_cli(module.main, [], prog=f"{script}.py")

@@ -4,7 +4,6 @@ components, training time that leaves the evaluation out, and the block formulas
 import os
 import types
 
-import checkpoint
 import numpy as np
 import pytest
 import torch
@@ -12,10 +11,11 @@ import torch.nn.functional as F
 from conftest import assert_close
 from test_dataset import digit_folder
 
-import train
+import evaluate
 from config import DiffusionConfig
 from conv_block import ResnetBlock
 from dataset import DataError, load_folder
+from harness import files, scripts
 from harness.files import CheckpointError, RunLock, check_outputs
 
 # ----- digit folders -----
@@ -93,8 +93,8 @@ def test_inside_a_folder_is_decided_by_path_components(tmp_path, output, inside)
         os.makedirs(tmp_path / name, exist_ok=True)
     path = str(tmp_path / output)
     folder = str(tmp_path / "data")
-    assert checkpoint._inside(path, folder) is inside
-    assert checkpoint._inside(path, folder + os.sep) is inside, "a trailing separator changes nothing"
+    assert files._inside(path, folder) is inside
+    assert files._inside(path, folder + os.sep) is inside, "a trailing separator changes nothing"
     if inside:
         with pytest.raises(CheckpointError, match="lies inside the --data-dir folder"):
             check_outputs({"--out": path}, {}, {"--data-dir folder": folder})
@@ -105,9 +105,9 @@ def test_inside_a_folder_is_decided_by_path_components(tmp_path, output, inside)
 def test_the_folder_itself_and_a_link_into_it_count_as_inside(tmp_path):
     os.makedirs(tmp_path / "data")
     os.symlink(tmp_path / "data", tmp_path / "alias")
-    assert checkpoint._inside(str(tmp_path / "data"), str(tmp_path / "data"))
-    assert checkpoint._inside(str(tmp_path / "alias" / "x.png"), str(tmp_path / "data"))
-    assert checkpoint._inside(str(tmp_path / "x.png"), "/") and not checkpoint._inside("/", str(tmp_path))
+    assert files._inside(str(tmp_path / "data"), str(tmp_path / "data"))
+    assert files._inside(str(tmp_path / "alias" / "x.png"), str(tmp_path / "data"))
+    assert files._inside(str(tmp_path / "x.png"), "/") and not files._inside("/", str(tmp_path))
 
 
 # ----- time accounting of the quality curve -----
@@ -119,44 +119,44 @@ def test_quality_curve_counts_training_minutes_without_its_own_evaluations(tmp_p
     """Each evaluation takes 30 s of wall time; the curve's training minutes leave them out, and a
     resumed run's minutes go on from the last row it kept."""
     clock = iter([0.0, 30.0, 100.0, 130.0, 0.0, 30.0])           # perf_counter at each evaluation's start, end
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(train, "generate", lambda *a, **k: (torch.zeros(10, 1, 28, 28), torch.arange(10), None))
-    monkeypatch.setattr(train.evaluate, "classify", lambda clf, x: (torch.eye(10), torch.zeros(10, 4)))
-    monkeypatch.setattr(train.evaluate, "frechet_vs_real", lambda feats, a, b: (3.0, 1.5))
-    monkeypatch.setattr(train, "save_curve_figure", lambda rows, path: None)
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: (torch.zeros(10, 1, 28, 28), torch.arange(10), None))
+    monkeypatch.setattr(evaluate, "classify", lambda clf, x: (torch.eye(10), torch.zeros(10, 4)))
+    monkeypatch.setattr(evaluate, "frechet_vs_real", lambda feats, a, b: (3.0, 1.5))
+    monkeypatch.setattr(evaluate, "save_curve_figure", lambda rows, path: None)
 
-    curve = object.__new__(train.QualityCurve)                     # its data and judge are not needed here
+    curve = object.__new__(evaluate.QualityCurve)                     # its data and judge are not needed here
     curve.clf, curve.halves = None, (None, None)
     curve.csv, curve.png = str(tmp_path / "eval_curve.csv"), str(tmp_path / "eval_curve.png")
     curve.images_per_step, curve.rows, curve.minutes_before, curve.eval_seconds = 32, [], 0.0, 0.0
     curve(10, torch.nn.Identity(), JUST_A_CONFIG, seconds_since_start=120.0)   # 2 min of training so far
     curve(20, torch.nn.Identity(), JUST_A_CONFIG, seconds_since_start=300.0)   # 5 min, 30 s of it evaluating
-    rows = train.read_csv(curve.csv)
+    rows = files.read_csv(curve.csv)
     assert [float(r["train_minutes"]) for r in rows] == [2.0, 4.5]
     assert [int(r["images"]) for r in rows] == [320, 640]
     assert [float(r["eval_seconds"]) for r in rows] == [30.0, 30.0]
     assert float(rows[0]["accuracy"]) == 1.0 and float(rows[0]["frechet_ratio"]) == 2.0
     assert curve.eval_seconds == 60.0
 
-    resumed = object.__new__(train.QualityCurve)
+    resumed = object.__new__(evaluate.QualityCurve)
     resumed.__dict__.update(curve.__dict__)
-    resumed.rows = [r for r in train.read_csv(curve.csv) if int(r["step"]) <= 10]     # as __init__ keeps them
+    resumed.rows = [r for r in files.read_csv(curve.csv) if int(r["step"]) <= 10]     # as __init__ keeps them
     resumed.minutes_before, resumed.eval_seconds = float(resumed.rows[-1]["train_minutes"]), 0.0
     resumed(15, torch.nn.Identity(), JUST_A_CONFIG, seconds_since_start=90.0)
-    assert [float(r["train_minutes"]) for r in train.read_csv(curve.csv)] == [2.0, 3.5]
+    assert [float(r["train_minutes"]) for r in files.read_csv(curve.csv)] == [2.0, 3.5]
 
 
 def test_a_resumed_quality_curve_keeps_only_the_rows_up_to_its_step(tmp_path, monkeypatch):
-    assert train.read_csv(str(tmp_path / "eval_curve.csv")) == [], "no file yet: no rows"
-    train.write_csv(str(tmp_path / "eval_curve.csv"), train.QualityCurve.FIELDS,
+    assert files.read_csv(str(tmp_path / "eval_curve.csv")) == [], "no file yet: no rows"
+    files.write_csv(str(tmp_path / "eval_curve.csv"), evaluate.QualityCurve.FIELDS,
                     [{"step": s, "images": 32 * s, "train_minutes": s / 10, "accuracy": 0.5, "frechet": 2,
                       "floor": 1, "frechet_ratio": 2, "eval_seconds": 1} for s in (10, 20, 30)])
-    monkeypatch.setattr(train.evaluate, "get_classifier", lambda dataset, data_dir: (None, 1.0))
-    monkeypatch.setattr(train, "load_dataset", lambda *a, **k: (torch.zeros(4, 1, 28, 28), torch.arange(4), "x"))
-    monkeypatch.setattr(train.evaluate, "classify", lambda clf, x: (None, torch.zeros(4, 2)))
-    curve = train.QualityCurve("mnist-5k", "data", str(tmp_path), 32, resume_step=20)
+    monkeypatch.setattr(evaluate, "get_classifier", lambda dataset, data_dir: (None, 1.0))
+    monkeypatch.setattr(evaluate, "load_dataset", lambda *a, **k: (torch.zeros(4, 1, 28, 28), torch.arange(4), "x"))
+    monkeypatch.setattr(evaluate, "classify", lambda clf, x: (None, torch.zeros(4, 2)))
+    curve = evaluate.QualityCurve("mnist-5k", "data", str(tmp_path), 32, resume_step=20)
     assert [int(r["step"]) for r in curve.rows] == [10, 20] and curve.minutes_before == 2.0
-    fresh = train.QualityCurve("mnist-5k", "data", str(tmp_path), 32, resume_step=0)
+    fresh = evaluate.QualityCurve("mnist-5k", "data", str(tmp_path), 32, resume_step=0)
     assert fresh.rows == [] and fresh.minutes_before == 0.0
 
 
@@ -235,12 +235,12 @@ def test_a_batch_may_be_the_whole_dataset_but_not_more(monkeypatch):
     from config import TrainConfig
     from harness.dist import Dist
     from harness.run import TrainingError
-    monkeypatch.setattr(train, "load_dataset", lambda name, data_dir, split="train", verbose=True:
+    monkeypatch.setattr(scripts, "load_dataset", lambda name, data_dir, split="train", verbose=True:
                         (torch.zeros(16, 1, 28, 28), torch.arange(16) % 10, "folder"))
-    x, y, name = train.load_training_data(TrainConfig(batch_size=16, dataset="folder"), Dist("cpu"))
+    x, y, name = scripts.load_training_data(TrainConfig(batch_size=16, dataset="folder"), Dist("cpu"))
     assert len(x) == 16 and name == "folder"
     with pytest.raises(TrainingError, match="--batch-size 17 is larger than the dataset \\(16 images\\)"):
-        train.load_training_data(TrainConfig(batch_size=17, dataset="folder"), Dist("cpu"))
+        scripts.load_training_data(TrainConfig(batch_size=17, dataset="folder"), Dist("cpu"))
 
 
 def test_italic_shears_along_rows_only_and_bold_thickens_by_one_pixel():

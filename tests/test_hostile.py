@@ -35,6 +35,7 @@ from config import DiffusionConfig, SampleConfig
 from dataset import DataError, load_dataset, load_image
 from diffusion import Diffusion, SamplingError
 from evaluate import read_npz
+from harness import adapters
 from harness.files import CheckpointError, RunLock, load_checkpoint, load_model, save_checkpoint
 
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -63,7 +64,7 @@ def run_copy(tiny_ckpt, tmp_path_factory):
         for layer in lora.lora_layers(model):
             layer.lora_B.normal_(0, 0.01)
     adapter = os.path.join(folder, "adapter.safetensors")
-    lora.save_adapter(adapter, model, "conv", 2, 2.0, False, c["config"]["model"], lora.base_fingerprint(load_model(ckpt)[0]))
+    adapters.save_adapter(adapter, model, "conv", 2, 2.0, False, c["config"]["model"], adapters.base_fingerprint(load_model(ckpt)[0]))
     return {"folder": folder, "ckpt": ckpt, "adapter": adapter}
 
 
@@ -173,7 +174,7 @@ def test_second_writer_is_refused_naming_the_holder_and_locks_do_not_leak(run_co
 
 def test_kill_9_releases_the_lock(tmp_path):
     folder = str(tmp_path)
-    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); from checkpoint import RunLock; "
+    code = (f"import sys, time; sys.path.insert(0, {ROOT!r}); from harness.files import RunLock; "
             f"l = RunLock({folder!r}); print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -772,20 +773,19 @@ def test_tampered_loop_state_is_refused_on_resume(run_copy, tmp_path, key, value
 
 
 def test_a_huge_model_config_is_refused_before_the_model_is_allocated(run_copy, tmp_path, monkeypatch):
-    import checkpoint
-
     import train
+    from harness import files
 
     def huge(c):                                      # every field in range; 38 GB of weights
         c["config"]["model"].update(base_channels=4096, channel_mults=[64, 64, 64], attn_heads=1, context_dim=4096,
                                     ff_mult=16, context_tokens=256, num_res_blocks=16)
     path = tampered_checkpoint(run_copy["ckpt"], str(tmp_path / "huge.pt"), huge)
-    real_unet = checkpoint.UNet
+    real_unet = files.UNet
 
     def guarded(cfg):
         assert cfg.base_channels < 4096 or torch.empty(0).device.type == "meta", "the huge model was allocated"
         return real_unet(cfg)
-    monkeypatch.setattr(checkpoint, "UNet", guarded)
+    monkeypatch.setattr(files, "UNet", guarded)
     monkeypatch.setattr(train, "UNet", guarded)
     one_line_error(run_cli("sample.py", "--checkpoint", path, "--out", str(tmp_path / "x.png")), "do not fit")
     folder = str(tmp_path / "run")
@@ -848,7 +848,7 @@ def test_flags_that_cannot_give_a_right_run_are_refused_at_once(run_copy, tmp_pa
 def test_lora_bounds_are_the_adapter_loaders(run_copy, tmp_path):
     """What lora_finetune.py may train, sample.py may load: the same constants on both sides."""
     import config
-    assert (lora.LORA_MAX_R, lora.LORA_MAX_ALPHA) == (config.LORA_MAX_R, config.LORA_MAX_ALPHA)
+    assert (config.LORA_MAX_R, config.LORA_MAX_ALPHA) == (config.LORA_MAX_R, config.LORA_MAX_ALPHA)
     config.LoraConfig(r=config.LORA_MAX_R, alpha=config.LORA_MAX_ALPHA)
     bad = tampered_adapter(run_copy["adapter"], str(tmp_path / "a.safetensors"), {"r": str(config.LORA_MAX_R + 1)})
     one_line_error(run_cli(*sample_args(run_copy, "--lora", bad, "--out", str(tmp_path / "x.png"))),
@@ -872,9 +872,10 @@ def free_port():
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_missing_peer_ends_in_one_line_not_a_hang(monkeypatch, tmp_path, rank):
-    import device
     import torch.distributed as td
-    monkeypatch.setattr(device, "JOIN_TIMEOUT", timedelta(seconds=1))
+
+    from harness import dist
+    monkeypatch.setattr(dist, "JOIN_TIMEOUT", timedelta(seconds=1))
     for k, v in {"RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)

@@ -1,19 +1,19 @@
 """The training loop's contracts, stated as tests: which samples each step sees, which noise,
 at which learning rate, what a training setting changes, and when the loop must stop.
 
-loop.fit runs here on a one-parameter denoiser over 24 numbered images, so every step's
+train.fit runs here on a one-parameter denoiser over 24 numbered images, so every step's
 batch, timesteps and noise can be read back exactly (a step costs microseconds)."""
-import contextlib
 import math
 
-import loop
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+import train
 from config import DiffusionConfig, TrainConfig
 from diffusion import Diffusion
+from harness import run
 from harness.dist import Dist
 
 N = 24                      # images; image i is filled with the number i, so a batch names its indices
@@ -50,19 +50,19 @@ def numbered_data():
     return x, torch.arange(N) % 10
 
 
-def run_fit(steps=None, saves=None, **train):
-    """loop.fit over the numbered images -> (the recorded steps, the loop state, the model)."""
+def run_fit(steps=None, saves=None, **flags):
+    """train.fit over the numbered images -> (the recorded steps, the loop state, the model)."""
     kw = dict(batch_size=4, epochs=3, warmup_steps=2, log_every=1, ckpt_every=10 ** 6, device="cpu",
               channels_last=False)
-    kw.update(train)
+    kw.update(flags)
     tcfg = TrainConfig(**kw)
     torch.manual_seed(0)
     model, opt_box = Scale(), []
     diffusion = Recording(DiffusionConfig(timesteps=50, p_uncond=0.3), opt_box)
-    state = loop.new_loop_state(model, list(model.parameters()), tcfg, N)
+    state = train.new_loop_state(model, list(model.parameters()), tcfg, N)
     opt_box.append(state["optimizer"])
     save = (lambda s: saves.append(s["step"])) if saves is not None else (lambda s: None)
-    outcome = loop.fit(model, diffusion, numbered_data(), tcfg, state, save, Dist("cpu"), list(model.parameters()))
+    outcome = train.fit(model, diffusion, numbered_data(), tcfg, state, save, Dist("cpu"), list(model.parameters()))
     assert outcome == "done"
     return diffusion.steps, state, model
 
@@ -153,7 +153,7 @@ def test_ema_follows_the_weights_with_its_decay():
     """EMA: the first update copies the weights, every later one is decay * ema + (1 - decay) * w."""
     model = Scale()
     tcfg = TrainConfig(ema_decay=0.9)
-    state = loop.new_loop_state(model, list(model.parameters()), tcfg, N)
+    state = train.new_loop_state(model, list(model.parameters()), tcfg, N)
     ema, expected = state["ema"], None
     for w in (1.0, 2.0, 4.0):
         model.w.data.fill_(w)
@@ -165,26 +165,25 @@ def test_ema_follows_the_weights_with_its_decay():
 def test_optimiser_gets_the_runs_lr_weight_decay_and_groups():
     model = Scale()
     tcfg = TrainConfig(lr=0.004, weight_decay=0.05)
-    state = loop.new_loop_state(model, list(model.parameters()), tcfg, N)
+    state = train.new_loop_state(model, list(model.parameters()), tcfg, N)
     opt = state["optimizer"]
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["lr"] == 0.004 and opt.defaults["weight_decay"] == 0.05
     assert opt.param_groups[0]["lr"] == pytest.approx(0.004 / tcfg.warmup_steps), "the first warm-up step"
     groups = [{"params": [model.w], "lr": 0.001}]                  # LoRA+'s groups keep their own lr
-    assert loop.new_loop_state(model, groups, tcfg, N)["optimizer"].defaults["lr"] == 0.004
-    assert loop.new_loop_state(model, groups, tcfg, N)["optimizer"].param_groups[0]["initial_lr"] == 0.001
+    assert train.new_loop_state(model, groups, tcfg, N)["optimizer"].defaults["lr"] == 0.004
+    assert train.new_loop_state(model, groups, tcfg, N)["optimizer"].param_groups[0]["initial_lr"] == 0.001
 
 
 def one_step(model, tcfg, x0=None):
-    """loop.train_step on the numbered images' first batch -> (loss, state)."""
+    """train.train_step on the numbered images' first batch -> (loss, state)."""
     diffusion = Diffusion(DiffusionConfig(timesteps=50))
     params = list(model.parameters())
-    state = loop.new_loop_state(model, params, tcfg, N)
+    state = train.new_loop_state(model, params, tcfg, N)
     x0 = numbered_data()[0][:4] if x0 is None else x0
     g = torch.Generator().manual_seed(0)
     randomness = diffusion.draw(4, x0.shape[1:], "cpu", generator=g)
-    loss = loop.train_step(model, model, diffusion, x0, torch.arange(4), randomness, state, params, tcfg,
-                           contextlib.nullcontext())
+    loss = train.train_step(model, model, diffusion, x0, torch.arange(4), randomness, state, params, tcfg)
     return loss, state
 
 
@@ -211,10 +210,10 @@ def test_a_finite_loss_with_an_overflowing_gradient_stops_without_a_step_or_a_sa
     model = SqrtScale()
     model.w.data.zero_()
     tcfg = TrainConfig(batch_size=4, epochs=1, device="cpu", channels_last=False, ckpt_every=1, warmup_steps=0)
-    state = loop.new_loop_state(model, list(model.parameters()), tcfg, N)
+    state = train.new_loop_state(model, list(model.parameters()), tcfg, N)
     saves = []
-    with pytest.raises(loop.TrainingError) as e:
-        loop.fit(model, Diffusion(DiffusionConfig(timesteps=50)), numbered_data(), tcfg, state,
+    with pytest.raises(run.TrainingError) as e:
+        train.fit(model, Diffusion(DiffusionConfig(timesteps=50)), numbered_data(), tcfg, state,
                  lambda s: saves.append(s["step"]), Dist("cpu"), list(model.parameters()))
     message = str(e.value)
     assert "became non-finite" in message and "gradient norm" in message and "at step 0" in message, message
@@ -225,23 +224,23 @@ def test_a_finite_loss_with_an_overflowing_gradient_stops_without_a_step_or_a_sa
 
 
 def test_the_loss_curve_is_smoothed_by_an_ema_from_its_first_value():
-    assert loop.smoothed([2.0, 2.0, 2.0]) == [2.0, 2.0, 2.0]
-    assert loop.smoothed([1.0, 11.0, 1.0]) == pytest.approx([1.0, 2.0, 1.9])
-    assert loop.smoothed([0.0, 1.0], decay=0.5) == [0.0, 0.5]
+    assert run.smoothed([2.0, 2.0, 2.0]) == [2.0, 2.0, 2.0]
+    assert run.smoothed([1.0, 11.0, 1.0]) == pytest.approx([1.0, 2.0, 1.9])
+    assert run.smoothed([0.0, 1.0], decay=0.5) == [0.0, 0.5]
 
 
 def test_resume_command_continues_this_run():
     tcfg = TrainConfig(out="runs/my run", max_steps=40)
-    assert loop.resume_command("train.py", tcfg) == "python train.py --out 'runs/my run' --resume --max-steps 40"
-    assert loop.resume_command("lora_finetune.py", TrainConfig(out="o"), "--checkpoint", "/a b/c.pt") == \
+    assert run.resume_command("train.py", tcfg) == "python train.py --out 'runs/my run' --resume --max-steps 40"
+    assert run.resume_command("lora_finetune.py", TrainConfig(out="o"), "--checkpoint", "/a b/c.pt") == \
         "python lora_finetune.py --out o --resume --checkpoint '/a b/c.pt'"
 
 
 def test_run_length_counts_whole_batches_and_max_steps_stops_early():
-    assert loop.run_length(100, TrainConfig(batch_size=32, epochs=3)) == (3, 9, 9)
-    assert loop.run_length(100, TrainConfig(batch_size=32, epochs=3, max_steps=4)) == (3, 9, 4)
-    assert loop.run_length(100, TrainConfig(batch_size=32, epochs=3, max_steps=50)) == (3, 9, 9)
-    assert loop.run_length(10, TrainConfig(batch_size=32, epochs=2)) == (1, 2, 2)
+    assert run.run_length(100, TrainConfig(batch_size=32, epochs=3)) == (3, 9, 9)
+    assert run.run_length(100, TrainConfig(batch_size=32, epochs=3, max_steps=4)) == (3, 9, 4)
+    assert run.run_length(100, TrainConfig(batch_size=32, epochs=3, max_steps=50)) == (3, 9, 9)
+    assert run.run_length(10, TrainConfig(batch_size=32, epochs=2)) == (1, 2, 2)
 
 
 def test_resume_config_takes_the_stored_run_and_only_where_and_how_long_from_the_flags():
@@ -250,18 +249,18 @@ def test_resume_config_takes_the_stored_run_and_only_where_and_how_long_from_the
                          dataset="auto", ckpt_every=50)
     ckpt = {"config": {"train": asdict(stored)}, "data": "mnist-5k", "step": 20}
     flags = TrainConfig(epochs=5, lr=0.1, out="new", device="auto", threads=1, max_steps=30, log_every=3, ckpt_every=9)
-    got = loop.resume_config(ckpt, flags, given=set())
+    got = run.resume_config(ckpt, flags, given=set())
     assert got == replace(stored, out="new", device="auto", threads=1, max_steps=30, dataset="mnist-5k")
-    got = loop.resume_config(ckpt, flags, given={"epochs", "log_every", "ckpt_every"})
+    got = run.resume_config(ckpt, flags, given={"epochs", "log_every", "ckpt_every"})
     assert (got.epochs, got.log_every, got.ckpt_every, got.lr) == (5, 3, 9, 0.002)
-    assert loop.resume_config(ckpt, replace(flags, epochs=3), given={"epochs"}).epochs == 3, "the same length is fine"
-    with pytest.raises(loop.TrainingError, match="--epochs 2: the run was set for 3"):
-        loop.resume_config(ckpt, replace(flags, epochs=2), given={"epochs"})
-    with pytest.raises(loop.TrainingError, match="--lr 0.1 \\(the run has 0.002\\)"):
-        loop.resume_config(ckpt, flags, given={"lr"})
-    with pytest.raises(loop.TrainingError, match="--max-steps 19: the run is already at step 20"):
-        loop.resume_config(ckpt, replace(flags, max_steps=19), given=set())
-    assert loop.resume_config(ckpt, replace(flags, max_steps=20), given=set()).max_steps == 20
+    assert run.resume_config(ckpt, replace(flags, epochs=3), given={"epochs"}).epochs == 3, "the same length is fine"
+    with pytest.raises(run.TrainingError, match="--epochs 2: the run was set for 3"):
+        run.resume_config(ckpt, replace(flags, epochs=2), given={"epochs"})
+    with pytest.raises(run.TrainingError, match="--lr 0.1 \\(the run has 0.002\\)"):
+        run.resume_config(ckpt, flags, given={"lr"})
+    with pytest.raises(run.TrainingError, match="--max-steps 19: the run is already at step 20"):
+        run.resume_config(ckpt, replace(flags, max_steps=19), given=set())
+    assert run.resume_config(ckpt, replace(flags, max_steps=20), given=set()).max_steps == 20
 
 
 def test_ctrl_c_saves_at_the_next_step_whatever_ckpt_every_says(monkeypatch):
@@ -281,8 +280,8 @@ def test_ctrl_c_saves_at_the_next_step_whatever_ckpt_every_says(monkeypatch):
     saves = []
     tcfg = TrainConfig(batch_size=4, epochs=3, log_every=1, ckpt_every=10 ** 6, device="cpu", channels_last=False)
     model = Scale()
-    state = loop.new_loop_state(model, list(model.parameters()), tcfg, N)
-    outcome = loop.fit(model, Recording(DiffusionConfig(timesteps=50), []), numbered_data(), tcfg, state,
+    state = train.new_loop_state(model, list(model.parameters()), tcfg, N)
+    outcome = train.fit(model, Recording(DiffusionConfig(timesteps=50), []), numbered_data(), tcfg, state,
                        lambda s: saves.append(s["step"]), Dist("cpu"), list(model.parameters()))
     assert (outcome, saves, state["step"], len(calls)) == ("interrupted", [3], 3, 3)
     assert signal.getsignal(signal.SIGINT) is before

@@ -9,8 +9,10 @@ from conftest import TINY, assert_close
 from torch import nn
 
 import lora
+import visualize
 from config import DiffusionConfig
 from diffusion import Diffusion
+from harness import adapters
 from unet import UNet
 
 INPUTS = (torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 30, 45]), torch.tensor([0, 3, 7, 10]))
@@ -249,29 +251,29 @@ def test_trainable_fraction_of_presets():
 
 
 def _save(model, path, fingerprint):
-    lora.save_adapter(str(path), model, "attn", 4, 8.0, False, asdict(TINY), fingerprint, style="bold")
+    adapters.save_adapter(str(path), model, "attn", 4, 8.0, False, asdict(TINY), fingerprint, style="bold")
 
 
 def test_adapter_round_trip_and_checks(tmp_path):
     torch.manual_seed(0)
     base_sd = UNet(TINY).state_dict()
     model, _ = lora_model()
-    fp = lora.base_fingerprint(model)
+    fp = adapters.base_fingerprint(model)
     randomize_B(model)
     expected = model(*INPUTS)
     _save(model, tmp_path / "a.safetensors", fp)
 
     fresh = UNet(TINY).eval()
     fresh.load_state_dict(base_sd)
-    assert lora.base_fingerprint(fresh) == fp
-    lora.load_adapter(fresh, str(tmp_path / "a.safetensors"), asdict(TINY))
+    assert adapters.base_fingerprint(fresh) == fp
+    adapters.load_adapter(fresh, str(tmp_path / "a.safetensors"), asdict(TINY))
     assert torch.equal(fresh(*INPUTS), expected)
 
     other = UNet(TINY)                                  # same architecture, other weights
     with pytest.raises(lora.LoraError, match="other base weights"):
-        lora.load_adapter(other, str(tmp_path / "a.safetensors"), asdict(TINY))
+        adapters.load_adapter(other, str(tmp_path / "a.safetensors"), asdict(TINY))
     with pytest.raises(lora.LoraError, match="another model"):
-        lora.load_adapter(UNet(TINY), str(tmp_path / "a.safetensors"), {**asdict(TINY), "base_channels": 16})
+        adapters.load_adapter(UNet(TINY), str(tmp_path / "a.safetensors"), {**asdict(TINY), "base_channels": 16})
 
 
 def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
@@ -280,7 +282,7 @@ def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
     torch.manual_seed(0)
     base_sd = UNet(TINY).state_dict()
     model, _ = lora_model()
-    _save(model, tmp_path / "a.safetensors", lora.base_fingerprint(model))
+    _save(model, tmp_path / "a.safetensors", adapters.base_fingerprint(model))
     tensors = load_file(str(tmp_path / "a.safetensors"))
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -293,11 +295,11 @@ def test_adapter_with_missing_or_unexpected_keys_fails(tmp_path):
         fresh = UNet(TINY)
         fresh.load_state_dict(base_sd)
         with pytest.raises(lora.LoraError, match=re.escape(message)):
-            lora.load_adapter(fresh, path, asdict(TINY))
+            adapters.load_adapter(fresh, path, asdict(TINY))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(100))
     with pytest.raises(lora.LoraError, match="not a readable"):
-        lora.load_adapter(UNet(TINY), str(junk), asdict(TINY))
+        adapters.load_adapter(UNet(TINY), str(junk), asdict(TINY))
 
 
 def test_adapter_without_layers_metadata_is_refused(tmp_path):
@@ -306,14 +308,14 @@ def test_adapter_without_layers_metadata_is_refused(tmp_path):
     torch.manual_seed(0)
     model, _ = lora_model()
     path = str(tmp_path / "a.safetensors")
-    _save(model, path, lora.base_fingerprint(model))
+    _save(model, path, adapters.base_fingerprint(model))
     with safe_open(path, "pt") as f:
         meta = {k: v for k, v in f.metadata().items() if k != "layers"}   # as files of the old format
     save_file(load_file(path), path, metadata=meta)
     fresh = UNet(TINY)
     fresh.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k})
     with pytest.raises(lora.LoraError, match="predates this format") as e:
-        lora.load_adapter(fresh, path, asdict(TINY))
+        adapters.load_adapter(fresh, path, asdict(TINY))
     assert "\n" not in str(e.value) and not lora.lora_layers(fresh)
 
 
@@ -352,21 +354,21 @@ def test_update_figure_is_a_real_png(tmp_path):
     from PIL import Image
     model, _ = known_update_model()
     path = str(tmp_path / "update.png")
-    lora.save_update_figure(lora.update_stats(model), path)
+    visualize.save_update_figure(lora.update_stats(model), path)
     assert os.path.getsize(path) > 10_000 and os.listdir(tmp_path) == ["update.png"]   # no temp file left
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > 400 and im.height > 200
         pixels = np.asarray(im.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20                # bars, heat map, text
     with pytest.raises(lora.LoraError, match="no LoRA layers"):
-        lora.save_update_figure([], path)
+        visualize.save_update_figure([], path)
 
 
 def test_composing_two_adapters_adds_their_deltas(tmp_path):
     torch.manual_seed(0)
     base = UNet(TINY).eval()
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
-    fp = lora.base_fingerprint(base)
+    fp = adapters.base_fingerprint(base)
     deltas = {}
     for i, seed in enumerate((1, 2)):
         m = UNet(TINY).eval()
@@ -377,7 +379,7 @@ def test_composing_two_adapters_adds_their_deltas(tmp_path):
         _save(m, tmp_path / f"{i}.safetensors", fp)
     composed = UNet(TINY).eval()
     composed.load_state_dict(base_sd)
-    lora.apply_adapters(composed, [str(tmp_path / "0.safetensors"), str(tmp_path / "1.safetensors")],
+    adapters.apply_adapters(composed, [str(tmp_path / "0.safetensors"), str(tmp_path / "1.safetensors")],
                         [0.5, 1.0], asdict(TINY))
     sd = composed.state_dict()
     for n in deltas[0]:
@@ -388,7 +390,6 @@ def test_composing_two_adapters_adds_their_deltas(tmp_path):
 def test_side_by_side_draws_every_panel_from_the_same_noise_at_its_own_strength(tmp_path):
     """lora_finetune's comparison figures: each panel samples digits 0..9 (n each) from a
     generator seeded alike, at the LoRA scale of its column; the model is left at scale 1."""
-    import lora_finetune
     torch.manual_seed(0)
     model = UNet(TINY)
     lora.inject_lora(model, "qkv", 2, 2.0)
@@ -399,7 +400,7 @@ def test_side_by_side_draws_every_panel_from_the_same_noise_at_its_own_strength(
             seen.append((lora.lora_layers(m)[0].scale, y.tolist(), torch.randn(4, generator=generator).tolist()))
             return torch.zeros(len(y), 1, 28, 28)
     path = str(tmp_path / "sweep.png")
-    lora_finetune.side_by_side([model] * 3, ["a", "b", "c"], Recorder(), path, n=2, seed=5, scales=[0.0, 0.5, 2.0])
+    visualize.side_by_side([model] * 3, ["a", "b", "c"], Recorder(), path, n=2, seed=5, scales=[0.0, 0.5, 2.0])
     noise = torch.randn(4, generator=torch.Generator().manual_seed(5)).tolist()     # a fresh generator per panel
     assert seen == [(s, [d for d in range(10) for _ in range(2)], noise) for s in (0.0, 0.5, 2.0)]
     assert all(layer.scale == 1.0 for layer in lora.lora_layers(model))

@@ -1,6 +1,6 @@
 """Our LoRA against Hugging Face peft, the reference implementation: the same A and B give the
 same UNet output, unmerged and merged, with alpha / r or rsLoRA's alpha / sqrt(r); and an adapter
-written by lora.export_peft loads into peft.PeftModel.from_pretrained as it is."""
+written by adapters.export_peft loads into peft.PeftModel.from_pretrained as it is."""
 import copy
 import json
 import os
@@ -12,6 +12,7 @@ from conftest import TINY, assert_close
 from safetensors import safe_open
 
 import lora
+from harness import adapters
 from unet import UNet
 
 INPUTS = (torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 30, 45]), torch.tensor([0, 3, 7, 10]))
@@ -84,7 +85,7 @@ def test_rslora_scaling_matches_peft_use_rslora(targets):
 def test_export_peft_loads_into_peft_and_matches_what_peft_writes(targets, tmp_path):
     ours, theirs, names = ours_and_peft(targets)
     out_dir = str(tmp_path / "peft")
-    lora.export_peft(ours, out_dir)
+    adapters.export_peft(ours, out_dir)
     assert sorted(os.listdir(out_dir)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
     loaded = peft.PeftModel.from_pretrained(base_unet(), out_dir).eval()
     assert_close(loaded(*INPUTS), ours(*INPUTS), atol=1e-5, msg=f"{targets}: peft-loaded export vs ours")
@@ -108,11 +109,11 @@ def test_export_peft_refuses_a_non_empty_folder_and_a_model_without_lora(tmp_pat
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("x")
     with pytest.raises(lora.LoraError, match="holds other files \\(keep.txt\\)"):
-        lora.export_peft(ours, str(tmp_path / "busy"))
+        adapters.export_peft(ours, str(tmp_path / "busy"))
     assert os.listdir(tmp_path / "busy") == ["keep.txt"]
     with pytest.raises(lora.LoraError, match="no LoRA layers"):
-        lora.export_peft(UNet(TINY), str(tmp_path / "empty"))
-    lora.export_peft(ours, str(tmp_path / "empty"))                # an existing empty folder is fine
+        adapters.export_peft(UNet(TINY), str(tmp_path / "empty"))
+    adapters.export_peft(ours, str(tmp_path / "empty"))                # an existing empty folder is fine
 
 
 @pytest.mark.parametrize("targets, r, alpha, rslora, dropout", [
@@ -127,8 +128,8 @@ def test_every_lora_field_survives_adapter_file_peft_export_and_peft(targets, r,
         layer.dropout = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
     cfg = {"model": "tiny"}
     path = str(tmp_path / "adapter.safetensors")
-    lora.save_adapter(path, ours, targets, r, alpha, rslora, cfg, lora.base_fingerprint(ours))
-    again = lora.load_adapter(base_unet(), path, cfg)
+    adapters.save_adapter(path, ours, targets, r, alpha, rslora, cfg, adapters.base_fingerprint(ours))
+    again = adapters.load_adapter(base_unet(), path, cfg)
     assert sorted(n for n, _ in lora.named_lora_layers(again)) == sorted(names)
     assert all((m.r, m.alpha, m.use_rslora, m.scaling) == (r, alpha, rslora, lora.lora_layers(ours)[0].scaling)
                for m in lora.lora_layers(again))
@@ -136,7 +137,7 @@ def test_every_lora_field_survives_adapter_file_peft_export_and_peft(targets, r,
 
     for model, folder, expected_dropout in ((again, "from_file", 0.0), (ours, "trained", dropout)):
         out_dir = str(tmp_path / folder)
-        lora.export_peft(model, out_dir)
+        adapters.export_peft(model, out_dir)
         config = json.load(open(os.path.join(out_dir, "adapter_config.json")))
         assert (sorted(config["target_modules"]), config["r"], config["lora_alpha"], config["use_rslora"],
                 config["lora_dropout"]) == (sorted(names), r, alpha, rslora, expected_dropout)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_FLAGS, one_line_error, run_cli, run_script
 
+import evaluate
 from config import SampleConfig
 from harness.files import load_checkpoint
 
@@ -57,8 +58,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_eval_every_logs_the_quality_curve_and_resume_keeps_it(tmp_path, quick_judge, monkeypatch):
     import csv
 
-    import train
-    monkeypatch.setattr(train.QualityCurve, "STEPS", 2)      # the bookkeeping is under test, not the quality
+    monkeypatch.setattr(evaluate.QualityCurve, "STEPS", 2)      # the bookkeeping is under test, not the quality
     out = str(tmp_path / "run")
     flags = [*TINY_FLAGS, "--eval-every", "2", "--data-dir", quick_judge, "--out", out, "--no-figures"]
     assert run_cli("train.py", *flags, "--max-steps", "5").returncode == 0
@@ -133,6 +133,7 @@ def test_sample_missing_default_checkpoint(tmp_path):
     """A fresh folder with the code and no runs/: a real `python sample.py` says what to do."""
     for f in glob.glob(os.path.join(ROOT, "*.py")):
         shutil.copy(f, tmp_path)
+    shutil.copytree(os.path.join(ROOT, "harness"), tmp_path / "harness")
     r = run_script("sample.py", cwd=str(tmp_path))
     one_line_error(r, "python train.py")
 

@@ -16,6 +16,7 @@ import lora
 import sample
 from config import DiffusionConfig, LoraConfig, ModelConfig, SampleConfig
 from diffusion import Diffusion
+from harness import adapters, scripts
 from harness.files import load_checkpoint, load_model
 from unet import UNet
 
@@ -61,17 +62,17 @@ def test_each_sampling_field_reaches_the_sampler_and_changes_the_images(tiny, fi
 def test_each_sampling_flag_arrives_in_the_sample_config(script):
     """--sampler ddpm --steps 7 ... -> SampleConfig(sampler="ddpm", steps=7, ...), field by field;
     without --guidance the model's own sample_guidance."""
-    module = {"sample": sample, "evaluate": evaluate}[script]
+    parse_args = {"sample": scripts.sample_args, "evaluate": evaluate.parse_args}[script]
     diff_cfg = DiffusionConfig(timesteps=TINY_T, sample_guidance=1.25)
     for field, value in CHANGED.items():
         flag = "--" + field.replace("_", "-")
         extra = ["--guide-from", "0.2"] if field == "guide_to" else []
-        scfg = sample.sample_config(module.parse_args([flag, str(value), *extra]), diff_cfg)
+        scfg = scripts.sample_config(parse_args([flag, str(value), *extra]), diff_cfg)
         assert getattr(scfg, field) == value, field
         moved = {field, "guide_from"} if field == "guide_to" else {field}
         untouched = {f: v for f, v in asdict(scfg).items() if f not in moved}
         assert untouched == {f: v for f, v in asdict(SampleConfig(guidance=1.25)).items() if f in untouched}, field
-    assert sample.sample_config(module.parse_args([]), diff_cfg).guidance == 1.25
+    assert scripts.sample_config(parse_args([]), diff_cfg).guidance == 1.25
 
 
 def test_batches_continue_one_noise_stream(tiny, monkeypatch):
@@ -165,7 +166,7 @@ def test_every_lora_flag_arrives_in_the_layers_the_optimiser_and_the_adapter(tin
     assert [g["initial_lr"] for g in groups] == [1e-3, 4e-3], "LoRA+: B at lr_ratio_b * lr"
     assert ckpt["config"]["lora"] == asdict(LoraConfig(targets="attn", r=3, alpha=5.0, rslora=True,
                                                       lora_dropout=0.25, lr_ratio_b=4.0, fused=False))
-    tensors, meta = lora.read_adapter(os.path.join(out, "adapter.safetensors"))
+    tensors, meta = adapters.read_adapter(os.path.join(out, "adapter.safetensors"))
     assert (meta["r"], meta["alpha"], meta["rslora"]) == ("3", "5.0", "True")
     assert json.loads(meta["layers"]) == list(layers)
     assert all(t.shape[0] == 3 for k, t in tensors.items() if k.endswith("lora_A"))

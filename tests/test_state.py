@@ -14,7 +14,6 @@ import json
 import os
 from dataclasses import asdict
 
-import checkpoint
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from conftest import TINY, assert_close
 from torch import nn
 
 import lora
+from harness import adapters, files, run
 from unet import UNet
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -137,13 +137,13 @@ def test_load_state_refuses_missing_and_unexpected_keys():
     torch.manual_seed(0)
     state = UNet(TINY).state_dict()
     model = UNet(TINY)
-    checkpoint.load_state(model, state)                               # the full state loads
+    files.load_state(model, state)                               # the full state loads
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     missing = {k: v for k, v in state.items() if k != "conv_out.bias"}
-    with pytest.raises(checkpoint.CheckpointError, match="conv_out.bias"):
-        checkpoint.load_state(UNet(TINY), missing)
-    with pytest.raises(checkpoint.CheckpointError, match="extra.weight"):
-        checkpoint.load_state(UNet(TINY), {**state, "extra.weight": torch.zeros(1)})
+    with pytest.raises(files.CheckpointError, match="conv_out.bias"):
+        files.load_state(UNet(TINY), missing)
+    with pytest.raises(files.CheckpointError, match="extra.weight"):
+        files.load_state(UNet(TINY), {**state, "extra.weight": torch.zeros(1)})
 
 
 # ----- files: old or new, never half -----
@@ -165,15 +165,15 @@ def assert_only(folder, names):
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     path = tmp_path / "data.bin"
-    checkpoint.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"old contents"))
+    files.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"old contents"))
 
     def failing(tmp):
         half_then_fail(b"new contents that never finish", tmp)
-    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
-        checkpoint.atomic_write(str(path), failing)
+    with pytest.raises(files.CheckpointError, match="could not write .*injected"):
+        files.atomic_write(str(path), failing)
     assert path.read_bytes() == b"old contents"
     assert_only(tmp_path, ["data.bin"])
-    checkpoint.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"new"))
+    files.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"new"))
     assert path.read_bytes() == b"new"
     assert_only(tmp_path, ["data.bin"])
 
@@ -181,7 +181,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
 def test_save_checkpoint_survives_a_failing_torch_save(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     old = {"model": {"w": torch.arange(6.0)}, "config": {"step": 1}, "step": 1}
-    checkpoint.save_checkpoint(path, old)
+    files.save_checkpoint(path, old)
     real_save = torch.save
 
     def broken_save(obj, f, *args, **kwargs):
@@ -190,26 +190,26 @@ def test_save_checkpoint_survives_a_failing_torch_save(tmp_path, monkeypatch):
         half_then_fail(buffer.getvalue(), f)
     monkeypatch.setattr(torch, "save", broken_save)
     new = {"model": {"w": torch.full((6,), 7.0)}, "config": {"step": 2}, "step": 2}
-    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
-        checkpoint.save_checkpoint(path, new)
+    with pytest.raises(files.CheckpointError, match="could not write .*injected"):
+        files.save_checkpoint(path, new)
     monkeypatch.undo()
-    loaded = checkpoint.load_checkpoint(path)
+    loaded = files.load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], old["model"]["w"]) and loaded["step"] == 1
     assert_only(tmp_path, ["ckpt.pt"])
-    checkpoint.save_checkpoint(path, new)                           # and a write that works replaces it
-    assert checkpoint.load_checkpoint(path)["step"] == 2
+    files.save_checkpoint(path, new)                           # and a write that works replaces it
+    assert files.load_checkpoint(path)["step"] == 2
     assert_only(tmp_path, ["ckpt.pt"])
 
 
 def test_write_json_survives_a_failing_json_dump(tmp_path, monkeypatch):
     path = str(tmp_path / "results.json")
-    checkpoint.write_json(path, {"accuracy": 0.5, "n": 10})
+    files.write_json(path, {"accuracy": 0.5, "n": 10})
 
     def broken_dump(obj, fp, *args, **kwargs):
         half_then_fail(json.dumps(obj, indent=1), fp)
     monkeypatch.setattr(json, "dump", broken_dump)
-    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
-        checkpoint.write_json(path, {"accuracy": 0.9, "n": 20})
+    with pytest.raises(files.CheckpointError, match="could not write .*injected"):
+        files.write_json(path, {"accuracy": 0.9, "n": 20})
     monkeypatch.undo()
     assert json.load(open(path)) == {"accuracy": 0.5, "n": 10}
     assert_only(tmp_path, ["results.json"])
@@ -228,13 +228,13 @@ def adapter_model(seed):
 
 def test_save_adapter_survives_a_failing_save_file(tmp_path, monkeypatch):
     path = str(tmp_path / "adapter.safetensors")
-    save = lambda model: lora.save_adapter(path, model, "attn", 2, 2.0, False, asdict(TINY),
-                                           lora.base_fingerprint(model))
+    save = lambda model: adapters.save_adapter(path, model, "attn", 2, 2.0, False, asdict(TINY),
+                                           adapters.base_fingerprint(model))
     old_model = adapter_model(seed=1)
     save(old_model)
     old = lora.lora_state_dict(old_model)
 
-    class HalfThenFail:                         # what lora.write_safetensors opens its temp file as
+    class HalfThenFail:                         # what adapters.write_safetensors opens its temp file as
         def __init__(self, filename, mode):
             self.filename = filename
 
@@ -246,12 +246,12 @@ def test_save_adapter_survives_a_failing_save_file(tmp_path, monkeypatch):
 
         def write(self, data):
             half_then_fail(bytes(data), self.filename)
-    monkeypatch.setattr(lora, "open", HalfThenFail, raising=False)    # found before the builtin
+    monkeypatch.setattr(adapters, "open", HalfThenFail, raising=False)    # found before the builtin
     new_model = adapter_model(seed=2)
-    with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
+    with pytest.raises(files.CheckpointError, match="could not write .*injected"):
         save(new_model)
     monkeypatch.undo()
-    tensors, _ = lora.read_adapter(path)
+    tensors, _ = adapters.read_adapter(path)
     assert set(tensors) == set(old)
     for k, v in old.items():
         assert torch.equal(tensors[k], v), k
@@ -263,7 +263,7 @@ def figure_writers():
     writers = []
     import train
     if hasattr(train, "save_loss_curve"):
-        writers.append(("train.save_loss_curve", lambda p: train.save_loss_curve([(1, 1.0), (2, 0.5), (3, 0.4)], p)))
+        writers.append(("run.save_loss_curve", lambda p: run.save_loss_curve([(1, 1.0), (2, 0.5), (3, 0.4)], p)))
     import evaluate
     if hasattr(evaluate, "save_sweep_figure"):
         sweep = [{"guidance": w, "accuracy": 0.8, "frechet": 3.0, "frechet_floor": 1.0} for w in (1.0, 2.0)]
@@ -302,7 +302,7 @@ def test_figure_writers_survive_a_failing_savefig(tmp_path, monkeypatch):
         old = open(path, "rb").read()
         assert old.startswith(b"\x89PNG"), name
         monkeypatch.setattr(Figure, "savefig", broken_savefig)
-        with pytest.raises(checkpoint.CheckpointError, match="could not write .*injected"):
+        with pytest.raises(files.CheckpointError, match="could not write .*injected"):
             write(path)
         monkeypatch.undo()
         assert open(path, "rb").read() == old, f"{name}: the previous figure was damaged"

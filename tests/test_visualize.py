@@ -16,6 +16,7 @@ import visualize as V
 from config import DiffusionConfig, SampleConfig
 from cross_attn import CrossAttention, capture_attention
 from diffusion import Diffusion
+from harness import adapters
 from harness.files import CheckpointError, save_checkpoint
 from unet import UNet
 
@@ -243,13 +244,13 @@ def test_check_passes_a_healthy_model_and_fails_a_cut_off_layer(run, tmp_path, c
 
 def make_adapter(path, trained=True):
     model = tiny_model(cfg=HEALTHY)
-    fingerprint = lora.base_fingerprint(model)
+    fingerprint = adapters.base_fingerprint(model)
     lora.inject_lora(model, "attn", 2, 2.0)
     if trained:
         with torch.no_grad():
             for layer in lora.lora_layers(model):
                 layer.lora_B.normal_(0, 0.1)
-    lora.save_adapter(str(path), model, "attn", 2, 2.0, False, asdict(HEALTHY), fingerprint)
+    adapters.save_adapter(str(path), model, "attn", 2, 2.0, False, asdict(HEALTHY), fingerprint)
     return str(path)
 
 

@@ -23,7 +23,6 @@ from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, TrainConfi
 from harness.cli import Parser, run_cli
 from harness.dist import DeviceError, pick_device
 from harness.files import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
-from harness.run import autocast_for
 
 
 
@@ -104,14 +103,13 @@ def train_step_fn(mode, device, batch, cfg, lora_config=None):
     data = (torch.rand(4500, 1, 28, 28, device=device) * 2 - 1).contiguous(memory_format=layout)
     labels = torch.randint(0, 10, (4500,), device=device)
     net = torch.compile(model) if compiled else model
-    amp = autocast_for(tcfg, device)
     sync = synchronizer(device)
 
     def step():
         idx = torch.randint(0, 4500, (batch,), device=device)
         x0, y = data[idx], labels[idx]
         randomness = diffusion.draw(batch, x0.shape[1:], device)
-        train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg, amp)
+        train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg)
         sync()
     return step, state["optimizer"], data
 
