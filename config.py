@@ -167,11 +167,6 @@ class SampleConfig:
         _check(0 <= self.guidance_rescale <= 1, f"guidance_rescale {self.guidance_rescale}: must be in [0, 1]")
         _check(0 <= self.seed < 2 ** 63, f"seed {self.seed}: must be in 0 .. 2^63 - 1")
 
-    @property
-    def guidance_interval(self):
-        """(guide_from, guide_to), or None when guidance applies at every step."""
-        return None if (self.guide_from, self.guide_to) == (0.0, 1.0) else (self.guide_from, self.guide_to)
-
     def check_steps(self, timesteps):
         """The model's T bounds the number of DDIM steps."""
         _check(self.steps <= timesteps, f"steps {self.steps}: must be between 1 and {timesteps} (the model's T)")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import SampleConfig
+
 
 def linear_betas(T):
     """Ho et al.: betas rising linearly from 1e-4 to 0.02 (scaled to T steps), float64. At
@@ -38,17 +40,6 @@ def run_in_chunks(model, x, t, y):
     return torch.cat([model(*c) for c in zip(x.split(CPU_CHUNK), t.split(CPU_CHUNK), y.split(CPU_CHUNK))])
 
 
-def check_guidance_interval(interval):
-    """(lo, hi) with 0 <= lo < hi <= 1 (fractions of T) -> (lo, hi) as floats; else ValueError."""
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance interval {interval!r}: expected two numbers (lo, hi)") from None
-    if not 0.0 <= lo < hi <= 1.0:     # also refuses nan
-        raise ValueError(f"guidance interval ({lo}, {hi}): need 0 <= lo < hi <= 1 (fractions of T)")
-    return lo, hi
-
-
 class SamplingError(RuntimeError):
     """Sampling went off the rails (x_t became nan or inf): broken weights or settings, not images."""
 
@@ -56,6 +47,24 @@ class SamplingError(RuntimeError):
 def extract(a, t, ndim):
     """Gather a[t] for a batch of timesteps and shape it (B, 1, 1, 1) to broadcast over images."""
     return a[t].view(-1, *([1] * (ndim - 1)))
+
+
+def classifier_free_guidance(out_cond, out_uncond, w):
+    """out = out(no label) + w * (out(y) - out(no label))  (Ho & Salimans 2022).
+
+    w = 1 is the plain conditional model; w > 1 steps further from the unconditional
+    prediction, towards what makes the image *this* digit; w = 0 ignores the label."""
+    return out_uncond + w * (out_cond - out_uncond)
+
+
+def rescale_guidance(out, out_cond, phi):
+    """Lin et al. 2024 ("Common diffusion noise schedules are flawed", Alg. 2): scale the guided
+    output back to the per-image standard deviation of the conditional one, mixed in with
+    weight phi in [0, 1]. Guidance beyond w = 1 inflates the output, which draws bolder, more
+    saturated strokes than real digits have."""
+    dims = tuple(range(1, out.ndim))                                      # (C, H, W) of each image
+    rescaled = out * out_cond.std(dims, keepdim=True) / out.std(dims, keepdim=True).clamp_min(1e-8)
+    return phi * rescaled + (1 - phi) * out
 
 
 class Diffusion(nn.Module):
@@ -133,94 +142,90 @@ class Diffusion(nn.Module):
 
     # ----- the reverse process -----
 
-    def guidance_at(self, t, guidance, guidance_interval=None):
-        """The guidance scale used at timestep t: `guidance` where lo <= t/T < hi for
-        guidance_interval = (lo, hi), fractions of T; 1 (the plain conditional model, one
-        network pass) outside it. None: `guidance` at every step.
+    def guidance_at(self, t, scfg):
+        """The guidance scale w at timestep t: scfg.guidance where guide_from <= t/T < guide_to,
+        else 1 (the plain conditional model: one network pass instead of two).
 
         Kynkaanniemi et al. 2024 ("Applying guidance in a limited interval improves sample
         and distribution quality"): guidance at the noisiest steps mostly pulls every sample
         towards the same few prototypes (less diversity), at the least noisy ones it does
-        little; the middle is where it buys label fidelity.
+        little; the middle is where it buys label fidelity. The default interval is all of T.
         """
-        if guidance_interval is None:
-            return guidance
-        lo, hi = check_guidance_interval(guidance_interval)
-        return guidance if lo <= t / self.T < hi else 1.0
+        return scfg.guidance if scfg.guide_from <= t / self.T < scfg.guide_to else 1.0
 
-    def predict_eps_x0(self, model, x_t, t, y, guidance, guidance_interval=None, guidance_rescale=0.0):
-        """Network output -> (eps, x_0), with classifier-free guidance.
+    def predict_eps_x0(self, model, x_t, t, y, scfg):
+        """The network's output at timestep t, guided as scfg says -> (eps, x_0).
 
-        guidance w: out = out_uncond + w * (out_cond - out_uncond); w = 1 is the plain
-        conditional model. The conditional and unconditional passes run as one batch
-        (on a CPU, in chunks of CPU_CHUNK images: faster there, the same numbers).
-        guidance_interval (lo, hi): guide only where lo <= t/T < hi, elsewhere w = 1
-        (see guidance_at); None guides at every t.
-        guidance_rescale phi (Lin et al. 2024, "Common diffusion noise schedules are flawed",
-        Alg. 2): scale the guided output back to the per-image standard deviation of the
-        conditional one, mixed in with weight phi: guidance beyond w = 1 inflates the output,
-        which draws bolder, more saturated strokes than real digits have.
+        The conditional and unconditional passes run as one batch (on a CPU, in chunks of
+        CPU_CHUNK images: faster there, the same numbers); then classifier-free guidance, then
+        (optional) the guidance rescale.
         """
-        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        guidance = self.guidance_at(t, guidance, guidance_interval)
-        if guidance == 1.0:
+        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)   # (B,)
+        w = self.guidance_at(t, scfg)
+        if w == 1.0:
             out = run_in_chunks(model, x_t, tt, y)
         else:
             null = torch.full_like(y, self.null_label)
             out_cond, out_uncond = run_in_chunks(model, torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                                 torch.cat([y, null])).chunk(2)
-            out = out_uncond + guidance * (out_cond - out_uncond)
-            if guidance_rescale > 0:
-                dims = tuple(range(1, out.ndim))
-                rescaled = out * out_cond.std(dims, keepdim=True) / out.std(dims, keepdim=True).clamp_min(1e-8)
-                out = guidance_rescale * rescaled + (1 - guidance_rescale) * out
+                                                 torch.cat([y, null])).chunk(2)           # 2 x (B, C, H, W)
+            out = classifier_free_guidance(out_cond, out_uncond, w)
+            if scfg.guidance_rescale > 0:
+                out = rescale_guidance(out, out_cond, scfg.guidance_rescale)
+        return self.eps_and_x0(out, x_t, t)
+
+    def eps_and_x0(self, out, x_t, t):
+        """The network's output (eps or v) at timestep t -> (eps, x_0), x_0 clipped to [-1, 1]."""
         a, s = self.sqrt_alphas_cumprod[t], self.sqrt_one_minus_alphas_cumprod[t]
         if self.cfg.prediction == "eps":
             eps = out
             x0 = (x_t - s * eps) / a
-        else:
+        else:                                  # v = a eps - s x_0, and x_t = a x_0 + s eps
             x0 = a * x_t - s * out
             eps = s * x_t + a * out
         x0 = x0.clamp(-1, 1)                   # pixels live in [-1, 1]
         eps = (x_t - a * x0) / s               # keep eps consistent with the clipped x_0
         return eps, x0
 
-    @torch.inference_mode()
-    def sample(self, model, y, sampler="ddim", steps=50, guidance=None, eta=0.0,
-               generator=None, trajectory=False, image_shape=(1, 28, 28), guidance_interval=None,
-               guidance_rescale=0.0):
-        """Draw images for labels y (B,): (B, C, 28, 28) in [-1, 1].
+    def timesteps(self, scfg):
+        """The timesteps a sampler visits, noisiest first: all T for DDPM, scfg.steps evenly
+        spaced ones for DDIM."""
+        if scfg.sampler == "ddpm":
+            return list(range(self.T - 1, -1, -1))
+        return torch.linspace(self.T - 1, 0, scfg.steps).round().long().tolist()
 
-        sampler "ddpm": ancestral sampling over all T steps (Algorithm 2 of DDPM; `steps` ignored).
-        sampler "ddim": Song et al. 2021 over `steps` evenly spaced timesteps; eta=0 is deterministic.
-        guidance_interval (lo, hi), fractions of T: guidance only at steps with lo <= t/T < hi,
-        the plain conditional model (one pass, cheaper) elsewhere; None (default): every step.
-        guidance None: the model's DiffusionConfig.sample_guidance. guidance_rescale in [0, 1]: see predict_eps_x0.
-        With trajectory=True also returns the list of intermediate x_t, x_T first.
+    def step(self, x, t, t_prev, eps, x0, noise, scfg):
+        """One reverse step x_t -> x_{t_prev} (t_prev = -1: the last step, to x_0).
+
+        DDPM (Algorithm 2 of Ho et al.): x_{t-1} ~ q(x_{t-1} | x_t, x_0 = the prediction), no
+        noise on the final step. DDIM (Song et al. 2021): x_prev = sqrt(abar_prev) x_0 +
+        sqrt(1 - abar_prev - sigma^2) eps + sigma z, with sigma = 0 (deterministic) at eta = 0.
         """
-        if guidance_interval is not None:
-            check_guidance_interval(guidance_interval)
-        guidance = self.cfg.sample_guidance if guidance is None else guidance
+        if scfg.sampler == "ddpm":
+            mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x
+            std = (0.5 * self.posterior_log_variance_clipped[t]).exp()
+            return mean + (std * noise if t > 0 else 0)
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else x.new_tensor(1.0)
+        a_t = self.alphas_cumprod[t]
+        sigma = scfg.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise
+
+    @torch.inference_mode()
+    def sample(self, model, y, scfg=None, generator=None, trajectory=False, image_shape=(1, 28, 28)):
+        """Draw images for labels y (B,) -> (B, C, 28, 28) in [-1, 1], from pure noise.
+
+        scfg: a SampleConfig (sampler, steps, guidance, eta, guidance interval and rescale);
+        None: DDIM 50 at the model's own DiffusionConfig.sample_guidance. With trajectory=True
+        also returns every x_t, x_T first (frames[i] is the input of timesteps(scfg)[i]).
+        """
+        scfg = scfg or SampleConfig(guidance=self.cfg.sample_guidance)
         shape = (len(y), *image_shape)
         x = torch.randn(shape, generator=generator, device=y.device)          # x_T ~ N(0, I)
-        if sampler == "ddpm":
-            ts = list(range(self.T - 1, -1, -1))
-        else:
-            ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist()
+        ts = self.timesteps(scfg)
         frames = [x]
         for i, t in enumerate(ts):
-            eps, x0 = self.predict_eps_x0(model, x, t, y, guidance, guidance_interval, guidance_rescale)
+            eps, x0 = self.predict_eps_x0(model, x, t, y, scfg)
             noise = torch.randn(shape, generator=generator, device=y.device)
-            if sampler == "ddpm":
-                # x_{t-1} ~ q(x_{t-1} | x_t, x_0 = x0_pred), no noise on the final step
-                mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x
-                std = (0.5 * self.posterior_log_variance_clipped[t]).exp()
-                x = mean + (std * noise if t > 0 else 0)
-            else:
-                a_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else x.new_tensor(1.0)
-                a_t = self.alphas_cumprod[t]
-                sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-                x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise
+            x = self.step(x, t, ts[i + 1] if i + 1 < len(ts) else -1, eps, x0, noise, scfg)
             if not torch.isfinite(x).all():      # a result that cannot be right stops here, not as a black grid
                 raise SamplingError(f"x_t became non-finite (nan or inf) at sampling step {i + 1} of {len(ts)} "
                                     f"(t = {t}): the weights, adapter or guidance are broken")

@@ -38,10 +38,7 @@ def generate(model, diffusion, labels, n, scfg, trajectory=False, progress=False
     xs, frames = [], None
     with tqdm(total=len(y), desc="sampling", unit="img", disable=None if progress and len(y) > MAX_BATCH else True) as bar:
         for yb in y.split(MAX_BATCH):
-            out = diffusion.sample(model, yb, scfg.sampler, scfg.steps, scfg.guidance, scfg.eta,
-                                   generator=g, trajectory=trajectory and not xs,
-                                   guidance_interval=scfg.guidance_interval,
-                                   guidance_rescale=scfg.guidance_rescale)
+            out = diffusion.sample(model, yb, scfg, generator=g, trajectory=trajectory and not xs)
             x, frames = out if trajectory and not xs else (out, frames)
             xs.append(x)
             bar.update(len(yb))

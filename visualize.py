@@ -55,23 +55,11 @@ def save_figure(fig, path):
 
 # ----- sampling trajectory -----
 
-def sampling_timesteps(T, scfg):
-    """The timesteps Diffusion.sample visits, in order: its frames[i] is the x_t it feeds to ts[i]."""
-    if scfg.sampler == "ddpm":
-        return list(range(T - 1, -1, -1))
-    return torch.linspace(T - 1, 0, scfg.steps).round().long().tolist()
-
-
 def trajectory(model, diffusion, y, scfg):
     """Sample labels y (B,) -> (ts, frames): frames[i] (B, 1, 28, 28) is x_t at ts[i], frames[-1] = x_0."""
     g = torch.Generator(y.device).manual_seed(scfg.seed)
-    _, frames = diffusion.sample(model, y, sampler=scfg.sampler, steps=scfg.steps, guidance=scfg.guidance,
-                                 eta=scfg.eta, generator=g, trajectory=True,
-                                 guidance_interval=scfg.guidance_interval,
-                                 guidance_rescale=scfg.guidance_rescale)
-    ts = sampling_timesteps(diffusion.T, scfg)
-    assert len(frames) == len(ts) + 1, "sampling_timesteps disagrees with Diffusion.sample"
-    return ts, frames
+    _, frames = diffusion.sample(model, y, scfg, generator=g, trajectory=True)
+    return diffusion.timesteps(scfg), frames
 
 
 # ----- cross-attention maps and steering -----
@@ -89,7 +77,7 @@ def attention_at(model, diffusion, x_t, t, label):
        (mean over heads and pixels), out (2, C, H, W) the attention sub-layer's output."""
     y = torch.tensor([label, diffusion.null_label], device=x_t.device)
     with capture_attention(model) as records:
-        _, x0 = diffusion.predict_eps_x0(model, x_t.expand(2, -1, -1, -1), t, y, guidance=1.0)
+        _, x0 = diffusion.predict_eps_x0(model, x_t.expand(2, -1, -1, -1), t, y, SampleConfig(guidance=1.0))
     blocks = []
     for r in records:
         w, out = r["weights"].float().cpu(), r["out"].float().cpu()    # (2, h, N, L), (2, N, C)
@@ -337,8 +325,7 @@ def denoising_film(model, diffusion, scfg, path, max_frames=26, hold=8, zoom=2, 
     shots = []
     with torch.inference_mode():
         for i in tqdm(keep, desc="film", leave=False, disable=None):
-            _, x0 = diffusion.predict_eps_x0(model, frames[i], ts[i], y, scfg.guidance, scfg.guidance_interval,
-                                             scfg.guidance_rescale)
+            _, x0 = diffusion.predict_eps_x0(model, frames[i], ts[i], y, scfg)
             shots.append((f"step {i + 1}/{len(ts)}, t = {ts[i]}", strip(frames[i]), strip(x0)))
     shots += [("done: x_0", strip(frames[-1]), strip(frames[-1]))] * hold     # hold the result
     # Exact pixel layout: each image pixel becomes zoom x zoom screen pixels (nearest), which

@@ -4,7 +4,7 @@ import torch
 from conftest import TINY, assert_close
 
 import diffusion
-from config import DiffusionConfig
+from config import DiffusionConfig, SampleConfig
 from diffusion import Diffusion, cosine_betas, linear_betas
 from unet import UNet
 
@@ -64,7 +64,7 @@ def test_perfect_model_recovers_x0(prediction):
     a, s = d.sqrt_alphas_cumprod[t], d.sqrt_one_minus_alphas_cumprod[t]
     target = noise if prediction == "eps" else a * noise - s * x0
     oracle = lambda x, tt, y: target
-    eps, x0_hat = d.predict_eps_x0(oracle, xt, t, torch.tensor([1, 2]), guidance=1.0)
+    eps, x0_hat = d.predict_eps_x0(oracle, xt, t, torch.tensor([1, 2]), SampleConfig(guidance=1.0))
     assert_close(x0_hat, x0, atol=1e-4)
     assert_close(eps, noise, atol=1e-3)
 
@@ -76,7 +76,7 @@ def test_guidance_combines_cond_and_uncond_in_one_batch():
     def model(x, t, y):
         calls.append(len(y))
         return torch.where((y == 10).view(-1, 1, 1, 1), 1.0, 3.0).expand_as(x).clone()
-    out = d.predict_eps_x0(model, torch.zeros(2, 1, 4, 4), 5, torch.tensor([1, 2]), guidance=2.5)[0]
+    out = d.predict_eps_x0(model, torch.zeros(2, 1, 4, 4), 5, torch.tensor([1, 2]), SampleConfig(guidance=2.5))[0]
     # eps_uncond + w (eps_cond - eps_uncond) = 1 + 2.5 * 2 = 6 before the x_0 clamp re-derives eps
     assert calls == [4]
     a, s = d.sqrt_alphas_cumprod[5], d.sqrt_one_minus_alphas_cumprod[5]
@@ -96,7 +96,7 @@ def test_cpu_chunks_give_the_same_numbers():
         calls.append(len(args[0]))
         return model(*args)
     with torch.no_grad():
-        eps, x0 = d.predict_eps_x0(counted, x, 20, y, guidance=2.0)
+        eps, x0 = d.predict_eps_x0(counted, x, 20, y, SampleConfig(guidance=2.0))
         tt = torch.full((2 * n,), 20)
         out_c, out_u = model(torch.cat([x, x]), tt, torch.cat([y, torch.full_like(y, 10)])).chunk(2)
     assert max(calls) <= diffusion.CPU_CHUNK and sum(calls) == 2 * n
@@ -110,7 +110,8 @@ def test_same_seed_same_samples(sampler):
     model = UNet(TINY).eval()
     d = Diffusion(DiffusionConfig(timesteps=20))
     y = torch.tensor([0, 5])
-    run = lambda seed: d.sample(model, y, sampler, steps=5, generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: d.sample(model, y, SampleConfig(sampler=sampler, steps=5),
+                                 generator=torch.Generator().manual_seed(seed))
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (2, 1, 28, 28) and a.abs().max() <= 1.0 + 1e-6
@@ -118,7 +119,7 @@ def test_same_seed_same_samples(sampler):
 
 def test_trajectory_has_one_frame_per_step():
     d = Diffusion(DiffusionConfig(timesteps=20))
-    x, frames = d.sample(UNet(TINY).eval(), torch.tensor([3]), "ddim", steps=7, trajectory=True)
+    x, frames = d.sample(UNet(TINY).eval(), torch.tensor([3]), SampleConfig(steps=7), trajectory=True)
     assert len(frames) == 8 and torch.equal(frames[-1], x)
 
 
@@ -154,11 +155,10 @@ def test_guidance_interval_guides_only_inside_it():
         passes.append((int(t[0]), len(y)))
         return torch.zeros_like(x)
     scfg = SampleConfig(steps=10, guidance=3.0, guide_from=0.3, guide_to=0.7)
-    d.sample(model, torch.tensor([1, 2]), "ddim", 10, 3.0, guidance_interval=scfg.guidance_interval,
-             generator=torch.Generator().manual_seed(0))
+    d.sample(model, torch.tensor([1, 2]), scfg, generator=torch.Generator().manual_seed(0))
     assert passes and all((n == 4) == (30 <= t < 70) for t, n in passes)   # 2 labels: guided = 4 images
     assert {n for _, n in passes} == {2, 4}
-    assert SampleConfig().guidance_interval is None
+    assert d.guidance_at(0, SampleConfig(guidance=3.0)) == d.guidance_at(99, SampleConfig(guidance=3.0)) == 3.0
 
 
 def test_guidance_interval_outside_every_step_is_the_plain_model():
@@ -166,9 +166,10 @@ def test_guidance_interval_outside_every_step_is_the_plain_model():
     model = UNet(TINY).eval()
     d = Diffusion(DiffusionConfig(timesteps=20))
     y = torch.tensor([3, 8])
-    run = lambda w, gi: d.sample(model, y, "ddim", 4, w, guidance_interval=gi, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(run(5.0, (0.96, 1.0)), run(1.0, None))    # ddim 4 of T 20 visits t = 19, 13, 6, 0
-    assert not torch.equal(run(5.0, (0.9, 1.0)), run(1.0, None))
+    run = lambda w, lo: d.sample(model, y, SampleConfig(steps=4, guidance=w, guide_from=lo),
+                                 generator=torch.Generator().manual_seed(1))
+    assert torch.equal(run(5.0, 0.96), run(1.0, 0.0))    # ddim 4 of T 20 visits t = 19, 13, 6, 0
+    assert not torch.equal(run(5.0, 0.9), run(1.0, 0.0))
 
 
 @pytest.mark.parametrize("lo, hi", [(0.5, 0.5), (0.7, 0.2), (-0.1, 0.5), (0.2, 1.5), (float("nan"), 1.0)])
@@ -189,7 +190,7 @@ def test_guidance_rescale_matches_the_conditional_spread():
         return torch.where((y == 10).view(-1, 1, 1, 1), uncond.repeat(2, 1, 1, 1)[:len(y)], cond.repeat(2, 1, 1, 1)[:len(y)])
     x_t, y, t = torch.zeros(2, 1, 6, 6), torch.tensor([4, 7]), 99    # at t = T - 1, x0 = -s v: v read back exactly
     s = d.sqrt_one_minus_alphas_cumprod[t]
-    v_of = lambda phi: -d.predict_eps_x0(model, x_t, t, y, 3.0, guidance_rescale=phi)[1] / s
+    v_of = lambda phi: -d.predict_eps_x0(model, x_t, t, y, SampleConfig(guidance=3.0, guidance_rescale=phi))[1] / s
     plain = uncond + 3.0 * (cond - uncond)
     assert plain.abs().max() * s < 1      # stays inside the x_0 clamp
     assert_close(v_of(0.0), plain, atol=1e-5)
@@ -200,13 +201,13 @@ def test_guidance_rescale_matches_the_conditional_spread():
 
 
 def test_sampling_without_a_guidance_uses_the_models_sample_guidance():
-    """Diffusion.sample(guidance=None) is the DiffusionConfig's sample_guidance, exactly."""
+    """Diffusion.sample without a SampleConfig is DDIM 50 at the DiffusionConfig's sample_guidance, exactly."""
     torch.manual_seed(0)
     model = UNet(TINY).eval()
     d = Diffusion(DiffusionConfig(timesteps=20, sample_guidance=1.5), num_classes=10)
     y = torch.tensor([1, 7])
-    run = lambda **kw: d.sample(model, y, "ddim", 4, generator=torch.Generator().manual_seed(2), **kw)
-    assert torch.equal(run(), run(guidance=1.5)) and not torch.equal(run(), run(guidance=2.0))
+    run = lambda *scfg: d.sample(model, y, *scfg, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(run(), run(SampleConfig(guidance=1.5))) and not torch.equal(run(), run(SampleConfig()))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])

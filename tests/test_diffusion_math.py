@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import assert_close
 
-from config import DiffusionConfig
+from config import DiffusionConfig, SampleConfig
 from diffusion import Diffusion
 
 T = 50
@@ -200,7 +200,7 @@ def test_predict_eps_x0_round_trip_with_guidance(prediction, w, t):
     x_t = (math.sqrt(abar[t]) * x0 + math.sqrt(1 - abar[t]) * noise).float()
     delta = 0.05 * math.sqrt(abar[t])                          # moves x_0 by <= 0.05 (eps) or 0.05 s (v)
     oracle = Oracle(x0, prediction, w=w, delta=delta)
-    eps, x0_hat = d.predict_eps_x0(oracle, x_t, t, torch.tensor([1, 2, 3, 4]), guidance=w)
+    eps, x0_hat = d.predict_eps_x0(oracle, x_t, t, torch.tensor([1, 2, 3, 4]), SampleConfig(guidance=w))
     assert oracle.calls == [t]                                 # one network call (cond + uncond batched)
     assert_close(x0_hat.double(), x0.expand_as(x0_hat), atol=2e-5, msg="x_0")
     # eps is recomputed from the true x_t; compare with the eps that x_t really carries
@@ -227,7 +227,7 @@ def test_guidance_formula_on_arbitrary_outputs(prediction):
     else:
         x0 = a * x_t.double() - s * out
     assert x0.abs().max() < 0.9, "test set-up: x_0 must stay clear of the clamp"
-    eps_hat, x0_hat = d.predict_eps_x0(model, x_t, t, torch.tensor([0, 4, 9]), guidance=w)
+    eps_hat, x0_hat = d.predict_eps_x0(model, x_t, t, torch.tensor([0, 4, 9]), SampleConfig(guidance=w))
     assert_close(x0_hat.double(), x0, atol=2e-5, msg="x_0 from the guided output")
     assert_close(eps_hat.double(), (x_t.double() - a * x0) / s, atol=2e-5, msg="eps consistent with x_0")
 
@@ -241,7 +241,7 @@ def test_clamped_x0_keeps_eps_consistent(prediction):
     x_t = torch.linspace(-1, 1, 16).view(1, 1, 4, 4)
     raw = torch.linspace(-2, 2, 16).flip(0).view(1, 1, 4, 4)          # the unclamped x_0 wanted
     out = (x_t - a * raw) / s if prediction == "eps" else (a * x_t - raw) / s
-    eps, x0 = d.predict_eps_x0(lambda x, tt, y: out, x_t, t, torch.tensor([2]), guidance=1.0)
+    eps, x0 = d.predict_eps_x0(lambda x, tt, y: out, x_t, t, torch.tensor([2]), SampleConfig(guidance=1.0))
     assert_close(x0, raw.clamp(-1, 1), atol=1e-5)
     assert_close(eps, (x_t - a * x0) / s, atol=1e-5)
 
@@ -266,7 +266,7 @@ def test_ddim_frames_follow_the_closed_form(prediction, schedule, steps, w):
     x0 = make_x0((1, 3, 3))
     oracle = Oracle(x0, prediction, schedule, w=w, delta=0.02)
     y = torch.tensor([1, 5, 7])
-    x, frames = d.sample(oracle, y, sampler="ddim", steps=steps, guidance=w, eta=0.0,
+    x, frames = d.sample(oracle, y, SampleConfig(sampler="ddim", steps=steps, guidance=w, eta=0.0),
                          generator=torch.Generator().manual_seed(0), trajectory=True, image_shape=(1, 3, 3))
     ts = ddim_steps(steps)
     assert oracle.calls == ts, "the network is called at the step list's timesteps, in order"
@@ -317,8 +317,8 @@ def test_ddpm_frames_have_the_closed_form_mean_and_variance(prediction):
     d = Diffusion(DiffusionConfig(timesteps=T, prediction=prediction))
     x0 = make_x0((1, 32, 32))                                      # 1024 pixels per image
     B = 100                                                      # one network call per step
-    x, frames = d.sample(Oracle(x0, prediction), torch.zeros(B, dtype=torch.long), sampler="ddpm",
-                         guidance=1.0, generator=torch.Generator().manual_seed(0), trajectory=True,
+    x, frames = d.sample(Oracle(x0, prediction), torch.zeros(B, dtype=torch.long), SampleConfig(sampler="ddpm",
+                         guidance=1.0), generator=torch.Generator().manual_seed(0), trajectory=True,
                          image_shape=(1, 32, 32))
     c1, c2, var = ref_posterior(T, "cosine")
     m, v = torch.zeros_like(x0), 1.0
@@ -341,8 +341,8 @@ def test_ddim_with_eta_frames_have_the_closed_form_mean_and_variance(eta):
     x0 = make_x0((1, 32, 32))
     steps, B = 8, 100
     ts = ddim_steps(steps)
-    x, frames = d.sample(Oracle(x0, "v"), torch.zeros(B, dtype=torch.long), sampler="ddim", steps=steps,
-                         guidance=1.0, eta=eta, generator=torch.Generator().manual_seed(1), trajectory=True,
+    x, frames = d.sample(Oracle(x0, "v"), torch.zeros(B, dtype=torch.long), SampleConfig(sampler="ddim", steps=steps,
+                         guidance=1.0, eta=eta), generator=torch.Generator().manual_seed(1), trajectory=True,
                          image_shape=(1, 32, 32))
     _, abar = ref_schedule(T, "cosine")
     m, v = torch.zeros_like(x0), 1.0
@@ -369,8 +369,8 @@ def test_ddim_with_eta_adds_exactly_sigma_of_fresh_noise_per_step(eta):
     x0 = make_x0((1, 32, 32)).double()
     steps, B = 8, 100
     ts = ddim_steps(steps)
-    _, frames = d.sample(Oracle(x0.float(), "v"), torch.zeros(B, dtype=torch.long), sampler="ddim", steps=steps,
-                         guidance=1.0, eta=eta, generator=torch.Generator().manual_seed(2), trajectory=True,
+    _, frames = d.sample(Oracle(x0.float(), "v"), torch.zeros(B, dtype=torch.long), SampleConfig(sampler="ddim", steps=steps,
+                         guidance=1.0, eta=eta), generator=torch.Generator().manual_seed(2), trajectory=True,
                          image_shape=(1, 32, 32))
     _, abar = ref_schedule(T, "cosine")
     for i, t in enumerate(ts[:-1]):

@@ -20,7 +20,7 @@ import torch
 from conftest import TINY
 
 import lora
-from config import DiffusionConfig
+from config import DiffusionConfig, SampleConfig
 from diffusion import Diffusion
 from unet import UNet
 
@@ -73,7 +73,7 @@ def compute():
     for name, kw in (("ddim", dict(sampler="ddim", steps=5, guidance=2.0)),
                      ("ddim_eta", dict(sampler="ddim", steps=5, guidance=1.5, eta=1.0)),
                      ("ddpm", dict(sampler="ddpm", guidance=1.0))):
-        x_s = d.sample(steered(model, d, x0), y, generator=torch.Generator().manual_seed(3), **kw)
+        x_s = d.sample(steered(model, d, x0), y, SampleConfig(**kw), generator=torch.Generator().manual_seed(3))
         out[name] = picks(x_s)
         out[name]["saturated"] = (x_s.abs() > 0.999).float().mean().item()
     lora.inject_lora(model, [r"\.attn\.to_(q|k|v|out)$", r"\.conv(1|2)$"], r=2, alpha=4.0)

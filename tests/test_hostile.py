@@ -269,7 +269,8 @@ def test_sampling_stops_when_x_t_turns_non_finite():
     diffusion = Diffusion(DiffusionConfig(timesteps=50), 10)
     for sampler in ("ddim", "ddpm"):
         with pytest.raises(SamplingError, match="non-finite"):
-            diffusion.sample(lambda x, t, y: torch.full_like(x, float("nan")), torch.tensor([1, 2]), sampler, steps=3)
+            diffusion.sample(lambda x, t, y: torch.full_like(x, float("nan")), torch.tensor([1, 2]),
+                             SampleConfig(sampler=sampler, steps=3))
 
 
 # ----- bounded work -----
@@ -283,7 +284,7 @@ def test_generate_runs_bounded_batches_and_small_requests_are_unchanged(monkeypa
         return 0.1 * x + 0.01 * y.float().view(-1, 1, 1, 1)
     scfg = SampleConfig(steps=3, seed=5)
     x, y, _ = sample.generate(model, diffusion, [3, 4], 4, scfg)          # 8 images: one batch
-    direct = diffusion.sample(model, y, "ddim", 3, 2.0, 0.0, generator=torch.Generator().manual_seed(5))
+    direct = diffusion.sample(model, y, SampleConfig(steps=3, guidance=2.0), generator=torch.Generator().manual_seed(5))
     assert torch.equal(x, direct), "a small request must give the same images as before batching"
     monkeypatch.setattr(sample, "MAX_BATCH", 3)
     sizes.clear()

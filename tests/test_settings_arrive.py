@@ -33,11 +33,8 @@ def tiny():
 
 
 def direct(model, diffusion, y, scfg):
-    """diffusion.sample called by hand with every field of scfg: the lowest function."""
-    interval = None if (scfg.guide_from, scfg.guide_to) == (0.0, 1.0) else (scfg.guide_from, scfg.guide_to)
-    return diffusion.sample(model, y, scfg.sampler, scfg.steps, scfg.guidance, scfg.eta,
-                            generator=torch.Generator().manual_seed(scfg.seed), guidance_interval=interval,
-                            guidance_rescale=scfg.guidance_rescale)
+    """diffusion.sample called by hand with scfg and its seed: the lowest function."""
+    return diffusion.sample(model, y, scfg, generator=torch.Generator().manual_seed(scfg.seed))
 
 
 def test_every_sample_config_field_has_a_changed_value_here():
@@ -86,7 +83,7 @@ def test_batches_continue_one_noise_stream(tiny, monkeypatch):
     assert all((batches[i] - batches[j]).abs().max() > 1e-3 for i in range(3) for j in range(i)), \
         "every batch drew the same images: a freshly seeded generator per batch"
     g = torch.Generator().manual_seed(BASE.seed)
-    by_hand = torch.cat([diffusion.sample(model, y[i:i + 2], "ddim", BASE.steps, BASE.guidance, generator=g)
+    by_hand = torch.cat([diffusion.sample(model, y[i:i + 2], BASE, generator=g)
                          for i in (0, 2, 4)])
     assert torch.equal(x, by_hand)
     monkeypatch.setattr(sample, "MAX_BATCH", 6)
@@ -132,9 +129,9 @@ def test_guidance_interval_includes_its_start_and_excludes_its_end(tiny, lo, hi)
     guided = sorted(t for t, n in counting.calls.items() if n == 4)
     assert guided == list(range(round(lo * TINY_T), round(hi * TINY_T))), (lo, hi)
     assert sorted(counting.calls) == list(range(TINY_T)) and set(counting.calls.values()) <= {2, 4}
-    assert diffusion.guidance_at(round(lo * TINY_T), 3.0, (lo, hi)) == 3.0
+    assert diffusion.guidance_at(round(lo * TINY_T), scfg) == 3.0
     if hi < 1:
-        assert diffusion.guidance_at(round(hi * TINY_T), 3.0, (lo, hi)) == 1.0
+        assert diffusion.guidance_at(round(hi * TINY_T), scfg) == 1.0
 
 
 def test_every_lora_flag_arrives_in_the_layers_the_optimiser_and_the_adapter(tiny_ckpt, tmp_path, monkeypatch):

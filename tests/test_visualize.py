@@ -99,7 +99,7 @@ def test_attention_study_shapes_and_timesteps():
     model = tiny_model()
     d = Diffusion(DiffusionConfig(timesteps=50))
     study = V.attention_study(model, d, 3, SampleConfig(steps=10))
-    ts = V.sampling_timesteps(50, SampleConfig(steps=10))
+    ts = d.timesteps(SampleConfig(steps=10))
     assert [s["t"] for s in study] == [min(ts, key=lambda t: abs(t - f * 50)) for f in V.T_FRACTIONS]
     for s in study:
         assert s["x0"].shape == (2, 28, 28) and s["x_t"].shape == (28, 28) and s["x0"].abs().max() <= 1

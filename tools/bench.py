@@ -19,10 +19,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project's modules
 sys.path.insert(0, ROOT)
 
-from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, TrainConfig
+from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig
 from harness.cli import Parser, run_cli
 from harness.dist import DeviceError, pick_device
 from harness.files import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
+GUIDED = SampleConfig(guidance=2.0)      # what a sampling step costs: two network passes
 
 
 
@@ -207,7 +208,7 @@ def section_sample(args, device):
     x = torch.randn(2 * len(y), 1, 28, 28, device=device)
     with torch.no_grad():                           # warm-up: oneDNN sets up its kernels per shape
         model(x, torch.full((len(x),), mid, device=device), y.repeat(2))
-        d.predict_eps_x0(model, x[:len(y)], mid, y, 2.0)
+        d.predict_eps_x0(model, x[:len(y)], mid, y, GUIDED)
     runs = [("ddim20", "ddim", 20, True), ("ddim50", "ddim", 50, True), ("ddim50_unbatched", "ddim", 50, False)]
     if args.full_ddpm:
         runs.append(("ddpm1000", "ddpm", 1000, True))
@@ -215,15 +216,15 @@ def section_sample(args, device):
         g = torch.Generator(device).manual_seed(0)
         t0 = time.perf_counter()
         if batched:
-            x = d.sample(model, y, sampler, steps, 2.0, generator=g)
+            x = d.sample(model, y, SampleConfig(sampler=sampler, steps=steps, guidance=2.0), generator=g)
         else:
-            x = d.sample(guided, y, sampler, steps, 1.0, generator=g)
+            x = d.sample(guided, y, SampleConfig(sampler=sampler, steps=steps, guidance=1.0), generator=g)
         sec = time.perf_counter() - t0
         acc = (evaluate.classify(clf, x.cpu())[0].argmax(1) == y.cpu()).float().mean().item()
         results[name] = {"seconds": sec, "accuracy": acc}
     if not args.full_ddpm:  # every DDPM step is one guided network call: time 20, scale to 1,000
         x = torch.randn(len(y), 1, 28, 28, device=device)
-        sec, _ = timed(lambda: d.predict_eps_x0(model, x, mid, y, 2.0), 2, 20)
+        sec, _ = timed(lambda: d.predict_eps_x0(model, x, mid, y, GUIDED), 2, 20)
         results["ddpm1000"] = {"seconds": 1000 * sec, "accuracy": None, "extrapolated": True}
     results["peak_rss_mb"] = peak_rss_mb()
     return results
@@ -254,11 +255,11 @@ def section_lora_sampling(args, device):
     times, mid = {k: [] for k in models}, d.T // 2     # a timestep mid-way through the process
     with torch.no_grad():
         for model in models.values():                                   # warm-up
-            d.predict_eps_x0(model, x, mid, y, 2.0)
+            d.predict_eps_x0(model, x, mid, y, GUIDED)
         for _ in range(args.reps * 3):
             for name, model in models.items():
                 t = time.perf_counter()
-                d.predict_eps_x0(model, x, mid, y, 2.0)
+                d.predict_eps_x0(model, x, mid, y, GUIDED)
                 sync()
                 times[name].append(time.perf_counter() - t)
     return {k: {"ms_per_call": 1000 * statistics.median(v)} for k, v in times.items()}
