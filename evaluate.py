@@ -26,8 +26,8 @@ from dataset import apply_style, load_dataset
 from harness.adapters import read_adapter
 from harness.cli import Parser, run_cli
 from harness.dist import pick_device
-from harness.files import (CheckpointError, atomic_write, check_outputs, dataset_of, first_line, load_model,
-                           not_a_regular_file, read_csv, remove_stale_temps, save_checkpoint, shown, write_csv,
+from harness.files import (CheckpointError, check_outputs, dataset_of, first_line, load_model, not_a_regular_file,
+                           pyplot, read_csv, remove_stale_temps, save_checkpoint, save_figure, shown, write_csv,
                            write_json)
 from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, load_model_for_sampling,
                              sample_config)
@@ -346,9 +346,7 @@ def spread_text(spread):
 def save_sweep_figure(sweep, path):
     """Accuracy, spread within a digit and Frechet distance against the guidance scale: the
     quality/diversity trade-off."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     w = [s["guidance"] for s in sweep]
     fig, ax1 = plt.subplots(figsize=(6, 3.5))
     ax1.plot(w, [s["accuracy"] for s in sweep], "o-", color="C0", label="label accuracy")
@@ -363,8 +361,7 @@ def save_sweep_figure(sweep, path):
     ax2.set_ylabel("Frechet distance (dotted: real floor)", color="C1")
     ax1.set_title("classifier-free guidance: accuracy vs. diversity")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 
@@ -469,9 +466,7 @@ class QualityCurve:
 
 def save_curve_figure(rows, path):
     """Accuracy and Frechet / floor against training images (top axis: training minutes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     images = [int(r["images"]) / 1000 for r in rows]
     minutes = [float(r["train_minutes"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -488,8 +483,7 @@ def save_curve_figure(rows, path):
     fig.suptitle(f"quality while training (EMA weights, {QualityCurve.N_PER_DIGIT} per digit, "
                  f"DDIM {QualityCurve.STEPS})", fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def final_evaluation(model, diffusion, dataset, tcfg):

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from config import MAX_IMAGES, SampleConfig
 from harness.cli import run_cli
-from harness.files import atomic_write
+from harness.files import atomic_write, pyplot, save_figure
 from harness.scripts import GRID_MAX, SampleError, open_sampling
 
 MAX_BATCH = 1000       # images per network batch, whatever --n: memory stays bounded (a CPU splits further)
@@ -59,9 +59,7 @@ def to_uint8(x):
 
 def save_trajectory(frames, path, n_cols=10, max_rows=10):
     """One row per sample, x_T on the left to x_0 on the right."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     idx = np.linspace(0, len(frames) - 1, min(n_cols, len(frames))).round().astype(int)
     rows = min(max_rows, frames[0].shape[0])
     fig, axes = plt.subplots(rows, len(idx), figsize=(len(idx), rows + 0.4), squeeze=False)
@@ -73,8 +71,7 @@ def save_trajectory(frames, path, n_cols=10, max_rows=10):
                 axes[r, c].set_title(f"step {i}", fontsize=7)
     fig.suptitle("denoising trajectory: x_T (left) to x_0 (right)", fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80), suffix=".png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def main(argv=None):

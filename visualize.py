@@ -20,14 +20,15 @@ from torch import nn
 from tqdm import tqdm
 
 import lora
-from harness.adapters import apply_adapters, read_adapter
 from config import SampleConfig
 from cross_attn import CrossAttention, capture_attention
 from dataset import load_dataset
 from diffusion import Diffusion
+from harness.adapters import apply_adapters, read_adapter
 from harness.cli import Parser, UsageError, config_from_args, run_cli
 from harness.dist import pick_device
-from harness.files import DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, remove_stale_temps
+from harness.files import (DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, pyplot, remove_stale_temps,
+                           save_figure)
 from harness.scripts import SampleError, add_sampling_flags, sample_config
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
@@ -39,18 +40,6 @@ T_FRACTIONS = (0.9, 0.5, 0.1)      # where on the trajectory the attention is sh
 
 class VisualizeError(UsageError):
     """Bad input to visualize.py; the message says which flag and why."""
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path):
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80), suffix=".png")
-    pyplot().close(fig)
 
 
 # ----- sampling trajectory -----
@@ -472,9 +461,7 @@ def run_check(args, device):
 
 def side_by_side(models, titles, diffusion, path, n=6, seed=0, scales=None):
     """One panel per model (or per LoRA scale): rows are digits 0..9, same noise in every panel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from torchvision.utils import make_grid
     panels = []
     for model, scale in zip(models, scales or [None] * len(models)):
@@ -492,8 +479,7 @@ def side_by_side(models, titles, diffusion, path, n=6, seed=0, scales=None):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def finetune_figures(base_model, tuned, diffusion, out, lcfg):
@@ -515,9 +501,7 @@ def finetune_figures(base_model, tuned, diffusion, out, lcfg):
 def save_update_figure(stats, path):
     """Two panels from update_stats(): the relative update size per layer, and each layer's
     singular values sigma_i / sigma_1 for i = 1..r (1 everywhere: all of rank r is used)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     if not stats:
         raise lora.LoraError("no LoRA layers: no update to draw")
     names, y = [s["name"] for s in stats], range(len(stats))
@@ -537,8 +521,7 @@ def save_update_figure(stats, path):
             title="sigma_i / sigma_1 of dW")
     fig.colorbar(im, ax=ax2, fraction=0.08)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 

@@ -520,3 +520,17 @@ def write_csv(path, fields, rows):
             w.writeheader()
             w.writerows(rows)
     atomic_write(path, write, suffix=".csv")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), imported when first needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=80):
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), suffix=".png")
+    pyplot().close(fig)

@@ -1,11 +1,7 @@
-"""The training loop, written once: train.py runs it from scratch, lora_finetune.py on a
-frozen base with LoRA, bench.py times its step.
-
-One flat loop counted in optimiser steps: batch -> loss -> backward -> clip -> AdamW step
--> LR schedule -> EMA -> log; atomic checkpoints every so often; Ctrl-C saves and exits;
-`--resume` continues bit-exactly where a run stopped. The set-up both scripts share (process
-and seed, memory layout, optimiser + schedule + EMA, the stored config on resume, what
-happens after the loop) lives here too, so a fix lands once.
+"""A training run's safety: its folder (judged, locked, --overwrite only once the new run has
+loaded), --resume (the stored configuration wins; flags that contradict it are refused; the
+loop state restored bit-exactly), Steps (the batches, noise, progress and Ctrl-C around
+train.py's loop), the stops before a non-finite step, and what happens after the loop.
 """
 import contextlib
 import os
@@ -19,15 +15,15 @@ from tqdm import tqdm
 
 from config import TrainConfig, config_from_dict
 from harness.dist import Dist, launched_by_torchrun
-from harness.files import (CheckpointError, RunLock, atomic_write, check_outputs, dataset_of, first_line,
-                           load_checkpoint, prepare_run_folder, remove_run_files, shown)
+from harness.files import (CheckpointError, RunLock, check_outputs, dataset_of, first_line, load_checkpoint,
+                           prepare_run_folder, pyplot, remove_run_files, save_figure, shown)
 
 
 class TrainingError(Exception):
     """Training cannot go on (bad flags, a non-finite loss, ...); the message says why."""
 
 
-# ----- set-up shared by train.py and lora_finetune.py -----
+# ----- the run folder and --resume -----
 
 def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders=None, given=(), sections=None,
              write_folders=None, old_pattern=None):
@@ -414,9 +410,7 @@ def save_loss_curve(losses, path, title="training loss"):
     """losses: list of (step, loss) -> a PNG with the raw and smoothed curves."""
     if not losses:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     steps, values = zip(*losses)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, values, alpha=0.3, label="loss")
@@ -424,5 +418,4 @@ def save_loss_curve(losses, path, title="training loss"):
     ax.set(xlabel="step", ylabel="MSE", title=title, yscale="log")
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

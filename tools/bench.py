@@ -15,7 +15,6 @@ import time
 
 import torch
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project's modules
 sys.path.insert(0, ROOT)
 
@@ -23,6 +22,7 @@ from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConf
 from harness.cli import Parser, run_cli
 from harness.dist import DeviceError, pick_device
 from harness.files import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
+
 GUIDED = SampleConfig(guidance=2.0)      # what a sampling step costs: two network passes
 
 
@@ -192,8 +192,8 @@ def section_profile(args, device):
 def section_sample(args, device):
     """Sampling 100 images (10 per digit) with several samplers, and their accuracy."""
     import evaluate
-    from harness.files import load_model
     from diffusion import Diffusion
+    from harness.files import load_model
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     d = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
@@ -236,8 +236,8 @@ def section_lora_sampling(args, device):
     import copy
 
     import lora
-    from harness.files import load_model
     from diffusion import Diffusion
+    from harness.files import load_model
     base, diff_cfg, _ = load_model(args.checkpoint, device)
     unmerged = copy.deepcopy(base)
     lc = LoraConfig()                                       # lora_finetune.py's defaults

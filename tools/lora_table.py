@@ -18,8 +18,8 @@ sys.path.insert(0, ROOT)
 
 from config import MAX_IMAGES
 from harness.cli import Parser, UsageError, run_cli
-from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, atomic_write, check_outputs, load_checkpoint,
-                           write_json)
+from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_outputs, load_checkpoint, pyplot,
+                           save_figure, write_json)
 
 ROWS = "attn:1,attn:4,attn:16,attn+ff:4,all-linear:4"
 
@@ -115,9 +115,7 @@ def print_table(rows, style):
 
 def plot(rows, style, path):
     """Style shift against trainable parameters (log scale), one labelled point per row."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     measure = measure_of(style)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for i, w in enumerate(sorted(rows, key=lambda w: w["trainable"])):
@@ -134,8 +132,7 @@ def plot(rows, style, path):
     ax.set_ylabel(f"{measure} shift, base -> real {style} (%)")
     ax.set_title(f"LoRA on {style} digits: where and how big")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):
