@@ -4,7 +4,7 @@ never a traceback, never a pre-existing file changed, never a number that cannot
 Classes of failure, each with the tests that would have caught it: outputs clobbering inputs,
 two writers in one run folder, non-finite weights and adapters, unvalidated npz files, folder
 images of any PIL mode, --resume flags that were silently ignored, unbounded work; and from a
-second probe: lock files that are links, special files and FIFOs, long names and newlines in
+second round: lock files that are links, special files and FIFOs, long names and newlines in
 paths, users' tmp files, a full disk, Ctrl-C, tampered loop state, huge configs, broken
 classifier caches, overflowing flags, missing peers."""
 import contextlib
