@@ -15,6 +15,8 @@ An nn.Conv2d is handled the same way by reading its weight (out, in, k, k) as an
 forward() is the definition above. forward_fused() computes the same numbers as
 x (W + dW)^T + b, one matmul (or convolution) instead of three; set_fused(model, True)
 switches to it, and a test proves both agree.
+
+How an adapter is saved, checked on load and exported for peft: harness/adapters.py.
 """
 import math
 import re

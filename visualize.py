@@ -444,8 +444,7 @@ def run_check(args, device):
         for check, value, ok in adapter_checks(model, args.lora, ckpt["config"]["model"], x_t, t, y):
             print(f"  {'ok  ' if ok else 'FAIL'} {check}" + ("" if value == "" else f" {value:.2e}"))
             failed |= not ok
-        for name, p in model.named_parameters():     # now the adapter's own gradients
-            p.requires_grad_("lora_" in name)
+        lora.mark_only_lora_trainable(model)         # now the adapter's own gradients
         _, lora_problems = gradient_report(model, diffusion, x0, y, randomness)
         problems += lora_problems
         failed |= bool(lora_problems)
@@ -454,8 +453,6 @@ def run_check(args, device):
     print("check: FAILED" if failed else "check: ok, every trainable parameter gets a finite, non-zero gradient")
     return 1 if failed else 0
 
-
-# ----- the script -----
 
 # ----- lora_finetune.py's figures -----
 
@@ -524,6 +521,8 @@ def save_update_figure(stats, path):
     save_figure(fig, path, dpi=100)
 
 
+
+# ----- the script -----
 
 def parse_args(argv=None):
     p = Parser(description="Figures that look inside a trained model (cross-attention maps, where the "

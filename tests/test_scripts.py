@@ -171,8 +171,8 @@ def test_lora_finetune_end_to_end(tiny_ckpt, tmp_path, monkeypatch):
     from diffusion import Diffusion
     sample = Diffusion.sample
 
-    def figures_in_5_steps(self, model, y, *args, **kw):    # the figures' 270 samples: 5 DDIM steps, not 50
-        return sample(self, model, y, *args, **kw, **({} if args else {"steps": 5}))
+    def figures_in_5_steps(self, model, y, scfg=None, **kw):    # the figures' 270 samples: 5 DDIM steps, not 50
+        return sample(self, model, y, scfg or SampleConfig(guidance=self.cfg.sample_guidance, steps=5), **kw)
     monkeypatch.setattr(Diffusion, "sample", figures_in_5_steps)
     out = str(tmp_path / "lora")
     r = run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--style", "italic", "--max-steps", "3",
