@@ -11,6 +11,7 @@ Bold is a change of ink that attention can make; italic is a geometric change th
 convolutions: the best italic run measured replaces every layer (`--targets all --r 8`; see
 BEST_ITALIC and docs/lora.md). `--full` fine-tunes every weight: the baseline.
 """
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -21,6 +22,7 @@ import lora
 import visualize
 from diffusion import Diffusion
 from evaluate import style_evaluation
+from harness.adapters import save_adapter
 from harness.cli import run_cli
 from harness.files import load_model, save_checkpoint
 from harness.run import after_fit, loop_state_dict
@@ -68,7 +70,13 @@ def main(argv=None):
         if code is not None:      # another rank, or Ctrl-C (the checkpoint is saved)
             return code
         tuned = state["ema"].module.eval()
-        out_file = s.save_result(tuned, base_ckpt, state["step"])     # adapter.safetensors (--full: ckpt.pt)
+        if lcfg.full:                                 # a checkpoint sample.py reads like train.py's
+            out_file = s.save_full_model(tuned, base_ckpt, state["step"])
+        else:                                         # the adapter: only A and B, and what fits them
+            out_file = os.path.join(tcfg.out, "adapter.safetensors")
+            save_adapter(out_file, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora, base_ckpt["config"]["model"],
+                         s.fingerprint, style=lcfg.style)
+            s.export_peft(tuned)                      # with --export-peft: <out>/peft for Hugging Face peft
         summary = s.sizes(out_file, state["step"], seconds)          # printed, and kept for summary.json
         summary.update(report(s, tuned, diffusion))
         s.write_summary(summary)

@@ -17,8 +17,7 @@ from config import (MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfi
                     config_from_dict)
 from dataset import apply_style, load_dataset
 from diffusion import Diffusion
-from harness.adapters import (PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft,
-                              save_adapter)
+from harness.adapters import (PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft)
 from harness.cli import Parser, UsageError, add_config_flags, config_from_args, explicit_flags
 from harness.dist import pick_device
 from harness.files import (DEFAULT_CHECKPOINT, check_finite, check_fits, check_outputs, configs_from_checkpoint,
@@ -301,22 +300,19 @@ class FinetuneRun:
             restore_loop_state(state, resume, path, verbose=self.dist.main)
         self.run.start_fresh()
 
-    def save_result(self, tuned, base_ckpt, step):
-        """LoRA: the adapter (safetensors; and the peft export when asked). --full: a checkpoint
-        that sample.py reads like train.py's. -> the file written."""
-        lcfg, out = self.lcfg, self.tcfg.out
-        if lcfg.full:
-            path, sd = os.path.join(out, "ckpt.pt"), tuned.state_dict()
-            save_checkpoint(path, {"model": sd, "ema": sd, "config": base_ckpt["config"], "data": self.base_data,
-                                   "step": step})
-            return path
-        path = os.path.join(out, "adapter.safetensors")
-        save_adapter(path, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora, base_ckpt["config"]["model"],
-                     self.fingerprint, style=lcfg.style)
-        if lcfg.export_peft:
-            export_peft(tuned, os.path.join(out, "peft"), replace=True)     # ours, under the lock
-            print(f"peft adapter: {os.path.join(out, 'peft')} (PeftModel.from_pretrained(UNet(cfg), that folder))")
+    def save_full_model(self, tuned, base_ckpt, step):
+        """--full: the tuned weights as a checkpoint that sample.py reads like train.py's. -> its path."""
+        path, sd = os.path.join(self.tcfg.out, "ckpt.pt"), tuned.state_dict()
+        save_checkpoint(path, {"model": sd, "ema": sd, "config": base_ckpt["config"], "data": self.base_data,
+                               "step": step})
         return path
+
+    def export_peft(self, tuned):
+        """--export-peft: the adapter in peft's format, in <out>/peft (ours, under the run's lock)."""
+        if self.lcfg.export_peft:
+            folder = os.path.join(self.tcfg.out, "peft")
+            export_peft(tuned, folder, replace=True)
+            print(f"peft adapter: {folder} (PeftModel.from_pretrained(UNet(cfg), that folder))")
 
     def sizes(self, out_file, steps, seconds):
         """Print the speed and the file's size against the base. -> the start of summary.json."""
