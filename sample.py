@@ -18,7 +18,8 @@ MAX_BATCH = 1000       # images per network batch, whatever --n: memory stays bo
 
 
 def model_sampling(diff_cfg, **fields):
-    """A model's default SampleConfig: the guidance its run chose (sample_guidance), the rest as SampleConfig says."""
+    """A model's default SampleConfig: the guidance its run chose (sample_guidance), the rest as
+    SampleConfig says."""
     return SampleConfig(guidance=diff_cfg.sample_guidance, **fields)
 
 
@@ -36,7 +37,8 @@ def generate(model, diffusion, labels, n, scfg, trajectory=False, progress=False
         raise SampleError(f"{len(y):,} images asked for: at most {MAX_IMAGES:,} per request")
     g = torch.Generator(device).manual_seed(scfg.seed)
     xs, frames = [], None
-    with tqdm(total=len(y), desc="sampling", unit="img", disable=None if progress and len(y) > MAX_BATCH else True) as bar:
+    shown = progress and len(y) > MAX_BATCH                # a bar over batches, when there are several
+    with tqdm(total=len(y), desc="sampling", unit="img", disable=None if shown else True) as bar:
         for yb in y.split(MAX_BATCH):
             out = diffusion.sample(model, yb, scfg, generator=g, trajectory=trajectory and not xs)
             x, frames = out if trajectory and not xs else (out, frames)
@@ -78,7 +80,8 @@ def main(argv=None):
     """Load the model (harness), draw the digits, write the grid (and the npz, the trajectory)."""
     s = open_sampling(argv)       # flags checked, model (+ LoRA) loaded, outputs checked before any work
     args, labels = s.args, s.labels
-    x, y, frames = generate(s.model, s.diffusion, labels, args.n, s.scfg, trajectory=args.show_steps, progress=True)
+    x, y, frames = generate(s.model, s.diffusion, labels, args.n, s.scfg, trajectory=args.show_steps,
+                            progress=True)
     per_label = min(args.n, GRID_MAX)                               # the grid: the first GRID_MAX of each label
     grid = x.reshape(len(labels), args.n, *x.shape[1:])[:, :per_label].reshape(-1, *x.shape[1:])
     save_grid(grid, s.out, nrow=per_label if len(labels) > 1 else min(args.n, 10))

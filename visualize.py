@@ -545,8 +545,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_flags(args):
+    """visualize.py's flags, checked before any work. -> the figures asked for."""
     if not 0 <= args.label <= 9:
         raise VisualizeError(f"--label {args.label}: must be a digit 0..9")
     figures = [f for f in args.figures.split(",") if f]
@@ -558,10 +558,17 @@ def main(argv=None):
     if args.batch_size < 2:
         raise VisualizeError(f"--batch-size {args.batch_size}: must be >= 2")
     try:                    # the flags checked before any work; a missing --guidance is the checkpoint's
-        scfg = config_from_args(SampleConfig, args, guidance=SampleConfig.guidance if args.guidance is None
-                                else args.guidance)
+        config_from_args(SampleConfig, args, guidance=SampleConfig.guidance if args.guidance is None
+                         else args.guidance)
     except ValueError as e:
         raise VisualizeError(str(e)) from None
+    return figures
+
+
+def main(argv=None):
+    """The figures of the README's "How it works" (or, with --check, the gradient check)."""
+    args = parse_args(argv)
+    figures = check_flags(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
