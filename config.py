@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, fields
 
 MAX_IMAGES = 100_000   # images per sampling request: 313 MB of float32 pixels, ~80 MB as uint8 in the npz
-LORA_MAX_R = 4096      # the largest LoRA rank and alpha: what lora_finetune.py trains, lora.py's loader accepts
+LORA_MAX_R = 4096      # the largest LoRA rank and alpha: what lora_finetune.py trains, harness/adapters.py's loader accepts
 LORA_MAX_ALPHA = 1e6
 
 

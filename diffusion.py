@@ -199,6 +199,8 @@ class Diffusion(nn.Module):
         DDPM (Algorithm 2 of Ho et al.): x_{t-1} ~ q(x_{t-1} | x_t, x_0 = the prediction), no
         noise on the final step. DDIM (Song et al. 2021): x_prev = sqrt(abar_prev) x_0 +
         sqrt(1 - abar_prev - sigma^2) eps + sigma z, with sigma = 0 (deterministic) at eta = 0.
+        `noise` is drawn by the caller at every step, used or not, so that every setting reads
+        the same random stream; DDPM steps from t to t - 1 and ignores t_prev.
         """
         if scfg.sampler == "ddpm":
             mean = self.posterior_mean_coef1[t] * x0 + self.posterior_mean_coef2[t] * x

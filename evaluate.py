@@ -487,12 +487,12 @@ def save_curve_figure(rows, path):
 
 
 def final_evaluation(model, diffusion, dataset, tcfg):
-    """Score the EMA weights with py's classifier, so every run says how good it is."""
+    """Score the EMA weights with this file's classifier, so every run says how good it is."""
     clf, clf_acc = get_classifier(dataset, tcfg.data_dir)
     real_x, real_y, _ = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)
     r, _, _ = evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, model_sampling(diffusion.cfg),
-                                      real_y=real_y)
-    print(f"final evaluation ({tcfg.eval_n} samples per digit; `python py` for the full one):")
+                             real_y=real_y)
+    print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
     print_report(r, clf_acc)
 
 

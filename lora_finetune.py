@@ -38,9 +38,9 @@ def main(argv=None):
     """Set up (harness), load the base, add LoRA, train A and B only, save the adapter, report."""
     s = open_finetune(argv)       # flags -> configs; run folder checked and locked
     with s.run:                   # one writer in the run folder until the run ends, however it ends
-        lcfg, tcfg = s.lcfg, s.tcfg
         model, diff_cfg, base_ckpt = load_model(s.args.checkpoint, s.device)    # the base's EMA weights
         s.prepare_data(base_ckpt)                     # its training digits, styled, on the device
+        lcfg, tcfg = s.lcfg, s.tcfg
         if lcfg.full:                                 # the baseline: every weight trains
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -52,7 +52,7 @@ def main(argv=None):
         params = [p for p in model.parameters() if p.requires_grad]      # A and B (--full: all)
         diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(s.device)
         groups = params if lcfg.full else lora.param_groups(model, tcfg.lr, lcfg.lr_ratio_b)
-        state = new_loop_state(model, groups, s.tcfg, len(s.x))
+        state = new_loop_state(model, groups, tcfg, len(s.x))
         trained = (lambda m: m.state_dict()) if lcfg.full else lora.lora_state_dict
         s.begin(model, state, params, trained)        # --resume: checked against this base, then loaded
 
@@ -62,8 +62,9 @@ def main(argv=None):
                                           **loop_state_dict(state)})
 
         kind = "full" if lcfg.full else "lora"
+        s.run.start_fresh()       # --overwrite: the earlier run's files go only now, everything loaded
         t0 = time.perf_counter()
-        outcome = fit(model, diffusion, (s.x, s.y), s.tcfg, state, save, s.dist, params, desc=kind)
+        outcome = fit(model, diffusion, (s.x, s.y), tcfg, state, save, s.dist, params, desc=kind)
         seconds = time.perf_counter() - t0
         code = after_fit(outcome, state, s.dist, model, tcfg.out, f"{kind} fine-tuning loss", s.resume_hint,
                          s.args.figures)
@@ -77,7 +78,7 @@ def main(argv=None):
             save_adapter(out_file, tuned, lcfg.targets, lcfg.r, lcfg.alpha, lcfg.rslora, base_ckpt["config"]["model"],
                          s.fingerprint, style=lcfg.style)
             s.export_peft(tuned)                      # with --export-peft: <out>/peft for Hugging Face peft
-        summary = s.sizes(out_file, state["step"], seconds)          # printed, and kept for summary.json
+        summary = s.start_summary(out_file, state["step"], seconds)          # printed, and kept for summary.json
         summary.update(report(s, tuned, diffusion))
         s.write_summary(summary)
     return 0

@@ -5,8 +5,9 @@ batches): draw images, timesteps and noise -> the loss -> backward -> clip -> Ad
 learning-rate schedule -> EMA of the weights, with a checkpoint every so often. At the end: a
 sample grid, the loss curve and a short evaluation of the EMA weights.
 
-Safety and convenience (run-folder lock, --resume, flags, Ctrl-C, torchrun) live in harness/
-and are called only before the loop and after it. lora_finetune.py runs this same loop.
+Safety and convenience (run-folder lock, --resume, flags, Ctrl-C, torchrun) live in harness/:
+called before the loop and after it, plus one-line guards in the step. lora_finetune.py runs
+this same loop.
 """
 import math
 import os
@@ -77,6 +78,7 @@ def fit(model, diffusion, data, tcfg, state, save, dist, params, desc="train", o
             loss = train_step(net, model, diffusion, x0, y, randomness, state, params, tcfg)
             state["step"] += 1
             steps.log(loss)                       # progress bar; every --log-every steps the loss curve
+            # every rank asks (it is also where Ctrl-C on any rank is seen); rank 0 saves
             if steps.checkpoint_due():            # every --ckpt-every steps, at the end, and on Ctrl-C
                 save(state)
             if on_step and dist.main:
@@ -94,7 +96,7 @@ def main(argv=None):
         diffusion = Diffusion(s.diff_cfg, s.model_cfg.num_classes).to(s.device)
         params = list(model.parameters())
         state = new_loop_state(model, params, tcfg, len(s.x))
-        s.begin(model, state)     # --resume: weights, EMA and loop state back; --overwrite: old files go now
+        s.begin(model, state)     # --resume: weights, EMA, optimiser, schedule, RNG and step back
         ema = state["ema"].module
 
         def save(state):          # atomic: a crash mid-write leaves the previous checkpoint whole
@@ -103,14 +105,15 @@ def main(argv=None):
 
         curve = (evaluate.QualityCurve(s.data_name, tcfg.data_dir, tcfg.out, tcfg.batch_size, state["step"])
                  if tcfg.eval_every and s.dist.main else None)
-        last = run_length(len(s.x), tcfg)[2]
+        _, _, last_step = run_length(len(s.x), tcfg)
 
         def on_step(step):        # --sample-every grids, --eval-every quality curve
             if tcfg.sample_every and step % tcfg.sample_every == 0:
                 save_sample_grid(ema, diffusion, os.path.join(tcfg.out, f"samples_{step:06d}.png"))
-            if curve and (step % tcfg.eval_every == 0 or step == last):
+            if curve and (step % tcfg.eval_every == 0 or step == last_step):
                 curve(step, ema, diffusion, time.perf_counter() - t0)
 
+        s.run.start_fresh()       # --overwrite: the earlier run's files go only now, everything loaded
         t0 = time.perf_counter()
         outcome = fit(model, diffusion, (s.x, s.y), tcfg, state, save, s.dist, params, on_step=on_step)
         minutes = (time.perf_counter() - t0 - (curve.eval_seconds if curve else 0)) / 60

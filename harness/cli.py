@@ -166,7 +166,8 @@ def run_cli(main, argv=None, prog=None):
     half-written), and a stdout that goes away never stops the work (GuardedStdout). A closed
     pipe is what `| head` does, so it is not an error; any other failure to print (a full disk)
     is one line and exit 1, after the work is done."""
-    prog = prog or os.path.basename(sys.modules[main.__module__].__file__)     # train.py, ...
+    script = getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0]
+    prog = prog or os.path.basename(script)              # train.py, bench.py, ...
     out = sys.stdout = GuardedStdout(sys.stdout)
     try:
         code = main(argv)

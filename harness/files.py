@@ -1,4 +1,6 @@
-"""Checkpoints you can trust: state dicts + config, atomic writes, safe loads, clear errors.
+"""Files you can trust: atomic writes, the run-folder lock, output checks (no output may be an
+input), recognising weight files, checkpoints (state dicts + config, safe loads, every field
+checked, clear errors), CSV rows and figures.
 
 A checkpoint is a dict {"model", "ema", "optimizer", "scheduler", "step", "config", "rng", ...}
 of tensors and plain Python values, so `torch.load(weights_only=True)` can read it and no

@@ -38,7 +38,7 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     IsADirectoryError at the end); old_pattern: a regex for the names of files the run writes
     besides (step grids). On --overwrite all of them, the earlier run's, go at run.start_fresh();
     inputs / folders: {label: path} of the files and dataset folders the run reads, which no
-    output may be or lie in; given: the flags given on the command line (config.explicit_flags);
+    output may be or lie in; given: the flags given on the command line (harness.cli.explicit_flags);
     sections: {name: config built from the flags} of the other stored configs ("model", "lora",
     ...), checked against the checkpoint's on --resume.
     -> (dist, tcfg, checkpoint path, checkpoint or None, run): a HeldRun; use it in a `with` (the
@@ -89,9 +89,13 @@ class HeldRun(contextlib.AbstractContextManager):
             remove_run_files(self.folder, self.earlier, self.pattern)
             self.earlier = []
 
-    def __exit__(self, *exc):
+    def close(self):
+        """Release the run folder's lock (what the end of the `with` does)."""
         if self.lock:
             self.lock.release()
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def judges_run_folder(dist):

@@ -1,8 +1,10 @@
 """Each script's flags and safe set-up, so that the script itself shows only its idea.
 
 open_training / open_finetune: flags -> configs, the run folder checked and locked (harness/run.py),
-on --resume the stored configuration and checkpoint, the data on the device. What they return
+on --resume the stored configuration and checkpoint, the data on the device; what they return
 also restores a resumed run's state into the freshly built model and optimiser (begin()).
+open_sampling: sample.py's flags, the model with its adapters, the outputs checked. The flags
+shared by sample.py, evaluate.py and visualize.py are here too.
 """
 import argparse
 import json
@@ -83,7 +85,7 @@ class TrainingRun:
 
     def begin(self, model, state):
         """Print the set-up; on --resume load weights, EMA and loop state (optimiser, schedule, RNG,
-        step, losses); on --overwrite remove the earlier run's files, now that the inputs loaded."""
+        step, losses)."""
         if self.dist.main:
             print(json.dumps(self.config))
             print(f"data: {self.data_name}, {len(self.x):,} training images | model: {count_params(model):,} "
@@ -93,7 +95,6 @@ class TrainingRun:
             load_state(model, self.ckpt["model"], self.ckpt_path)
             load_state(state["ema"].module, self.ckpt["ema"], self.ckpt_path, "ema")
             restore_loop_state(state, self.ckpt, self.ckpt_path, verbose=self.dist.main)
-        self.run.start_fresh()
 
 
 def open_training(argv=None):
@@ -117,7 +118,7 @@ def open_training(argv=None):
         x, y, name = load_training_data(tcfg, dist)
         x, y = place_data(x, y, dist.device, tcfg)
     except BaseException:
-        run.__exit__(None, None, None)
+        run.close()
         raise
     config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
     return TrainingRun(resume_hint=resume_command("train.py", tcfg), args=args, dist=dist, device=dist.device, tcfg=tcfg, model_cfg=model_cfg, diff_cfg=diff_cfg,
@@ -279,7 +280,7 @@ class FinetuneRun:
 
     def begin(self, model, state, params, trained):
         """Print the set-up; on --resume check the run against this base and load its trained
-        tensors and loop state; on --overwrite remove the earlier run's files."""
+        tensors and loop state."""
         self.fingerprint = base_fingerprint(model)
         self.trainable, self.total = sum(p.numel() for p in params), sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
         if self.dist.main:
@@ -298,7 +299,6 @@ class FinetuneRun:
                 check_finite(resume[key], path, key)
                 module.load_state_dict(resume[key], strict=False)  # keys checked just above
             restore_loop_state(state, resume, path, verbose=self.dist.main)
-        self.run.start_fresh()
 
     def save_full_model(self, tuned, base_ckpt, step):
         """--full: the tuned weights as a checkpoint that sample.py reads like train.py's. -> its path."""
@@ -314,7 +314,7 @@ class FinetuneRun:
             export_peft(tuned, folder, replace=True)
             print(f"peft adapter: {folder} (PeftModel.from_pretrained(UNet(cfg), that folder))")
 
-    def sizes(self, out_file, steps, seconds):
+    def start_summary(self, out_file, steps, seconds):
         """Print the speed and the file's size against the base. -> the start of summary.json."""
         size, base_size = os.path.getsize(out_file), os.path.getsize(self.args.checkpoint)
         ms_per_step = 1000 * seconds / max(1, steps - self.first_step)
@@ -360,7 +360,7 @@ def open_finetune(argv=None):
         if lcfg.export_peft and dist.main:            # not after the training: refused now, if at all
             check_peft_folder(os.path.join(tcfg.out, "peft"), replace=True)
     except BaseException:
-        run.__exit__(None, None, None)
+        run.close()
         raise
     hint = resume_command("lora_finetune.py", tcfg, "--checkpoint", os.path.abspath(args.checkpoint))
     return FinetuneRun(args=args, dist=dist, device=dist.device, tcfg=tcfg, lcfg=lcfg, ckpt_path=ckpt_path,

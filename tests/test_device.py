@@ -159,3 +159,14 @@ def test_every_scripts_errors_are_one_line_under_its_own_name(script, monkeypatc
     monkeypatch.setattr(module, "main", lambda argv: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError):                     # a bug is not an expected error: it shows
         cli.run_cli(module.main, [], prog=f"{script}.py")
+
+
+def test_run_cli_names_a_main_without_a_file_by_argv0(monkeypatch):
+    """`python -c`, a REPL or a notebook: no module file, so the program is sys.argv[0], not a traceback."""
+    def main(argv):
+        raise cli.UsageError("the reason")
+    main.__module__ = "__main__-without-a-file"
+    monkeypatch.setattr(sys, "argv", ["/somewhere/prog.py"])
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(main, [])
+    assert e.value.code == "prog.py: error: the reason"

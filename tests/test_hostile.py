@@ -722,8 +722,8 @@ def test_overwrite_leaves_nothing_of_the_earlier_run_but_the_users_files(run_cop
 
 def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_its_inputs(run_copy, tmp_path):
     """--overwrite removes the earlier run only once the new run has loaded its model and data: a
-    typo in a flag, a user's file in peft/, another kind of run's weights or a linked peft/ folder
-    cost nothing (each used to delete the earlier run's files, then fail)."""
+    typo in a flag, a failing quality-curve set-up, a user's file in peft/, another kind of run's
+    weights or a linked peft/ folder cost nothing (each used to delete the earlier run's files, then fail)."""
     base = tmp_path / "base"
     shutil.copytree(run_copy["folder"], base)                  # a train.py run (and an adapter)
     lora_out = tmp_path / "lora"
@@ -737,6 +737,15 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_its_inputs(run_co
                            str(tmp_path / "typo"), "--out", str(base)), "typo")
     one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(tmp_path / "typo.pt"), *flags, "--overwrite"),
                    "typo.pt")
+    import evaluate
+    from dataset import DataError
+
+    def broken_judge(*args, **kwargs):                          # --eval-every's set-up fails after the model loaded
+        raise DataError("the classifier cache is broken")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(evaluate, "get_classifier", broken_judge)
+        one_line_error(run_cli("train.py", *TINY_FLAGS, "--overwrite", "--eval-every", "1", "--out", str(base)),
+                       "classifier cache is broken")
     (lora_out / "peft" / "README.txt").write_text("mine")
     keep[lora_out] = digest(str(lora_out))
     one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(base / "ckpt.pt"), *flags, "--overwrite",

@@ -1,4 +1,4 @@
-"""How fast, how much memory, how much of the machine: `python bench.py` (`--quick` for seconds).
+"""How fast, how much memory, how much of the machine: `python tools/bench.py` (`--quick` for seconds).
 
 Each section runs in its own process so that its peak memory (max RSS) is its own. Prints a
 table and writes JSON. Ratios measured in the same run are what the README quotes; absolute
@@ -84,7 +84,7 @@ def model_config(preset):
 
 
 def train_step_fn(mode, device, batch, cfg, lora_config=None):
-    """train.py's training step (loop.train_step) under `mode` (MODES), on random data of
+    """train.py's training step (train.train_step) under `mode` (MODES), on random data of
     MNIST's size. -> (step_fn, optimizer, data)."""
     from diffusion import Diffusion
     from train import new_loop_state, train_step
@@ -197,7 +197,7 @@ def section_sample(args, device):
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     d = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
-    clf = evaluate.get_classifier(dataset_of(ckpt), "data", progress=False)[0]
+    clf = evaluate.get_classifier(dataset_of(ckpt), os.path.join(ROOT, "data"), progress=False)[0]
     y = torch.arange(10, device=device).repeat_interleave(args.n // 10)
 
     def guided(x, t, labels):      # guidance as two separate passes, for comparison

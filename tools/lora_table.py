@@ -1,4 +1,4 @@
-"""Which layers, which rank? `python lora_table.py --style italic` runs lora_finetune.py once per
+"""Which layers, which rank? `python tools/lora_table.py --style italic` runs lora_finetune.py once per
 row (target preset x rank) and tabulates trainable parameters vs style shift vs accuracy.
 
 Every row trains for the same steps with the same data and seed, with alpha = r (scaling 1),
