@@ -1,7 +1,8 @@
 """Generate digits from a trained checkpoint: `python sample.py --label 7` (see --help).
 
-Rebuilds the UNet from the checkpoint's config, loads its EMA weights and samples with
-DDIM (default) or DDPM, steered by classifier-free guidance.
+The UNet is rebuilt from the checkpoint's config with its EMA weights (and any --lora adapters:
+harness/scripts.py, open_sampling); generate() then draws digits with DDIM (default) or DDPM,
+steered by classifier-free guidance (diffusion.py).
 """
 import sys
 
