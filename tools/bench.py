@@ -197,7 +197,7 @@ def section_sample(args, device):
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     d = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
-    clf = evaluate.get_classifier(dataset_of(ckpt), os.path.join(ROOT, "data"), progress=False)[0]
+    clf = evaluate.get_classifier(dataset_of(ckpt), "data", progress=False)[0]   # as every script: ./data
     y = torch.arange(10, device=device).repeat_interleave(args.n // 10)
 
     def guided(x, t, labels):      # guidance as two separate passes, for comparison
