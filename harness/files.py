@@ -197,7 +197,7 @@ def save_checkpoint(path, ckpt):
 def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
     """The no-clobber rule: a folder that already holds a run -- any of the files this run
     writes: its checkpoint `ckpt_name` and `writes` -- needs --resume or --overwrite.
-    -> the checkpoint path in it."""
+    -> the names of this run's files the folder holds already."""
     ckpt = os.path.join(out, ckpt_name)
     if resume and not os.path.isfile(ckpt):
         raise CheckpointError(f"--resume: no checkpoint at {shown(ckpt)}")
@@ -215,7 +215,7 @@ def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
         os.remove(temp_path(os.path.join(out, "write-test")))
     except OSError as e:
         raise CheckpointError(f"--out {shown(out)}: not writable ({e.strerror})") from e
-    return ckpt
+    return found
 
 
 def remove_run_files(folder, names=(), pattern=None):

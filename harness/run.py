@@ -4,6 +4,7 @@ loop state restored bit-exactly), Steps (the batches, noise, progress and Ctrl-C
 train.py's loop), the stops before a non-finite step, and what happens after the loop.
 """
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -16,7 +17,8 @@ from tqdm import tqdm
 from config import TrainConfig, config_from_dict
 from harness.dist import Dist, launched_by_torchrun
 from harness.files import (CheckpointError, RunLock, check_outputs, dataset_of, first_line, load_checkpoint,
-                           prepare_run_folder, pyplot, remove_run_files, save_figure, shown)
+                           not_a_regular_file, prepare_run_folder, pyplot, remove_run_files, save_figure, shown,
+                           write_json)
 
 
 class TrainingError(Exception):
@@ -25,8 +27,55 @@ class TrainingError(Exception):
 
 # ----- the run folder and --resume -----
 
+RECORD = "run.json"     # a run folder's record of itself: {"kind": ..., "files": [...], "pattern": ...}
+
+
+def read_record(folder):
+    """The record a run left in `folder` (see RECORD), or None when there is none."""
+    path = os.path.join(folder, RECORD)
+    if not os.path.lexists(path):
+        return None
+    kind = not_a_regular_file(path)
+    if kind:
+        raise CheckpointError(f"{shown(path)}: is a {kind}, not a run record (remove it)")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        ok = (isinstance(record, dict) and isinstance(record.get("kind"), str)
+              and isinstance(record.get("files"), list) and all(isinstance(n, str) for n in record["files"])
+              and isinstance(record.get("pattern"), (str, type(None))))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{shown(path)}: not a readable run record ({first_line(e)})") from e
+    if not ok or any(os.path.isabs(n) or ".." in n.split("/") for n in record["files"]):
+        raise CheckpointError(f"{shown(path)}: not a run record of this project (altered?); remove it only if "
+                              "the folder holds no run you want to keep")
+    return record
+
+
+def check_kind(folder, kind):
+    """One run per folder: a folder whose record names another kind of run is refused, whatever
+    the flags. -> the folder's record, or None."""
+    record = read_record(folder) if os.path.isdir(folder) else None
+    if record is not None and record["kind"] != kind:
+        raise CheckpointError(f"{shown(folder)} holds a {record['kind']} run ({RECORD}); a {kind} run cannot "
+                              "continue or replace it: choose another --out")
+    return record
+
+
+def check_record(folder, kind, resume, overwrite, found):
+    """check_kind, and: --overwrite on files that no record lists (a run from before records
+    existed, or not this project's) is refused, as --overwrite only ever removes what a record
+    lists. -> the earlier run's record, or None."""
+    record = check_kind(folder, kind)
+    if record is None and found and overwrite and not resume:
+        raise CheckpointError(f"{shown(folder)} holds {', '.join(found)} but no {RECORD} saying which run wrote "
+                              "them (an older version's run, or not this project's); --overwrite removes only "
+                              "what a run's record lists: move them away, or choose another --out")
+    return record
+
+
 def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders=None, given=(), sections=None,
-             write_folders=None, old_pattern=None):
+             write_folders=None, old_pattern=None, kind="training"):
     """Threads, process group (under torchrun) and device; the run folder, judged and locked by
     rank 0: outputs checked against inputs, the no-clobber rule, one writer; on --resume the
     checkpoint and its stored TrainConfig (flags that contradict the stored run are refused);
@@ -40,59 +89,74 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     inputs / folders: {label: path} of the files and dataset folders the run reads, which no
     output may be or lie in; given: the flags given on the command line (harness.cli.explicit_flags);
     sections: {name: config built from the flags} of the other stored configs ("model", "lora",
-    ...), checked against the checkpoint's on --resume.
+    ...), checked against the checkpoint's on --resume; kind: "training" or "fine-tuning", what the
+    folder's record (RECORD) must say, if it has one.
     -> (dist, tcfg, checkpoint path, checkpoint or None, run): a HeldRun; use it in a `with` (the
     lock goes when the run is over, however it ends) and call run.start_fresh() before training."""
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     dist = Dist(tcfg.device)                          # refuses a half-set torchrun environment first
     ckpt_path = os.path.join(tcfg.out, ckpt_name)
-    lock = None
-    earlier = []
+    lock, earlier, record, created = None, [], None, False
     if judges_run_folder(dist):
         write_folders = write_folders or {}
         files = [n for n in (ckpt_name, *writes) if n not in write_folders]
+        mine = files + [os.path.join(d, n) for d, names in write_folders.items() for n in names]
+        record = {"kind": kind, "files": mine, "pattern": old_pattern}
+        check_kind(tcfg.out, kind)                    # first: the most telling refusal
         outputs = [("--out", os.path.join(tcfg.out, n)) for n in files]
         check_outputs(outputs[:1], inputs or {}, folders or {}, create=True, weights_ok=True)   # its own checkpoint
         check_outputs(outputs[1:], inputs or {}, folders or {}, create=True,    # an adapter: only beside that
                       weights_ok=os.path.isfile(ckpt_path))                      # checkpoint, never another run's
-        prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
-        lock = RunLock(tcfg.out, files, old_pattern)
-        if overwrite and not resume:                  # what start_fresh() removes
-            earlier = files + [os.path.join(d, n) for d, names in write_folders.items() for n in names]
+        created = not os.path.lexists(tcfg.out)
+        found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
+        check_record(tcfg.out, kind, resume, overwrite, found)
+        lock = RunLock(tcfg.out, files + [RECORD], old_pattern)
     try:
         if lock:                                      # again under the lock: a writer that just finished counts
-            prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)
+            found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)
+            earlier = check_record(tcfg.out, kind, resume, overwrite, found)
+            if not (overwrite and not resume):
+                earlier = None                        # what start_fresh() removes: only with --overwrite
         ckpt = load_checkpoint(ckpt_path) if resume else None
         if ckpt is not None:
             check_loop_state(ckpt, ckpt_path)
             tcfg = resume_config(ckpt, tcfg, given, sections)
     except BaseException:
-        if lock:
-            lock.release()
+        HeldRun(lock, tcfg.out, created=created).close()
         raise
     torch.manual_seed(tcfg.seed)
-    return dist, tcfg, ckpt_path, ckpt, HeldRun(lock, tcfg.out, earlier, old_pattern if earlier else None)
+    return dist, tcfg, ckpt_path, ckpt, HeldRun(lock, tcfg.out, earlier, record, created)
 
 
 class HeldRun(contextlib.AbstractContextManager):
     """What open_run hands back: the run folder's lock (rank 0; none on the other ranks), released
-    at the end of the `with`, and what --overwrite has to remove of the earlier run."""
+    at the end of the `with`; the earlier run's record, whose files --overwrite removes; this run's
+    record; whether this run created the folder (a start that fails leaves no empty folder)."""
 
-    def __init__(self, lock, folder, earlier=(), pattern=None):
-        self.lock, self.folder, self.earlier, self.pattern = lock, folder, list(earlier), pattern
+    def __init__(self, lock, folder, earlier=None, record=None, created=False):
+        self.lock, self.folder, self.earlier, self.record, self.created = lock, folder, earlier, record, created
 
     def start_fresh(self):
-        """--overwrite: remove the earlier run's own files, called once the new run has loaded its
-        model and data, so that a typo in a flag never costs the old run (see remove_run_files)."""
+        """Called once the new run has loaded its model and data, before it writes anything: with
+        --overwrite the earlier run's files (those its record lists) go now, so that a typo in a flag
+        never costs the old run (see remove_run_files); then this run's record is written."""
         if self.earlier:
-            remove_run_files(self.folder, self.earlier, self.pattern)
-            self.earlier = []
+            remove_run_files(self.folder, self.earlier["files"], self.earlier["pattern"])
+            self.earlier = None
+        if self.lock and self.record:                 # rank 0
+            write_json(os.path.join(self.folder, RECORD), self.record)
 
     def close(self):
-        """Release the run folder's lock (what the end of the `with` does)."""
+        """Release the run folder's lock (what the end of the `with` does); remove the folder if this
+        run created it and wrote nothing."""
         if self.lock:
             self.lock.release()
+        if self.created:
+            try:
+                os.rmdir(self.folder)                 # only if empty
+            except OSError:
+                pass
 
     def __exit__(self, *exc):
         self.close()

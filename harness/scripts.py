@@ -352,7 +352,7 @@ def open_finetune(argv=None):
     dist, tcfg, ckpt_path, resume, run = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
-        write_folders={} if lcfg.full else {"peft": PEFT_FILES})
+        write_folders={} if lcfg.full else {"peft": PEFT_FILES}, kind="fine-tuning")
     try:
         if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed/exported
             lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),

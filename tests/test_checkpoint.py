@@ -61,7 +61,7 @@ def test_run_folder_rules(tmp_path):
     out = str(tmp_path / "run")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         prepare_run_folder(out, resume=True, overwrite=False)
-    assert prepare_run_folder(out, False, False) == os.path.join(out, "ckpt.pt")
+    assert prepare_run_folder(out, False, False) == []
     open(os.path.join(out, "ckpt.pt"), "w").close()
     with pytest.raises(CheckpointError, match="already holds a run"):
         prepare_run_folder(out, False, False)

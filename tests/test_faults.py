@@ -54,7 +54,7 @@ def test_kill_9_mid_training_then_resume_equals_uninterrupted(tmp_path):
     for key in ("model", "ema"):
         for name in ca[key]:
             assert torch.equal(ca[key][name], cb[key][name]), f"{key}.{name} (killed at step {step})"
-    assert sorted(os.listdir(b)) == ["ckpt.pt"], "temp files left"
+    assert sorted(os.listdir(b)) == ["ckpt.pt", "run.json"], "temp files left"
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):

@@ -135,6 +135,7 @@ def test_show_steps_figure_may_not_be_the_checkpoint(run_copy, tmp_path):
 def test_finetune_obeys_the_no_clobber_rule_for_every_file_it_writes(run_copy, tmp_path):
     folder = str(tmp_path / "base")
     shutil.copytree(run_copy["folder"], folder)
+    os.remove(os.path.join(folder, "run.json"))       # no record (else: "holds a training run", test_run_folder.py)
     before = digest(folder)
     common = ["--checkpoint", os.path.join(folder, "ckpt.pt"), "--max-steps", "1", "--eval-n", "0", "--no-figures"]
     one_line_error(run_cli("lora_finetune.py", *common, "--full", "--out", folder), "ckpt.pt: is the --checkpoint")
@@ -552,8 +553,7 @@ def test_a_lock_file_that_is_a_link_is_refused_not_written_through(run_copy, tmp
         os.symlink("ckpt.pt" if link == "symlink to the checkpoint" else victim, lock)
     before = digest(folder, victim)
     one_line_error(run_cli("train.py", "--resume", "--max-steps", "4", "--out", folder), ".lock")
-    one_line_error(run_cli("lora_finetune.py", "--checkpoint", run_copy["ckpt"], "--overwrite", "--out", folder),
-                   ".lock")
+    one_line_error(run_cli("train.py", "--overwrite", "--max-steps", "4", "--out", folder), ".lock")
     assert digest(folder, victim) == before and os.path.lexists(lock)
 
 
@@ -629,7 +629,7 @@ def test_a_run_in_a_shared_folder_keeps_the_users_tmp_files(tmp_path):
     after = digest(str(out))
     assert {p: h for p, h in after.items() if p in before} == {p: h for p, h in before.items()
                                                               if os.path.basename(p) not in killed}
-    assert sorted(os.listdir(out)) == sorted([".cache.tmp-abcdefgh", ".loss.png.tmp-abcdefgh.txt.bak", "ckpt.pt",
+    assert sorted(os.listdir(out)) == sorted([".cache.tmp-abcdefgh", ".loss.png.tmp-abcdefgh.txt.bak", "ckpt.pt", "run.json",
                                               "notes.tmp", "table.tmp.csv", ".samples_2.png.tmp-ab12cd34.png"])
 
 
@@ -706,7 +706,7 @@ def test_overwrite_leaves_nothing_of_the_earlier_run_but_the_users_files(run_cop
     (out / "samples_1.png").write_text("mine too: not a step grid's name")
     r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--overwrite", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "notes.txt", "samples_1.png"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "notes.txt", "run.json", "samples_1.png"]
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 1
     lora_out = tmp_path / "lora"
     flags = ["--checkpoint", run_copy["ckpt"], "--max-steps", "1", "--eval-n", "0", "--no-figures", "--batch-size", "16",
@@ -751,7 +751,7 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_has_its_inputs(run_co
     one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(base / "ckpt.pt"), *flags, "--overwrite",
                            "--export-peft"), "holds other files (README.txt)")
     one_line_error(run_cli("lora_finetune.py", "--checkpoint", str(run_copy["ckpt"]), "--full", "--overwrite",
-                           *flags[:-1], str(base)), "ckpt.pt: holds model weights")
+                           *flags[:-1], str(base)), "holds a training run")
     assert {d: digest(str(d)) for d in keep} == keep
     shutil.rmtree(lora_out / "peft")
     os.symlink(elsewhere, lora_out / "peft")

@@ -268,7 +268,8 @@ def test_figures_grids_and_eval_n_of_a_run(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert "trained 5 steps" in r.stdout
     assert drawn == [(False, list(range(10)), 10, SampleConfig(guidance=1.5))] * 3
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.png", "samples.png", "samples_000002.png", "samples_000004.png"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "loss.png", "run.json", "samples.png", "samples_000002.png",
+                                       "samples_000004.png"]
     for name, level in (("samples_000002.png", -0.25), ("samples_000004.png", 0.0), ("samples.png", 0.25)):
         with Image.open(os.path.join(out, name)) as im:
             grid = np.asarray(im.convert("L"))

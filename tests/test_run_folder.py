@@ -1,0 +1,114 @@
+"""One run, one folder: a run folder's record (run.json) says which kind of run it holds and which
+files are that run's; --overwrite and --resume act only on a run of the same kind, and remove only
+what the record lists. A failed start leaves no empty folder behind."""
+import json
+import os
+import shutil
+
+import pytest
+from conftest import TINY_FLAGS, one_line_error, run_cli
+from test_hostile import digest
+
+from harness.files import CheckpointError
+from harness.run import RECORD, read_record
+
+FT = ["--max-steps", "2", "--eval-n", "0", "--no-figures", "--batch-size", "16"]
+
+
+@pytest.fixture
+def training(tiny_ckpt, tmp_path):
+    """A copy of the tiny training run's folder (its record says "training")."""
+    folder = tmp_path / "train"
+    shutil.copytree(os.path.dirname(tiny_ckpt), folder)
+    return folder
+
+
+def test_a_run_records_its_kind_and_files(training, tmp_path):
+    record = read_record(str(training))
+    assert record["kind"] == "training" and record["pattern"] == r"samples_\d{6,}\.png"
+    assert set(record["files"]) == {"ckpt.pt", "loss.png", "samples.png", "eval_curve.csv", "eval_curve.png"}
+    out = tmp_path / "lora"
+    assert run_cli("lora_finetune.py", "--checkpoint", str(training / "ckpt.pt"), *FT, "--out", str(out),
+                   "--export-peft").returncode == 0
+    record = read_record(str(out))
+    assert record["kind"] == "fine-tuning" and record["pattern"] is None
+    assert {"finetune_ckpt.pt", "adapter.safetensors", "peft/adapter_model.safetensors",
+            "peft/adapter_config.json"} <= set(record["files"])
+
+
+@pytest.mark.parametrize("extra", [["--full"], []], ids=["full", "lora"])
+def test_a_fine_tuning_run_never_replaces_a_training_runs_files(training, tmp_path, extra):
+    """lora_finetune.py --overwrite --out <a training run's folder> (as an earlier refusal's hint
+    said) once replaced its resumable ckpt.pt (--full) or deleted its loss.png (LoRA)."""
+    base = tmp_path / "base.pt"
+    shutil.copy(training / "ckpt.pt", base)
+    (training / "finetune_ckpt.pt").write_bytes(b"")         # as an earlier refused attempt could leave it
+    (training / "loss.png").write_bytes(b"the training run's curve")
+    before = digest(str(training))
+    for checkpoint in (base, training / "ckpt.pt"):
+        for flags in (["--overwrite"], ["--resume"], []):
+            r = run_cli("lora_finetune.py", "--checkpoint", str(checkpoint), *extra, *FT, *flags,
+                        "--out", str(training))
+            one_line_error(r, "holds a training run", "choose another --out")
+    assert digest(str(training)) == before
+
+
+def test_training_never_replaces_a_fine_tuning_runs_files(training, tmp_path):
+    """train.py --overwrite --out <a --full fine-tune's folder> once replaced its weights."""
+    out = tmp_path / "full"
+    assert run_cli("lora_finetune.py", "--checkpoint", str(training / "ckpt.pt"), "--full", *FT,
+                   "--out", str(out)).returncode == 0
+    before = digest(str(out))
+    for flags in (["--overwrite"], ["--resume"]):
+        one_line_error(run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", *flags, "--out", str(out)),
+                       "holds a fine-tuning run")
+    assert digest(str(out)) == before
+
+
+def test_overwrite_removes_only_what_the_record_lists(training):
+    (training / "samples.png").unlink(missing_ok=True)      # not there: nothing to remove
+    (training / "mine.png").write_text("a user's file")
+    record = read_record(str(training))
+    record["files"].remove("loss.png")                      # as if the run never wrote it
+    (training / RECORD).write_text(json.dumps(record))
+    (training / "loss.png").write_bytes(b"not the run's: the record does not list it")
+    loss = (training / "loss.png").read_bytes()
+    assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--overwrite",
+                   "--out", str(training)).returncode == 0
+    assert (training / "loss.png").read_bytes() == loss and (training / "mine.png").read_text() == "a user's file"
+
+
+def test_a_folder_without_a_record_is_resumed_but_never_overwritten(training):
+    """A run from before records existed: --resume continues it (and records it); --overwrite
+    would have to guess which files are the run's, so it is refused."""
+    (training / RECORD).unlink()
+    before = digest(str(training))
+    one_line_error(run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--overwrite", "--out", str(training)),
+                   "no run.json", "move them away")
+    assert digest(str(training)) == before
+    assert run_cli("train.py", "--resume", "--max-steps", "6", "--no-figures", "--out", str(training)).returncode == 0
+    assert read_record(str(training))["kind"] == "training"
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"kind": 5, "files": []}', '{"kind": "training", "files": ["../x"], '
+                                     '"pattern": null}', '[]'])
+def test_a_broken_record_is_one_line(training, content):
+    (training / RECORD).write_text(content)
+    before = digest(str(training))
+    one_line_error(run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--overwrite", "--out", str(training)),
+                   RECORD)
+    assert digest(str(training)) == before
+    with pytest.raises(CheckpointError):
+        read_record(str(training))
+
+
+def test_a_failed_start_leaves_no_empty_folder(tmp_path):
+    for script, flags in (("train.py", [*TINY_FLAGS, "--dataset", "folder", "--data-dir", str(tmp_path / "typo")]),
+                          ("lora_finetune.py", ["--checkpoint", str(tmp_path / "typo.pt"), *FT])):
+        out = tmp_path / f"new-{script}"
+        one_line_error(run_cli(script, *flags, "--out", str(out)), "typo")
+        assert not out.exists(), script
+    (tmp_path / "kept").mkdir()                               # a folder the user made stays, even empty
+    one_line_error(run_cli("train.py", *TINY_FLAGS, "--dataset", "folder", "--data-dir", str(tmp_path / "typo"),
+                           "--out", str(tmp_path / "kept")), "typo")
+    assert (tmp_path / "kept").is_dir()
