@@ -33,6 +33,7 @@ from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, l
                              sample_config)
 from sample import generate, model_sampling
 
+MAX_SWEEP = 12           # guidance values per --sweep-guidance: each is a full evaluation
 CLASSIFIER_VERSION = 2    # bump when the classifier or its training changes: invalidates caches
 
 
@@ -522,6 +523,8 @@ def main(argv=None):
         scales = [float(s) for s in args.sweep_guidance.split(",")] if args.sweep_guidance else []
     except ValueError:
         raise SampleError(f"--sweep-guidance {shown(args.sweep_guidance)}: expected numbers like 0,1,2,3,5") from None
+    if len(scales) > MAX_SWEEP:
+        raise SampleError(f"--sweep-guidance: {len(scales)} values; at most {MAX_SWEEP} (each is a full evaluation)")
     device = pick_device(args.device)
     model = None
     if args.npz is None:
@@ -558,8 +561,6 @@ def main(argv=None):
                   f"spread {spread_text(r['spread'])}")
             sweep.append({"guidance": w, **r})
         results["sweep"] = sweep
-        save_sweep_figure(sweep, sweep_png)
-        print(sweep_png)
     elif args.lora:
         results["lora"] = lora_comparison(args, model, diffusion, dataset, scfg)
     else:
@@ -569,8 +570,11 @@ def main(argv=None):
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
 
-    write_json(out, results)
+    write_json(out, results)                             # the numbers first: a figure that fails costs none
     print(out)
+    if sweep_png:
+        save_sweep_figure(results["sweep"], sweep_png)
+        print(sweep_png)
     return 0
 
 

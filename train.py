@@ -107,20 +107,26 @@ def main(argv=None):
                  if tcfg.eval_every and s.dist.main else None)
         _, _, last_step = run_length(len(s.x), tcfg)
 
+        grids = {"seconds": 0.0}  # time spent drawing grids: not training time
+
         def on_step(step):        # --sample-every grids, --eval-every quality curve
             if tcfg.sample_every and step % tcfg.sample_every == 0:
+                t = time.perf_counter()
                 save_sample_grid(ema, diffusion, os.path.join(tcfg.out, f"samples_{step:06d}.png"))
+                grids["seconds"] += time.perf_counter() - t
             if curve and (step % tcfg.eval_every == 0 or step == last_step):
-                curve(step, ema, diffusion, time.perf_counter() - t0)
+                curve(step, ema, diffusion, time.perf_counter() - t0 - grids["seconds"])
 
         s.run.start_fresh()       # --overwrite: the earlier run's files go only now, everything loaded
-        t0 = time.perf_counter()
+        t0, first_step = time.perf_counter(), state["step"]
         outcome = fit(model, diffusion, (s.x, s.y), tcfg, state, save, s.dist, params, on_step=on_step)
-        minutes = (time.perf_counter() - t0 - (curve.eval_seconds if curve else 0)) / 60
+        extras = grids["seconds"] + (curve.eval_seconds if curve else 0)
+        minutes = (time.perf_counter() - t0 - extras) / 60
         code = after_fit(outcome, state, s.dist, model, tcfg.out, "training loss", s.resume_hint, s.args.figures)
         if code is not None:      # another rank, or Ctrl-C (the checkpoint is saved)
             return code
-        print(f"trained {state['step']} steps in {minutes:.1f} min -> {s.ckpt_path}")
+        print(f"trained {state['step'] - first_step} steps in {minutes:.1f} min -> {s.ckpt_path} "
+              f"(step {state['step']})")
         report(ema, diffusion, s)
     return 0
 

@@ -15,6 +15,10 @@ from harness.run import TrainingError
 from lora import LoraError
 
 
+# The packages of requirements.txt, as imported (a missing one is one line, not a traceback).
+REQUIRED = {"torch", "torchvision", "numpy", "tqdm", "matplotlib", "mlxtend", "safetensors", "PIL", "scipy"}
+
+
 class UsageError(Exception):
     """Bad input to a script (a flag, a file); the message says which and why."""
 
@@ -75,9 +79,16 @@ HELP = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one clear line on stderr (exit 2), not usage + error."""
+    """argparse, but a bad flag is one clear line on stderr (exit 2), not usage + error; and no
+    abbreviations (`--r 8` is not read as `--rows 8`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        if "expected one argument" in message:      # `--flag -1,2`: a value that starts with '-' looks like a flag
+            message += " (a value that starts with '-' is given as --flag=VALUE, e.g. --sweep-guidance=-1,2)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -173,6 +184,10 @@ def run_cli(main, argv=None, prog=None):
         code = main(argv)
     except ERRORS as e:
         sys.exit(f"{prog}: error: {e}")
+    except ModuleNotFoundError as e:               # a package of requirements.txt, imported when first needed
+        if e.name is None or e.name.split(".")[0] not in REQUIRED:
+            raise
+        sys.exit(f"{prog}: error: the package {e.name.split('.')[0]} is missing: pip install -r requirements.txt")
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

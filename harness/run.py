@@ -437,10 +437,19 @@ def check_weights(params, step, tcfg):
                             "without saving (the last good checkpoint is untouched). Try a lower --lr.")
 
 
+def flag(name, value):
+    """["--name", "value"], or ["--name=value"] when the value starts with '-' (argparse would
+    take `--out -dash` for two flags)."""
+    return [f"{name}={value}"] if str(value).startswith("-") else [name, str(value)]
+
+
 def resume_command(script, tcfg, *extra):
     """The command that continues this run, as printed when it is interrupted: paths quoted for the
-    shell, and the run's --max-steps (it comes from the command line, not from the checkpoint)."""
-    words = ["python", script, "--out", tcfg.out, "--resume", *extra]
+    shell, and the run's --max-steps (it comes from the command line, not from the checkpoint).
+    extra: more (flag, value) pairs, flat."""
+    words = ["python", script, *flag("--out", tcfg.out), "--resume"]
+    for name, value in zip(extra[::2], extra[1::2]):
+        words += flag(name, value)
     if tcfg.max_steps:
         words += ["--max-steps", str(tcfg.max_steps)]
     return shlex.join(words)

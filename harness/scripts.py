@@ -319,7 +319,8 @@ class FinetuneRun:
         size, base_size = os.path.getsize(out_file), os.path.getsize(self.args.checkpoint)
         ms_per_step = 1000 * seconds / max(1, steps - self.first_step)
         trainable, total = self.trainable, self.total
-        print(f"trained {steps} steps in {seconds / 60:.1f} min ({ms_per_step:.0f} ms/step)")
+        print(f"trained {steps - self.first_step} steps in {seconds / 60:.1f} min ({ms_per_step:.0f} ms/step; "
+              f"step {steps})")
         print(f"saved {out_file}: {size / 1024:.1f} KiB vs base checkpoint {base_size / 1024:.1f} KiB "
               f"({100 * size / base_size:.1f}%) and base weights {4 * total / 1024:.1f} KiB "
               f"({100 * size / (4 * total):.1f}%) | trainable {trainable:,} / {total:,} "

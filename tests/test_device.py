@@ -170,3 +170,17 @@ def test_run_cli_names_a_main_without_a_file_by_argv0(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.run_cli(main, [])
     assert e.value.code == "prog.py: error: the reason"
+
+
+def test_a_missing_required_package_is_one_line_and_any_other_import_error_shows():
+    def needs(name):
+        def main(argv):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return main
+    for name in ("matplotlib", "mlxtend", "safetensors.torch"):
+        with pytest.raises(SystemExit) as e:
+            cli.run_cli(needs(name), [], prog="x.py")
+        assert e.value.code == (f"x.py: error: the package {name.split('.')[0]} is missing: "
+                                "pip install -r requirements.txt")
+    with pytest.raises(ModuleNotFoundError):                # a typo in our own imports is a bug: it shows
+        cli.run_cli(needs("trian"), [], prog="x.py")

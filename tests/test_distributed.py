@@ -18,7 +18,8 @@ def test_two_processes_match_one_also_across_a_resume(tmp_path):
     r = run_script(*TORCHRUN, "train.py", "--resume", "--max-steps", "4", "--out", two, "--no-figures")
     assert r.returncode == 0 and r.stdout.count("resumed") == 1, r.stderr[-3000:]   # rank 0 alone says it
     assert "processes: 2" in r.stdout and "parameters agree across ranks (max difference 0)" in r.stdout
-    assert r.stdout.count("trained 4 steps") == 1                         # rank 0 alone reports and writes
+    assert r.stdout.count("trained 2 steps") == 1                         # rank 0 alone reports and writes
+    assert "(step 4)" in r.stdout, "this run's steps, and where the run stands"
     assert sorted(os.listdir(two)) == ["ckpt.pt", "run.json"]
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, two))
     assert a["step"] == b["step"] == 4 and len(a["losses"]) == len(b["losses"]) == 4

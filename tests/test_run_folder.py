@@ -112,3 +112,35 @@ def test_a_failed_start_leaves_no_empty_folder(tmp_path):
     one_line_error(run_cli("train.py", *TINY_FLAGS, "--dataset", "folder", "--data-dir", str(tmp_path / "typo"),
                            "--out", str(tmp_path / "kept")), "typo")
     assert (tmp_path / "kept").is_dir()
+
+
+def test_a_dash_folder_gets_a_resume_hint_that_works(tmp_path, monkeypatch):
+    """`--out=-dash`: the printed hint says `--out=-dash` (`--out -dash` reads as two flags)."""
+    import shlex
+
+    import train
+    from config import TrainConfig
+    from harness.cli import run_cli as script_cli
+    from harness.run import resume_command
+    monkeypatch.chdir(tmp_path)
+    assert script_cli(train.main, [*TINY_FLAGS, "--max-steps", "2", "--no-figures", "--out=-dash"]) == 0
+    hint = resume_command("train.py", TrainConfig(out="-dash", max_steps=3))
+    assert hint == "python train.py --out=-dash --resume --max-steps 3"
+    assert script_cli(train.main, [*shlex.split(hint)[2:], "--no-figures"]) == 0, "the hint (figures aside)"
+    assert read_record(str(tmp_path / "-dash"))["kind"] == "training"
+
+
+def test_a_resumed_run_reports_its_own_steps(training, capsys):
+    import train
+    from harness.cli import run_cli as script_cli
+    assert script_cli(train.main, ["--resume", "--max-steps", "7", "--no-figures", "--out", str(training)]) == 0
+    out = capsys.readouterr().out
+    assert "trained 4 steps in" in out and "(step 7)" in out, out       # the tiny run stopped at step 3
+
+
+def test_flags_are_never_abbreviated_and_a_dash_value_is_explained():
+    from harness.scripts import sample_args
+    with pytest.raises(SystemExit):
+        sample_args(["--lab", "7"])                                   # no longer --label
+    import evaluate
+    assert evaluate.parse_args(["--sweep-guidance=-1,2"]).sweep_guidance == "-1,2"
