@@ -6,6 +6,7 @@ import subprocess
 
 import lora_table
 import pytest
+from conftest import one_line_error, run_cli
 
 
 def test_parse_rows():
@@ -58,7 +59,7 @@ def test_an_interrupted_row_is_resumed_not_started_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lora_table, "run_child", lambda cmd: fake_run(cmd).returncode)
     args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
-    with pytest.raises(lora_table.TableError, match="attn r=4 failed or was interrupted"):
+    with pytest.raises(lora_table.TableError, match="attn r=4 was interrupted; run the same command again"):
         lora_table.run_row("attn", 4, args, [])
     assert "--overwrite" in runs[0]
     assert lora_table.run_row("attn", 4, args, []) == {"run": 2}
@@ -142,3 +143,20 @@ def test_bad_table_flags_are_a_usage_error(flags, needle, capsys):
     with pytest.raises(SystemExit) as e:
         lora_table.main(flags)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_failed_row_does_not_suggest_running_it_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(lora_table, "run_child", lambda cmd: 1)
+    args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
+    with pytest.raises(lora_table.TableError) as e:
+        lora_table.run_row("attn", 4, args, [])
+    assert "attn r=4 failed" in str(e.value) and "run the same command again" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags", [["--targets", "conv"], ["--r", "8"], ["--alpha=2"], ["--overwrite"], ["--full"]])
+def test_a_passed_through_flag_may_not_override_a_rows_own(flags, tiny_ckpt, tmp_path):
+    """`--rows attn:1 --targets conv` once ran conv adapters labelled "attn"; `--r 8` was read as --rows."""
+    r = run_cli("tools/lora_table.py", "--checkpoint", tiny_ckpt, "--rows", "attn:1", "--out", str(tmp_path / "t"),
+                *flags)
+    one_line_error(r, "set by each row")
+    assert not (tmp_path / "t").exists()

@@ -22,6 +22,9 @@ from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_outputs, l
                            save_figure, write_json)
 
 ROWS = "attn:1,attn:4,attn:16,attn+ff:4,all-linear:4"
+# what each row's command sets itself: passed-through flags may not change them
+ROW_FLAGS = {"--style", "--targets", "--r", "--alpha", "--eval-n", "--checkpoint", "--out", "--resume", "--overwrite",
+             "--figures", "--no-figures", "--dataset", "--style-dir", "--full"}
 
 
 class TableError(UsageError):
@@ -53,9 +56,11 @@ def run_row(targets, r, args, extra):
         print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
         if not interrupted:
             write_json(started_file, flags)                # before the row starts: it may be stopped at any point
-        if run_child(cmd) != 0:
-            raise TableError(f"row {targets} r={r} failed or was interrupted (see its output above); "
-                             "run the same command again to continue it")
+        code = run_child(cmd)
+        if code == 130:                               # interrupted: its checkpoint is saved
+            raise TableError(f"row {targets} r={r} was interrupted; run the same command again to continue it")
+        if code != 0:
+            raise TableError(f"row {targets} r={r} failed (its error is above); fix that, then run the table again")
         write_json(flags_file, flags)
     with open(summary) as f:
         return json.load(f)
@@ -147,6 +152,10 @@ def main(argv=None):
         rows = parse_rows(args.rows)
     except ValueError as e:
         p.error(str(e))
+    taken = sorted({w.split("=")[0] for w in extra if w.split("=")[0] in ROW_FLAGS})
+    if taken:                                         # passed on, they would silently override each row's own
+        p.error(f"{', '.join(taken)}: set by each row (--rows TARGETS:RANK, alpha = r) or by this script; "
+                "drop them")
     if not 1 <= args.eval_n <= MAX_IMAGES // 10:            # the bound lora_finetune.py would refuse beyond
         p.error(f"--eval-n must be between 1 and {MAX_IMAGES // 10:,}")
     args.out = args.out or os.path.join("runs", f"lora-table-{args.style}")
