@@ -9,6 +9,7 @@ the real test set -- the floor that finite samples allow.
 Read top to bottom: the classifier, the measures, sampling and scoring a model, the LoRA
 style comparison, the reports, the command line.
 """
+import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import glob
 import os
 import sys

@@ -11,6 +11,7 @@ Bold is a change of ink that attention can make; italic is a geometric change th
 convolutions: the best italic run measured replaces every layer (`--targets all --r 8`; see
 BEST_ITALIC and docs/lora.md). `--full` fine-tunes every weight: the baseline.
 """
+import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import os
 import sys
 import time

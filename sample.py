@@ -4,6 +4,7 @@ The UNet is rebuilt from the checkpoint's config with its EMA weights (and any -
 harness/scripts.py, open_sampling); generate() then draws digits with DDIM (default) or DDPM,
 steered by classifier-free guidance (diffusion.py).
 """
+import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import sys
 
 import numpy as np

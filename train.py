@@ -9,6 +9,7 @@ Safety and convenience (run-folder lock, --resume, flags, Ctrl-C, torchrun) live
 called before the loop and after it, plus one-line guards in the step. lora_finetune.py runs
 this same loop.
 """
+import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import math
 import os
 import sys

@@ -8,6 +8,7 @@
     python visualize.py --docs              ... and copies them into docs/
     python visualize.py --check [--lora F]  dead / non-finite gradients, adapter identities; exit 1 on a problem
 """
+import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import copy
 import math
 import os

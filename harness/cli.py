@@ -4,7 +4,9 @@
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 from dataclasses import fields
 
 from dataset import DataError
@@ -179,6 +181,8 @@ def run_cli(main, argv=None, prog=None):
     is one line and exit 1, after the work is done."""
     script = getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0]
     prog = prog or os.path.basename(script)              # train.py, bench.py, ...
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)    # Ctrl-C: KeyboardInterrupt again (see harness/)
     out = sys.stdout = GuardedStdout(sys.stdout)
     try:
         code = main(argv)

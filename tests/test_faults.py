@@ -246,3 +246,15 @@ def test_weights_that_turn_non_finite_stop_training_before_a_save(tmp_path, monk
     assert ckpt["step"] == 2
     for key in ("model", "ema"):
         assert all(torch.isfinite(t).all() for t in ckpt[key].values()), f"non-finite {key} saved"
+
+
+@pytest.mark.parametrize("script", ["train.py", "tools/bench.py"])
+def test_ctrl_c_while_the_script_starts_is_one_line(script):
+    """Ctrl-C in the first second, while torch imports, is one line and exit 130: never a traceback,
+    never an interrupt swallowed by a half-imported package."""
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err == f"{os.path.basename(script)}: interrupted\n", err

@@ -4,19 +4,21 @@ Each section runs in its own process so that its peak memory (max RSS) is its ow
 table and writes JSON. Ratios measured in the same run are what the README quotes; absolute
 numbers are only true for the machine they were measured on.
 """
-import argparse
-import json
-import os
-import resource
-import statistics
-import subprocess
-import sys
-import time
-
-import torch
+import os  # isort:skip
+import sys  # isort:skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project's modules
 sys.path.insert(0, ROOT)
+import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import time
+
+import torch
 
 from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig
 from harness.cli import Parser, run_cli

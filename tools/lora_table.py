@@ -7,14 +7,16 @@ read, not re-run, so an interrupted table continues where it stopped; changed fl
 Flags it does not know (--epochs, --lr, ...) are passed on to lora_finetune.py. About 5
 minutes per row on 2 CPU cores.
 """
-import json
-import os
-import re
-import subprocess
-import sys
+import os  # isort:skip
+import sys  # isort:skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the project's modules
 sys.path.insert(0, ROOT)
+import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
+
+import json
+import re
+import subprocess
 
 from config import MAX_IMAGES
 from harness.cli import Parser, UsageError, run_cli
