@@ -56,17 +56,39 @@ def load_mnist_5k(split):
     return to_tensor(X[idx].reshape(-1, 28, 28), y[idx])
 
 
+class MnistMissing(DataError):
+    """MNIST is not in the data folder and could not be downloaded (--dataset auto falls back)."""
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")                  # torchvision's MNIST/raw, unpacked
+
+
 def load_mnist(root, split):
-    """torchvision's MNIST from `root`, downloading it there when it is missing."""
+    """torchvision's MNIST from `root`, downloading it there when it is missing. A copy that is
+    there but incomplete or broken is named, never downloaded over nor replaced by another set."""
     from torchvision.datasets import MNIST
-    try:
-        ds = MNIST(root, train=split == "train", download=False)
-    except RuntimeError:
+    raw = os.path.join(root, "MNIST", "raw")
+    missing = [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
+    if len(missing) == len(MNIST_FILES):
         try:
             ds = MNIST(root, train=split == "train", download=True)
         except Exception as e:  # network errors come in many types; any of them means "not here"
-            raise DataError(f"MNIST could not be downloaded to {root} ({type(e).__name__})") from e
-    return to_tensor(ds.data.numpy(), ds.targets.numpy())
+            raise MnistMissing(f"MNIST could not be downloaded to {root} ({type(e).__name__})") from e
+        return to_tensor(ds.data.numpy(), ds.targets.numpy())
+    if missing:
+        raise DataError(f"{raw} is incomplete: {', '.join(missing)} missing; remove the folder to download "
+                        "MNIST again, or pass --dataset mnist-5k")
+    try:
+        ds = MNIST(root, train=split == "train", download=False)
+        data, targets = ds.data.numpy(), ds.targets.numpy()
+    except Exception as e:  # torchvision reports a broken IDX file as a bare AssertionError, or worse
+        raise DataError(f"{raw}: an MNIST file is broken ({type(e).__name__}: {str(e)[:120] or 'bad header or size'});"
+                        " remove the folder to download MNIST again, or pass --dataset mnist-5k") from e
+    if len(data) != len(targets):
+        raise DataError(f"{raw}: {len(data)} images but {len(targets)} labels; remove the folder to download MNIST "
+                        "again, or pass --dataset mnist-5k")
+    return to_tensor(data, targets)
 
 
 def load_image(path):
@@ -145,7 +167,7 @@ def load_dataset(name, data_dir="data", split="train", verbose=True):
         return (*load_mnist_5k(split), "mnist-5k")
     try:
         return (*load_mnist(data_dir, split), "mnist")
-    except DataError as e:
+    except MnistMissing as e:                            # absent: fall back; broken: said, never hidden
         if name == "mnist":
             raise
         if verbose:

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import threading
+
+import harness
 from dataclasses import fields
 
 from dataset import DataError
@@ -173,6 +175,17 @@ class GuardedStdout:
         return getattr(self.stream, name)
 
 
+def interrupted(e):
+    """True when a KeyboardInterrupt is somewhere in the chain of causes of exception e."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def run_cli(main, argv=None, prog=None):
     """main(argv) as a command. An expected failure (one of ERRORS) is one line on stderr and
     exit 1, Ctrl-C is "prog: interrupted" and 130 (files are written atomically: none is left
@@ -181,7 +194,8 @@ def run_cli(main, argv=None, prog=None):
     is one line and exit 1, after the work is done."""
     script = getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0]
     prog = prog or os.path.basename(script)              # train.py, bench.py, ...
-    if threading.current_thread() is threading.main_thread():
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is harness._interrupted_while_starting):
         signal.signal(signal.SIGINT, signal.default_int_handler)    # Ctrl-C: KeyboardInterrupt again (see harness/)
     out = sys.stdout = GuardedStdout(sys.stdout)
     try:
@@ -193,6 +207,11 @@ def run_cli(main, argv=None, prog=None):
             raise
         sys.exit(f"{prog}: error: the package {e.name.split('.')[0]} is missing: pip install -r requirements.txt")
     except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:                     # Ctrl-C inside a library that wraps it (torch.compile's
+        if not interrupted(e):                 # InductorError): still an interrupt, not a bug
+            raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     finally:

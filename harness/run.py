@@ -364,6 +364,8 @@ class Steps:
                                           shuffle=True, seed=tcfg.seed, drop_last=True)
         self.mine, self.b = slice(dist.rank, B, dist.world), B // dist.world    # this rank's share of a batch
         self.interrupted, self.outcome = False, "done"
+        if tcfg.compile and self.x_all.device.type == "cpu" and dist.main:
+            print("--compile on a CPU: compiling takes minutes before the first step (Ctrl-C stops it)", flush=True)
 
     def batch(self, step, order):
         """Step `step`'s images, labels and (t, noise, drop), this rank's share. -> (x0, y, randomness, order)."""

@@ -184,3 +184,14 @@ def test_a_missing_required_package_is_one_line_and_any_other_import_error_shows
                                 "pip install -r requirements.txt")
     with pytest.raises(ModuleNotFoundError):                # a typo in our own imports is a bug: it shows
         cli.run_cli(needs("trian"), [], prog="x.py")
+
+
+def test_an_interrupt_wrapped_by_a_library_is_an_interrupt(capsys):
+    """torch.compile turns Ctrl-C into an InductorError caused by the KeyboardInterrupt: one line, 130."""
+    def main(argv):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("compiling failed") from e
+    assert cli.run_cli(main, [], prog="x.py") == 130 and capsys.readouterr().err == "x.py: interrupted\n"
+    assert not cli.interrupted(RuntimeError("a bug"))

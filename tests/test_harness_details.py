@@ -293,3 +293,32 @@ def test_a_lora_run_resumes_only_on_the_base_it_was_tuned_from(tiny_ckpt, tmp_pa
                 "--out", out)
     one_line_error(r, "was fine-tuned from other base weights")
     assert open(os.path.join(out, "finetune_ckpt.pt"), "rb").read() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated images", "labels of another count", "missing file", "bad magic"])
+def test_a_broken_mnist_folder_is_named_and_never_replaced_by_the_offline_digits(tmp_path, damage):
+    """A broken or incomplete data/MNIST/raw is one DataError naming the folder and the way out, for
+    --dataset mnist and auto alike: auto falls back to mnist-5k only when MNIST is absent."""
+    from dataset import DataError, load_dataset
+    raw = tmp_path / "MNIST" / "raw"
+    os.makedirs(raw)
+    g = np.random.default_rng(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", g.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    images = raw / "train-images-idx3-ubyte"
+    if damage == "truncated images":
+        images.write_bytes(images.read_bytes()[:1000])
+    elif damage == "labels of another count":
+        write_idx(raw / "train-labels-idx1-ubyte", np.arange(11) % 10)
+    elif damage == "missing file":
+        os.remove(raw / "t10k-labels-idx1-ubyte")
+    else:
+        images.write_bytes(b"\x00\x00\x09\x03" + images.read_bytes()[4:])
+    for name in ("mnist", "auto"):
+        with pytest.raises(DataError) as e:
+            load_dataset(name, str(tmp_path), "train")
+        assert str(raw) in str(e.value) and "--dataset mnist-5k" in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+        if damage == "missing file":
+            assert "t10k-labels-idx1-ubyte missing" in str(e.value)
