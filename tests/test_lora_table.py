@@ -160,3 +160,27 @@ def test_a_passed_through_flag_may_not_override_a_rows_own(flags, tiny_ckpt, tmp
                 *flags)
     one_line_error(r, "set by each row")
     assert not (tmp_path / "t").exists()
+
+
+def test_terminating_the_table_stops_its_row_and_says_how_to_continue(tmp_path, monkeypatch):
+    """kill <lora_table's PID> once left its lora_finetune child training on, unseen: the SIGTERM now
+    goes on to the row (which saves and exits 130), and the table says to run it again."""
+    import signal
+    import sys
+    import threading
+    import time
+    child = [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(130));"
+             " open(sys.argv[1], 'w').close(); time.sleep(60)", str(tmp_path / "started")]
+
+    def kill_me_once_started():
+        while not (tmp_path / "started").exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=kill_me_once_started, daemon=True).start()
+    t0 = time.time()
+    assert lora_table.run_child(child) == 130 and time.time() - t0 < 30
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is given back"
+    monkeypatch.setattr(lora_table, "run_child", lambda cmd: 130)
+    args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
+    with pytest.raises(lora_table.TableError, match="interrupted; run the same command again"):
+        lora_table.run_row("attn", 4, args, [])

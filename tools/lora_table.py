@@ -16,6 +16,7 @@ import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports
 
 import json
 import re
+import signal
 import subprocess
 
 from config import MAX_IMAGES
@@ -59,7 +60,7 @@ def run_row(targets, r, args, extra):
         if not interrupted:
             write_json(started_file, flags)                # before the row starts: it may be stopped at any point
         code = run_child(cmd)
-        if code == 130:                               # interrupted: its checkpoint is saved
+        if code == 130 or code < 0:                   # interrupted (its checkpoint is saved) or killed
             raise TableError(f"row {targets} r={r} was interrupted; run the same command again to continue it")
         if code != 0:
             raise TableError(f"row {targets} r={r} failed (its error is above); fix that, then run the table again")
@@ -70,13 +71,17 @@ def run_row(targets, r, args, extra):
 
 def run_child(cmd):
     """Run cmd to its end -> exit code. On Ctrl-C (which the child gets too) wait for the child to
-    save its checkpoint, then stop: subprocess.run would kill it a quarter of a second later."""
+    save its checkpoint, then stop: subprocess.run would kill it a quarter of a second later. A
+    SIGTERM to this process (kill PID) goes on to the child, which saves and stops the same way."""
     child = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
     try:
         return child.wait()
     except KeyboardInterrupt:
         child.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def row_folder(targets, r):
