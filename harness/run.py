@@ -175,7 +175,8 @@ def judges_run_folder(dist):
 RESUME_FROM_FLAGS = ("device", "threads", "out", "max_steps")
 # ... and these too when given: a larger --epochs extends the run (the LR schedule re-spans the
 # new length); the rest only say how often to save, log and look.
-RESUME_IF_GIVEN = ("epochs", "ckpt_every", "log_every", "sample_every", "eval_every", "eval_n", "compile")
+RESUME_IF_GIVEN = ("epochs", "ckpt_every", "log_every", "sample_every", "eval_every", "eval_n", "compile",
+                   "data_dir")      # a moved data folder: its digits are checked against the run's (harness/scripts.py)
 
 
 def resume_conflicts(stored, flags, given, skip=()):
@@ -260,6 +261,7 @@ def check_loop_state(ckpt, path):
          isinstance(losses, (list, tuple)) and all(isinstance(l, (list, tuple)) and len(l) == 2 and _whole(l[0])
                                                    and isinstance(l[1], (int, float)) and not isinstance(l[1], bool)
                                                    for l in losses)),
+        ("data_fingerprint is not text", isinstance(ckpt.get("data_fingerprint", ""), str)),
         ("rng holds no torch RNG state", isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
          and rng["torch"].dtype == torch.uint8),
         ("optimizer is not an optimiser state (state, param_groups)",

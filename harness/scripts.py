@@ -7,6 +7,7 @@ open_sampling: sample.py's flags, the model with its adapters, the outputs check
 shared by sample.py, evaluate.py and visualize.py are here too.
 """
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -75,6 +76,14 @@ def load_training_data(tcfg, dist):
     return x, y, name
 
 
+def data_fingerprint(x, y):
+    """16 hex digits of SHA-256 over the training images and labels: --resume from a moved data
+    folder checks that it holds the same digits."""
+    h = hashlib.sha256(x.numpy().tobytes())
+    h.update(y.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class TrainingRun:
     """What train.py needs to start: args, dist, device, the three configs, the checkpoint path
     (and the checkpoint itself on --resume), the locked run folder `run`, the data x, y on the
@@ -115,7 +124,15 @@ def open_training(argv=None):
             model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
             for key in ("model", "ema"):  # before the model the stored config describes is allocated
                 check_fits(model_cfg, ckpt.get(key), ckpt_path, key)
+        if ckpt is not None and tcfg.dataset == "folder" and not os.path.isdir(tcfg.data_dir):
+            raise TrainingError(f"--resume: this run's data folder {shown(tcfg.data_dir)} is not there any more; "
+                                "pass --data-dir with its new place (its digits are checked against the run's)")
         x, y, name = load_training_data(tcfg, dist)
+        fingerprint = data_fingerprint(x, y)
+        if ckpt is not None and ckpt.get("data_fingerprint", fingerprint) != fingerprint:
+            raise TrainingError(f"--data-dir {shown(tcfg.data_dir)}: these are not the digits this run trained on "
+                                f"({len(x):,} images, fingerprint {fingerprint}, the run's {ckpt['data_fingerprint']});"
+                                " pass the run's own data folder")
         x, y = place_data(x, y, dist.device, tcfg)
     except BaseException:
         run.close()
@@ -123,6 +140,7 @@ def open_training(argv=None):
     config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
     return TrainingRun(resume_hint=resume_command("train.py", tcfg), args=args, dist=dist, device=dist.device, tcfg=tcfg, model_cfg=model_cfg, diff_cfg=diff_cfg,
                        ckpt_path=ckpt_path, ckpt=ckpt, run=run, x=x, y=y, data_name=name, config=config,
+                       data_fingerprint=fingerprint,
                        memory_format=memory_format(tcfg))
 
 

@@ -144,3 +144,21 @@ def test_flags_are_never_abbreviated_and_a_dash_value_is_explained():
         sample_args(["--lab", "7"])                                   # no longer --label
     import evaluate
     assert evaluate.parse_args(["--sweep-guidance=-1,2"]).sweep_guidance == "-1,2"
+
+
+def test_a_run_on_a_moved_data_folder_resumes_from_its_new_place(tmp_path):
+    """The run's folder dataset moved: --resume says to pass --data-dir; the new place is taken when
+    it holds the same digits, refused when it holds others."""
+    from test_dataset import digit_folder
+    data, out = digit_folder(str(tmp_path / "digits"), per_digit=2), str(tmp_path / "run")
+    flags = [*TINY_FLAGS, "--dataset", "folder", "--data-dir", data, "--batch-size", "4", "--no-figures"]
+    assert run_cli("train.py", *flags, "--max-steps", "2", "--out", out).returncode == 0
+    moved = str(tmp_path / "moved")
+    os.rename(data, moved)
+    one_line_error(run_cli("train.py", "--resume", "--max-steps", "3", "--no-figures", "--out", out),
+                   "is not there any more", "--data-dir")
+    other = digit_folder(str(tmp_path / "other"), per_digit=3)
+    one_line_error(run_cli("train.py", "--resume", "--max-steps", "3", "--no-figures", "--data-dir", other,
+                           "--out", out), "not the digits this run trained on")
+    r = run_cli("train.py", "--resume", "--max-steps", "3", "--no-figures", "--data-dir", moved, "--out", out)
+    assert r.returncode == 0 and "(step 3)" in r.stdout, r.stderr
