@@ -194,9 +194,10 @@ def save_checkpoint(path, ckpt):
     atomic_write(path, write)
 
 
-def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
+def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=(), recorded=True):
     """The no-clobber rule: a folder that already holds a run -- any of the files this run
-    writes: its checkpoint `ckpt_name` and `writes` -- needs --resume or --overwrite.
+    writes: its checkpoint `ckpt_name` and `writes` -- needs --resume or --overwrite (recorded:
+    whether the folder has a run record, without which --overwrite is refused).
     -> the names of this run's files the folder holds already."""
     ckpt = os.path.join(out, ckpt_name)
     if resume and not os.path.isfile(ckpt):
@@ -204,6 +205,10 @@ def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=()):
     if os.path.exists(out) and not os.path.isdir(out):
         raise CheckpointError(f"--out {shown(out)}: is a file, not a run folder")
     found = [n for n in (ckpt_name, *writes) if os.path.lexists(os.path.join(out, n))]
+    if found and not (resume or overwrite) and not recorded:  # --overwrite would refuse: no record says whose
+        again = "pass --resume to continue it" if ckpt_name in found else "move them away"
+        raise CheckpointError(f"{shown(out)} already holds {', '.join(found)}, with no run.json saying which run "
+                              f"wrote them; {again} (or choose another --out)")
     if found and not (resume or overwrite):
         if ckpt_name not in found:                   # killed before its first checkpoint, or another kind of run
             raise CheckpointError(f"{shown(out)} already holds a run's files ({', '.join(found)}) but no {ckpt_name} "

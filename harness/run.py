@@ -103,18 +103,18 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         files = [n for n in (ckpt_name, *writes) if n not in write_folders]
         mine = files + [os.path.join(d, n) for d, names in write_folders.items() for n in names]
         record = {"kind": kind, "files": mine, "pattern": old_pattern}
-        check_kind(tcfg.out, kind)                    # first: the most telling refusal
+        recorded = check_kind(tcfg.out, kind) is not None    # first: the most telling refusal
         outputs = [("--out", os.path.join(tcfg.out, n)) for n in files]
         check_outputs(outputs[:1], inputs or {}, folders or {}, create=True, weights_ok=True)   # its own checkpoint
         check_outputs(outputs[1:], inputs or {}, folders or {}, create=True,    # an adapter: only beside that
                       weights_ok=os.path.isfile(ckpt_path))                      # checkpoint, never another run's
         created = not os.path.lexists(tcfg.out)
-        found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)    # refusals before any write
+        found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)    # before any write
         check_record(tcfg.out, kind, resume, overwrite, found)
         lock = RunLock(tcfg.out, files + [RECORD], old_pattern)
     try:
         if lock:                                      # again under the lock: a writer that just finished counts
-            found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes)
+            found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)
             earlier = check_record(tcfg.out, kind, resume, overwrite, found)
             if not (overwrite and not resume):
                 earlier = None                        # what start_fresh() removes: only with --overwrite

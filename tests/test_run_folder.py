@@ -162,3 +162,21 @@ def test_a_run_on_a_moved_data_folder_resumes_from_its_new_place(tmp_path):
                            "--out", out), "not the digits this run trained on")
     r = run_cli("train.py", "--resume", "--max-steps", "3", "--no-figures", "--data-dir", moved, "--out", out)
     assert r.returncode == 0 and "(step 3)" in r.stdout, r.stderr
+
+
+def test_each_refusal_suggests_only_what_works(training):
+    """Followed verbatim, every suggestion of the no-clobber refusals works; none is printed that cannot."""
+    resume = ["--max-steps", "4", "--no-figures", "--out", str(training)]
+    r = run_cli("train.py", *TINY_FLAGS, *resume)
+    one_line_error(r, "pass --resume to continue it or --overwrite to start again")
+    assert run_cli("train.py", "--resume", *resume).returncode == 0
+    assert run_cli("train.py", *TINY_FLAGS, "--overwrite", *resume).returncode == 0
+    (training / RECORD).unlink()                                # a run from before records
+    r = run_cli("train.py", *TINY_FLAGS, *resume)
+    one_line_error(r, "pass --resume to continue it (or choose another --out)")
+    assert "--overwrite" not in r.stderr, "it would be refused without a record"
+    assert run_cli("train.py", "--resume", "--max-steps", "5", "--no-figures", "--out", str(training)).returncode == 0
+    (training / RECORD).unlink()
+    (training / "ckpt.pt").unlink()
+    (training / "loss.png").write_bytes(b"whose?")
+    one_line_error(run_cli("train.py", *TINY_FLAGS, *resume), "already holds loss.png", "move them away")
