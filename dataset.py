@@ -70,15 +70,15 @@ def load_mnist(root, split):
     from torchvision.datasets import MNIST
     raw = os.path.join(root, "MNIST", "raw")
     missing = [f for f in MNIST_FILES if not os.path.isfile(os.path.join(raw, f))]
-    if len(missing) == len(MNIST_FILES):
+    if len(missing) == len(MNIST_FILES) and not any(os.path.lexists(os.path.join(raw, f)) for f in MNIST_FILES):
         try:
             ds = MNIST(root, train=split == "train", download=True)
         except Exception as e:  # network errors come in many types; any of them means "not here"
             raise MnistMissing(f"MNIST could not be downloaded to {root} ({type(e).__name__})") from e
         return to_tensor(ds.data.numpy(), ds.targets.numpy())
     if missing:
-        raise DataError(f"{raw} is incomplete: {', '.join(missing)} missing; remove the folder to download "
-                        "MNIST again, or pass --dataset mnist-5k")
+        raise DataError(f"{raw} is incomplete: {', '.join(missing)} missing or not a file; remove the folder to "
+                        "download MNIST again, or pass --dataset mnist-5k")
     try:
         ds = MNIST(root, train=split == "train", download=False)
         data, targets = ds.data.numpy(), ds.targets.numpy()

@@ -223,21 +223,29 @@ def prepare_run_folder(out, resume, overwrite, ckpt_name="ckpt.pt", writes=(), r
     return found
 
 
+def _through_a_link(folder, name):
+    """True when a folder on the way from `folder` to its relative path `name` is a link (or the
+    name leaves `folder`): nothing is ever removed there."""
+    parts = os.path.normpath(name).split(os.sep)
+    if os.path.isabs(name) or ".." in parts:
+        return True
+    return any(os.path.islink(os.path.join(folder, *parts[:i])) for i in range(1, len(parts)))
+
+
 def remove_run_files(folder, names=(), pattern=None):
     """--overwrite starts again: remove the earlier run's own files in `folder` (the relative paths
     `names`, and names that fully match the regex `pattern`), so that none is taken for the new
     run's (an old eval_curve.csv continued on --resume, an old peft/ export beside a new adapter).
     Regular files only, never through a link; everything else in the folder (a user's notes,
     links) stays. A sub-folder left empty goes too."""
-    paths = [os.path.join(folder, n) for n in names
-             if not os.path.islink(os.path.join(folder, os.path.dirname(n)))]    # never through a linked folder
+    paths = [os.path.join(folder, n) for n in names if not _through_a_link(folder, n)]   # never through a link
     if pattern and os.path.isdir(folder):
         paths += [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if re.fullmatch(pattern, n)]
     for p in paths:
         if os.path.isfile(p) and not os.path.islink(p):
             os.remove(p)
     for sub in {os.path.dirname(n) for n in names} - {""}:
-        if os.path.islink(os.path.join(folder, sub)):
+        if _through_a_link(folder, sub) or os.path.islink(os.path.join(folder, sub)):
             continue
         try:
             os.rmdir(os.path.join(folder, sub))
@@ -397,6 +405,9 @@ def check_outputs(outputs, inputs, folders=(), create=False, weights_ok=False):
         for what, folder in dict(folders).items():
             if folder and os.path.isdir(folder) and _inside(path, folder):
                 raise CheckpointError(f"{where}: lies inside the {what} being read ({shown(folder)})")
+        if os.path.basename(path) == "run.json" and os.path.isfile(path):
+            raise CheckpointError(f"{where}: is a run folder's record (run.json); refusing to write over it "
+                                  "(choose another path)")
         if not weights_ok and os.path.isfile(path) and holds_weights(path):
             raise CheckpointError(f"{where}: holds model weights (a checkpoint or an adapter); "
                                   "refusing to write over it (choose another path)")

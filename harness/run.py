@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 import time
 from dataclasses import fields, replace
 
@@ -62,6 +63,14 @@ def check_kind(folder, kind):
     return record
 
 
+def own_part(record, known, pattern):
+    """What --overwrite may remove of an earlier run: the files its record lists that this script
+    can write (`known`), and its step-grid pattern only if it is this script's own -- a record
+    edited to list a user's file or to match everything removes nothing more."""
+    return {"files": [n for n in record["files"] if n in known],
+            "pattern": record["pattern"] if record["pattern"] == pattern else None}
+
+
 def check_record(folder, kind, resume, overwrite, found):
     """check_kind, and: --overwrite on files that no record lists (a run from before records
     existed, or not this project's) is refused, as --overwrite only ever removes what a record
@@ -75,7 +84,7 @@ def check_record(folder, kind, resume, overwrite, found):
 
 
 def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders=None, given=(), sections=None,
-             write_folders=None, old_pattern=None, kind="training"):
+             write_folders=None, old_pattern=None, kind="training", known=()):
     """Threads, process group (under torchrun) and device; the run folder, judged and locked by
     rank 0: outputs checked against inputs, the no-clobber rule, one writer; on --resume the
     checkpoint and its stored TrainConfig (flags that contradict the stored run are refused);
@@ -90,7 +99,8 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     output may be or lie in; given: the flags given on the command line (harness.cli.explicit_flags);
     sections: {name: config built from the flags} of the other stored configs ("model", "lora",
     ...), checked against the checkpoint's on --resume; kind: "training" or "fine-tuning", what the
-    folder's record (RECORD) must say, if it has one.
+    folder's record (RECORD) must say, if it has one; known: every file this script may write in a
+    run folder (all its variants), the most --overwrite ever removes.
     -> (dist, tcfg, checkpoint path, checkpoint or None, run): a HeldRun; use it in a `with` (the
     lock goes when the run is over, however it ends) and call run.start_fresh() before training."""
     if tcfg.threads:
@@ -116,8 +126,10 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         if lock:                                      # again under the lock: a writer that just finished counts
             found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)
             earlier = check_record(tcfg.out, kind, resume, overwrite, found)
-            if not (overwrite and not resume):
+            if not (overwrite and not resume) or earlier is None:
                 earlier = None                        # what start_fresh() removes: only with --overwrite
+            else:
+                earlier = own_part(earlier, set(mine) | set(known), old_pattern)
         ckpt = load_checkpoint(ckpt_path) if resume else None
         if ckpt is not None:
             check_loop_state(ckpt, ckpt_path)
@@ -451,7 +463,8 @@ def resume_command(script, tcfg, *extra):
     """The command that continues this run, as printed when it is interrupted: paths quoted for the
     shell, and the run's --max-steps (it comes from the command line, not from the checkpoint).
     extra: more (flag, value) pairs, flat."""
-    words = ["python", script, *flag("--out", tcfg.out), "--resume"]
+    invoked = sys.argv[0] if os.path.basename(sys.argv[0]) == script else script   # /path/to/train.py, as run
+    words = ["python", invoked, *flag("--out", tcfg.out), "--resume"]
     for name, value in zip(extra[::2], extra[1::2]):
         words += flag(name, value)
     if tcfg.max_steps:

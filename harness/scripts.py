@@ -20,12 +20,12 @@ from config import (MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfi
                     config_from_dict)
 from dataset import apply_style, load_dataset
 from diffusion import Diffusion
-from harness.adapters import (PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft)
+from harness.adapters import PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft
 from harness.cli import Parser, UsageError, add_config_flags, config_from_args, explicit_flags
 from harness.dist import pick_device
-from harness.files import (DEFAULT_CHECKPOINT, check_finite, check_fits, check_outputs, configs_from_checkpoint,
-                           dataset_of, load_checkpoint, load_model, load_state, remove_stale_temps,
-                           save_checkpoint, shown, write_json)
+from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_finite, check_fits, check_outputs,
+                           configs_from_checkpoint, dataset_of, load_checkpoint, load_model, load_state,
+                           remove_stale_temps, save_checkpoint, shown, write_json)
 from harness.run import TrainingError, memory_format, open_run, place_data, restore_loop_state, resume_command
 from lora import MAX_SCALE, check_scale, set_fused
 from unet import count_params
@@ -271,6 +271,17 @@ def stored_base(run_checkpoint, default):
     return base
 
 
+def stored_full(run_checkpoint, default):
+    """Whether the fine-tuning run in that checkpoint is a --full one (`default` when unknown)."""
+    try:
+        config = load_checkpoint(run_checkpoint)["config"] if os.path.isfile(run_checkpoint) else None
+    except CheckpointError:                           # open_run says what is wrong, in its own order
+        return default
+    lora_config = config.get("lora") if isinstance(config, dict) else None
+    full = lora_config.get("full") if isinstance(lora_config, dict) else None
+    return full if isinstance(full, bool) else default
+
+
 def load_finetune_data(lcfg, data_dir, base_dataset):
     """Styled training digits (the base saw them only unstyled), or the user's folder."""
     if lcfg.style == "folder":
@@ -365,13 +376,16 @@ def open_finetune(argv=None):
     tcfg = replace(tcfg, out=tcfg.out or os.path.join("runs", f"{'full' if lcfg.full else 'lora'}-{lcfg.style}"))
     if args.resume and "checkpoint" not in args.given:       # the base the run was fine-tuned from
         args.checkpoint = stored_base(os.path.join(tcfg.out, "finetune_ckpt.pt"), args.checkpoint)
+    if args.resume and "full" not in args.given:             # what the run writes: LoRA's files, or --full's
+        lcfg = replace(lcfg, full=stored_full(os.path.join(tcfg.out, "finetune_ckpt.pt"), lcfg.full))
     writes = FINETUNE_FILES + (("ckpt.pt",) if lcfg.full else ADAPTER_FILES)
     given = (args.given - {"dataset"} - set(LORA_FROM_FLAGS)
              | ({"style"} if args.given & {"dataset", "style_dir"} else set()))
     dist, tcfg, ckpt_path, resume, run = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
-        write_folders={} if lcfg.full else {"peft": PEFT_FILES}, kind="fine-tuning")
+        write_folders={} if lcfg.full else {"peft": PEFT_FILES}, kind="fine-tuning",
+        known=FINETUNE_FILES + ("ckpt.pt",) + ADAPTER_FILES + tuple(os.path.join("peft", n) for n in PEFT_FILES))
     try:
         if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed/exported
             lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),

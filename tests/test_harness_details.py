@@ -322,3 +322,11 @@ def test_a_broken_mnist_folder_is_named_and_never_replaced_by_the_offline_digits
         assert "\n" not in str(e.value)
         if damage == "missing file":
             assert "t10k-labels-idx1-ubyte missing" in str(e.value)
+
+
+def test_mnist_file_names_that_are_folders_are_a_broken_copy_not_an_absent_one(tmp_path):
+    from dataset import MNIST_FILES, DataError, load_dataset
+    for f in MNIST_FILES:
+        os.makedirs(tmp_path / "MNIST" / "raw" / f)
+    with pytest.raises(DataError, match="missing or not a file"):
+        load_dataset("auto", str(tmp_path), "train")

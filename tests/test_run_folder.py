@@ -180,3 +180,63 @@ def test_each_refusal_suggests_only_what_works(training):
     (training / "ckpt.pt").unlink()
     (training / "loss.png").write_bytes(b"whose?")
     one_line_error(run_cli("train.py", *TINY_FLAGS, *resume), "already holds loss.png", "move them away")
+
+
+@pytest.mark.parametrize("edit", [{"pattern": ".*"}, {"pattern": "("}, {"files": ["ckpt.pt", "notes.txt", "a/b/x",
+                                                                                  "../outside.txt"]}])
+def test_an_edited_record_never_widens_what_overwrite_removes(training, tmp_path, edit):
+    """A record edited to list a user's file, a path through a link or outside the folder, or a
+    pattern of its own, removes nothing more than this script's own files (and is no traceback)."""
+    (training / "notes.txt").write_text("mine")
+    victim = tmp_path / "victim" / "b"
+    victim.mkdir(parents=True)
+    (victim / "x").write_text("precious")
+    (tmp_path / "outside.txt").write_text("precious too")
+    os.symlink(tmp_path / "victim", training / "a")
+    record = {**read_record(str(training)), **edit}
+    (training / RECORD).write_text(json.dumps(record))
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--overwrite", "--out", str(training))
+    if "../outside.txt" in record["files"]:
+        one_line_error(r, RECORD)                               # not a record of this project
+    else:
+        assert r.returncode == 0, r.stderr
+    assert (training / "notes.txt").read_text() == "mine" and (victim / "x").read_text() == "precious"
+    assert (tmp_path / "outside.txt").read_text() == "precious too"
+
+
+def test_nothing_is_removed_through_a_linked_folder_at_any_depth(tmp_path):
+    from harness.files import remove_run_files
+    (tmp_path / "victim" / "b").mkdir(parents=True)
+    (tmp_path / "victim" / "b" / "x").write_text("precious")
+    (tmp_path / "run").mkdir()
+    os.symlink(tmp_path / "victim", tmp_path / "run" / "a")
+    remove_run_files(str(tmp_path / "run"), ["a/b/x", "a/b/../b/x"])
+    assert (tmp_path / "victim" / "b" / "x").read_text() == "precious"
+
+
+def test_a_full_fine_tune_resumed_without_full_keeps_its_record(training, tmp_path):
+    """The resume hint of a --full run has no --full (the stored run decides): the record must still
+    list ckpt.pt, so that a later --overwrite removes it with the rest of the run."""
+    out = tmp_path / "full"
+    base = ["--checkpoint", str(training / "ckpt.pt"), "--eval-n", "0", "--no-figures", "--batch-size", "16"]
+    assert run_cli("lora_finetune.py", *base, "--full", "--max-steps", "1", "--out", str(out)).returncode == 0
+    assert run_cli("lora_finetune.py", *base, "--resume", "--max-steps", "2", "--out", str(out)).returncode == 0
+    assert "ckpt.pt" in read_record(str(out))["files"]
+    assert run_cli("lora_finetune.py", *base, "--overwrite", "--max-steps", "1", "--out", str(out)).returncode == 0
+    assert not (out / "ckpt.pt").exists() and (out / "adapter.safetensors").exists()
+
+
+def test_the_resume_hint_names_the_script_as_it_was_run(monkeypatch):
+    from config import TrainConfig
+    from harness.run import resume_command
+    monkeypatch.setattr("sys.argv", ["/elsewhere/train.py", "--out", "r"])
+    assert resume_command("train.py", TrainConfig(out="r")) == "python /elsewhere/train.py --out r --resume"
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    assert resume_command("train.py", TrainConfig(out="r")) == "python train.py --out r --resume"
+
+
+def test_an_output_never_replaces_a_run_record(training, tmp_path):
+    r = run_cli("sample.py", "--checkpoint", str(training / "ckpt.pt"), "--steps", "2", "--n", "1",
+                "--out", str(training / RECORD))
+    one_line_error(r, "run folder's record")
+    assert read_record(str(training))["kind"] == "training"
