@@ -76,7 +76,7 @@ def test_single_context_token_starves_wq_wk():
 
 
 def test_overfit_one_batch():
-    """Fixed x_0, t and noise: a few hundred Adam steps cut the loss by a large factor."""
+    """Fixed x_0, t and noise: fifty Adam steps cut the loss by a large factor (16x by step 30)."""
     torch.manual_seed(0)
     model = UNet(TINY)
     d = Diffusion(DiffusionConfig(timesteps=50))
@@ -84,7 +84,7 @@ def test_overfit_one_batch():
     t, noise = torch.tensor([5, 15, 25, 40]), torch.randn(4, 1, 28, 28)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(50):
         loss = (model(d.q_sample(x0, t, noise), t, y) - noise).square().mean()
         opt.zero_grad()
         loss.backward()
