@@ -126,10 +126,10 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         if lock:                                      # again under the lock: a writer that just finished counts
             found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)
             earlier = check_record(tcfg.out, kind, resume, overwrite, found)
-            if not (overwrite and not resume) or earlier is None:
-                earlier = None                        # what start_fresh() removes: only with --overwrite
-            else:
+            if overwrite and not resume and earlier is not None:    # what start_fresh() removes
                 earlier = own_part(earlier, set(mine) | set(known), old_pattern)
+            else:
+                earlier = None
         ckpt = load_checkpoint(ckpt_path) if resume else None
         if ckpt is not None:
             check_loop_state(ckpt, ckpt_path)
