@@ -12,6 +12,7 @@ import json
 import os
 import resource
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import torch
 
@@ -84,13 +85,10 @@ def data_fingerprint(x, y):
     return h.hexdigest()[:16]
 
 
-class TrainingRun:
+class TrainingRun(SimpleNamespace):
     """What train.py needs to start: args, dist, device, the three configs, the checkpoint path
     (and the checkpoint itself on --resume), the locked run folder `run`, the data x, y on the
     device and its name, and `config`, the dict every checkpoint stores."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
     def begin(self, model, state):
         """Print the set-up; on --resume load weights, EMA and loop state (optimiser, schedule, RNG,
@@ -290,12 +288,9 @@ def load_finetune_data(lcfg, data_dir, base_dataset):
     return apply_style(x, lcfg.style), y
 
 
-class FinetuneRun:
+class FinetuneRun(SimpleNamespace):
     """What lora_finetune.py needs to start (see open_finetune), and its safe ends: begin()
     before the loop, save_result() and summary() after it."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
     def prepare_data(self, base_ckpt):
         """The styled digits on the device; few-shot folders train on one batch of all of them."""
@@ -401,12 +396,9 @@ def open_finetune(argv=None):
                        first_step=resume["step"] if resume is not None else 0)
 
 
-class SamplingRun:
+class SamplingRun(SimpleNamespace):
     """sample.py's checked inputs: args, labels, the model (+ adapters), its diffusion, the
     SampleConfig, and the output paths (checked before any work)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
 
 
 def open_sampling(argv=None):
