@@ -3,12 +3,14 @@ kept out of the files that teach it. See harness/README.md for what it guarantee
 
 Importing it first thing in a script makes Ctrl-C during the seconds of start-up (torch and
 friends importing) one line and exit 130, instead of a traceback; run_cli gives Ctrl-C back
-its usual meaning once the script's main() starts."""
+its usual meaning once the script's main() starts. A package of requirements.txt missing at
+one of a script's own imports is one line too (run_cli does the same for later imports)."""
 import os
 import signal
 import sys
 import threading
 
+REQUIRED = {"torch", "torchvision", "numpy", "tqdm", "matplotlib", "mlxtend", "safetensors", "PIL", "scipy"}
 SCRIPTS = {"train.py", "lora_finetune.py", "sample.py", "evaluate.py", "visualize.py", "bench.py", "lora_table.py"}
 
 
@@ -21,3 +23,16 @@ if (os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "
         and threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _missing_package(kind, error, tb):
+    name = (getattr(error, "name", None) or "").split(".")[0]
+    if issubclass(kind, ModuleNotFoundError) and name in REQUIRED:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: the package {name} is missing: "
+                         "pip install -r requirements.txt\n")
+    else:
+        sys.__excepthook__(kind, error, tb)
+
+
+if os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") in SCRIPTS:
+    sys.excepthook = _missing_package              # exit status stays 1, as for any uncaught error

@@ -7,20 +7,17 @@ import os
 import signal
 import sys
 import threading
-
-import harness
 from dataclasses import fields
 
+import harness
 from dataset import DataError
 from diffusion import SamplingError
 from harness.dist import DeviceError
 from harness.files import CheckpointError
-from harness.run import TrainingError
+from harness.run import HeldRun, TrainingError
 from lora import LoraError
 
-
-# The packages of requirements.txt, as imported (a missing one is one line, not a traceback).
-REQUIRED = {"torch", "torchvision", "numpy", "tqdm", "matplotlib", "mlxtend", "safetensors", "PIL", "scipy"}
+REQUIRED = harness.REQUIRED     # the packages of requirements.txt, as imported (a missing one is one line)
 
 
 class UsageError(Exception):
@@ -215,6 +212,8 @@ def run_cli(main, argv=None, prog=None):
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     finally:
+        for run in list(HeldRun.held):         # an interrupt between the set-up and its `with`: the
+            run.close()                        # lock goes, and the folder if the run made it and wrote nothing
         out.flush()                            # a closed pipe shows at the flush: here, not at exit
         sys.stdout = out.stream
     if out.error is not None and out.error.errno != errno.EPIPE:

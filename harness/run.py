@@ -9,6 +9,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import fields, replace
 
@@ -119,10 +120,13 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         check_outputs(outputs[1:], inputs or {}, folders or {}, create=True,    # an adapter: only beside that
                       weights_ok=os.path.isfile(ckpt_path))                      # checkpoint, never another run's
         created = not os.path.lexists(tcfg.out)
-        found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)    # before any write
-        check_record(tcfg.out, kind, resume, overwrite, found)
-        lock = RunLock(tcfg.out, files + [RECORD], old_pattern)
+    run = HeldRun(None, tcfg.out, created=created)
     try:
+        if record is not None:
+            with interrupts_held():                   # Ctrl-C here: raised once the lock is held (or refused),
+                found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)  # so the
+                check_record(tcfg.out, kind, resume, overwrite, found)          # folder it made goes again
+                lock = run.lock = RunLock(tcfg.out, files + [RECORD], old_pattern)
         if lock:                                      # again under the lock: a writer that just finished counts
             found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)
             earlier = check_record(tcfg.out, kind, resume, overwrite, found)
@@ -134,11 +138,31 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         if ckpt is not None:
             check_loop_state(ckpt, ckpt_path)
             tcfg = resume_config(ckpt, tcfg, given, sections)
+        torch.manual_seed(tcfg.seed)
     except BaseException:
-        HeldRun(lock, tcfg.out, created=created).close()
+        run.close()
         raise
-    torch.manual_seed(tcfg.seed)
-    return dist, tcfg, ckpt_path, ckpt, HeldRun(lock, tcfg.out, earlier, record, created)
+    run.earlier, run.record = earlier, record
+    return dist, tcfg, ckpt_path, ckpt, run
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Ctrl-C during the block is raised when the block is over (a few milliseconds later), so
+    that what it sets up (a folder and its lock) is whole when the interrupt cleans it up."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if previous is None:                              # not the main thread, or a handler set outside Python
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class HeldRun(contextlib.AbstractContextManager):
@@ -146,8 +170,11 @@ class HeldRun(contextlib.AbstractContextManager):
     at the end of the `with`; the earlier run's record, whose files --overwrite removes; this run's
     record; whether this run created the folder (a start that fails leaves no empty folder)."""
 
+    held = set()        # the runs of this process not closed yet: run_cli closes them however main() ends
+
     def __init__(self, lock, folder, earlier=None, record=None, created=False):
         self.lock, self.folder, self.earlier, self.record, self.created = lock, folder, earlier, record, created
+        HeldRun.held.add(self)
 
     def start_fresh(self):
         """Called once the new run has loaded its model and data, before it writes anything: with
@@ -162,6 +189,7 @@ class HeldRun(contextlib.AbstractContextManager):
     def close(self):
         """Release the run folder's lock (what the end of the `with` does); remove the folder if this
         run created it and wrote nothing."""
+        HeldRun.held.discard(self)
         if self.lock:
             self.lock.release()
         if self.created:

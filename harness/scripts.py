@@ -295,7 +295,16 @@ class FinetuneRun(SimpleNamespace):
     def prepare_data(self, base_ckpt):
         """The styled digits on the device; few-shot folders train on one batch of all of them."""
         self.base_data = dataset_of(base_ckpt)        # the base's data, styled (or unused)
-        x, y = load_finetune_data(self.lcfg, self.tcfg.data_dir, self.base_data)
+        lcfg, resume = self.lcfg, self.resume
+        if resume is not None and lcfg.style == "folder" and not os.path.isdir(lcfg.style_dir):
+            raise TrainingError(f"--resume: this run's --style-dir {shown(lcfg.style_dir)} is not there any more; "
+                                "pass --style-dir with its new place (its digits are checked against the run's)")
+        x, y = load_finetune_data(lcfg, self.tcfg.data_dir, self.base_data)
+        self.data_fingerprint = data_fingerprint(x, y)
+        if resume is not None and resume.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            raise TrainingError(f"--style-dir {shown(lcfg.style_dir)}: these are not the digits this run was tuned "
+                                f"on ({len(x):,} images, fingerprint {self.data_fingerprint}, the run's "
+                                f"{resume['data_fingerprint']}); pass the run's own folder")
         asked = self.tcfg.batch_size                  # stored as given, so the same flags resume the run
         self.tcfg = replace(self.tcfg, dataset=self.base_data, batch_size=min(asked, len(x)))
         self.config = {"lora": asdict(self.lcfg), "train": asdict(replace(self.tcfg, batch_size=asked)),
@@ -374,7 +383,7 @@ def open_finetune(argv=None):
     if args.resume and "full" not in args.given:             # what the run writes: LoRA's files, or --full's
         lcfg = replace(lcfg, full=stored_full(os.path.join(tcfg.out, "finetune_ckpt.pt"), lcfg.full))
     writes = FINETUNE_FILES + (("ckpt.pt",) if lcfg.full else ADAPTER_FILES)
-    given = (args.given - {"dataset"} - set(LORA_FROM_FLAGS)
+    given = (args.given - {"dataset", "style_dir"} - set(LORA_FROM_FLAGS)   # a moved --style-dir: see below
              | ({"style"} if args.given & {"dataset", "style_dir"} else set()))
     dist, tcfg, ckpt_path, resume, run = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
@@ -385,6 +394,8 @@ def open_finetune(argv=None):
         if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed/exported
             lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),
                            **{name: getattr(lcfg, name) for name in LORA_FROM_FLAGS if name in args.given})
+            if "style_dir" in args.given and lcfg.style == "folder":    # a moved folder: checked in prepare_data
+                lcfg = replace(lcfg, style_dir=args.style_dir)
         if lcfg.export_peft and dist.main:            # not after the training: refused now, if at all
             check_peft_folder(os.path.join(tcfg.out, "peft"), replace=True)
     except BaseException:

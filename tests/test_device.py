@@ -1,10 +1,13 @@
 """device.py without a process group: which device, when a process belongs to a group, the
 environment a group needs (each mistake one DeviceError naming the variable), and run_cli's exits."""
 import io
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 from harness import cli, dist
 from harness.cli import GuardedStdout
@@ -184,6 +187,18 @@ def test_a_missing_required_package_is_one_line_and_any_other_import_error_shows
                                 "pip install -r requirements.txt")
     with pytest.raises(ModuleNotFoundError):                # a typo in our own imports is a bug: it shows
         cli.run_cli(needs("trian"), [], prog="x.py")
+
+
+@pytest.mark.parametrize("package,script", [("torch", "train.py"), ("numpy", "sample.py"), ("tqdm", "tools/bench.py"),
+                                            ("torch", "tools/lora_table.py")])
+def test_a_package_missing_at_a_scripts_own_imports_is_one_line(tmp_path, package, script):
+    """torch, numpy or tqdm missing: the script's top-level import fails before run_cli exists."""
+    (tmp_path / f"{package}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{package}'\", name='{package}')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], env=env, capture_output=True, text=True)
+    name = os.path.basename(script)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        1, "", f"{name}: error: the package {package} is missing: pip install -r requirements.txt\n")
 
 
 def test_an_interrupt_wrapped_by_a_library_is_an_interrupt(capsys):

@@ -240,3 +240,34 @@ def test_an_output_never_replaces_a_run_record(training, tmp_path):
                 "--out", str(training / RECORD))
     one_line_error(r, "run folder's record")
     assert read_record(str(training))["kind"] == "training"
+
+
+def test_a_fine_tune_on_a_moved_style_folder_resumes_from_its_new_place(tiny_ckpt, tmp_path):
+    """As for a training run's data folder: the moved --style-dir is named, another folder's digits
+    are refused, the same digits in the new place resume the run."""
+    from test_dataset import digit_folder
+    style, out = digit_folder(str(tmp_path / "mine"), per_digit=2), str(tmp_path / "ft")
+    base = ["--checkpoint", tiny_ckpt, "--eval-n", "0", "--no-figures", "--batch-size", "4"]
+    assert run_cli("lora_finetune.py", *base, "--style-dir", style, "--max-steps", "2", "--out", out).returncode == 0
+    moved = str(tmp_path / "moved")
+    os.rename(style, moved)
+    resume = ["--resume", "--max-steps", "3", "--no-figures", "--out", out]
+    one_line_error(run_cli("lora_finetune.py", *resume), "is not there any more", "--style-dir")
+    other = digit_folder(str(tmp_path / "other"), per_digit=3)
+    one_line_error(run_cli("lora_finetune.py", *resume, "--style-dir", other), "not the digits this run was tuned on")
+    r = run_cli("lora_finetune.py", *resume, "--style-dir", moved)
+    assert r.returncode == 0 and "trained 1 steps" in r.stdout and "step 3)" in r.stdout, r.stdout
+    assert read_record(out)["kind"] == "fine-tuning"
+
+
+@pytest.mark.parametrize("where", ["harness.run.torch.manual_seed", "harness.scripts.resume_command"])
+def test_ctrl_c_between_the_lock_and_the_runs_with_leaves_no_folder(tmp_path, monkeypatch, where):
+    """Ctrl-C just after the folder is made and locked (inside open_run, or after it returned but
+    before the script's `with`): exit 130, one line, and neither the folder nor its .lock stays."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(where, interrupt)
+    out = tmp_path / "run"
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--no-figures", "--out", str(out))
+    assert (r.returncode, r.stderr.strip()) == (130, "train.py: interrupted")
+    assert not out.exists()
