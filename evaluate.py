@@ -1,10 +1,11 @@
 """Does `--label 7` really draw a 7? `python evaluate.py --checkpoint runs/mnist/ckpt.pt`.
 
 A small CNN digit classifier, trained once on real training digits and cached, judges
-generated samples: label accuracy (overall and per digit), mean confidence, and the Frechet
-distance between generated and real test digits in the classifier's penultimate features
-(FID's idea with an MNIST-sized network), next to the same distance between two halves of
-the real test set -- the floor that finite samples allow.
+generated samples: label accuracy (overall and per digit) next to its accuracy on MNIST's
+official 10,000 test digits, mean confidence, and the Frechet distance between generated and
+real test digits in the classifier's penultimate features (FID's idea with an MNIST-sized
+network), next to the same distance between two halves of real test digits -- the floor that
+finite samples allow -- and next to the model's own training digits scored the same way.
 
 Read top to bottom: the classifier, the measures, sampling and scoring a model, the LoRA
 style comparison, the reports, the command line.
@@ -35,7 +36,8 @@ from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, l
 from sample import generate, model_sampling
 
 MAX_SWEEP = 12           # guidance values per --sweep-guidance: each is a full evaluation
-CLASSIFIER_VERSION = 2    # bump when the classifier or its training changes: invalidates caches
+REFERENCE_PER_DIGIT = 200   # real test digits per label on the real side: halves of 1,000 for the floor
+CLASSIFIER_VERSION = 3    # bump when the classifier, its training or its test set changes: invalidates caches
 
 
 # ----- the classifier -----
@@ -161,6 +163,19 @@ def load_classifier(path):
 # ----- the measures -----
 
 
+def reference_digits(dataset, data_dir, verbose=False):
+    """The real side of an evaluation: a fixed, stratified 2,000 of MNIST's 10,000 test digits
+    (the Frechet floor compares two halves of 1,000; all 10,000 would cost the judge ~10 s per
+    evaluation on a CPU), or the whole folder of a folder dataset. -> (x, y, resolved name)."""
+    x, y, name = load_dataset(dataset, data_dir, "test", verbose=verbose)
+    if name == "folder":
+        return x, y, name
+    g = torch.Generator().manual_seed(0)
+    pick = torch.cat([idx[torch.randperm(len(idx), generator=g)[:REFERENCE_PER_DIGIT]]
+                      for idx in (torch.nonzero(y == d).flatten() for d in range(10))])
+    return x[pick], y[pick], name
+
+
 def frechet_distance(a, b):
     """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D):
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), computed in float64."""
@@ -185,13 +200,15 @@ def evaluate_images(clf, x, y, real_x, real_y=None):
     pred = probs.argmax(1)
     per_digit = {d: (pred[y == d] == d).float().mean().item() for d in range(10) if (y == d).any()}
     frechet = floor = None                     # a covariance needs two samples: one image has no Frechet distance
+    halves = real_halves(real_feats)
     if len(x) >= 2:
-        frechet, floor = frechet_vs_real(feats.numpy(), *real_halves(real_feats))
+        frechet, floor = frechet_vs_real(feats.numpy(), *halves)
     r = {
         "accuracy": (pred == y).float().mean().item(),
         "per_digit_accuracy": per_digit,
         "confidence": probs.gather(1, y[:, None]).mean().item(),
         "frechet": frechet, "frechet_floor": floor,
+        "frechet_n": min(len(x), len(halves[0])),     # the floor's sample size (k real vs half the real set)
         "n": len(x),
     }
     if real_y is not None:
@@ -272,6 +289,17 @@ def evaluate_model(model, diffusion, clf, real_x, n, scfg, batch=200, real_y=Non
     return {**evaluate_images(clf, x, y, real_x, real_y), "sampling_seconds": seconds}, x, y
 
 
+def training_reference(dataset, data_dir, n, clf, real_x, real_y):
+    """The model's own training digits, n per digit, scored as if generated: what a model that drew
+    its training data back exactly would score -- the best it can reach against the test digits
+    (training and test digits differ a little, so this is not the floor)."""
+    x, y, _ = load_dataset(dataset, data_dir, "train", verbose=False)
+    g = torch.Generator().manual_seed(0)
+    pick = torch.cat([idx[torch.randperm(len(idx), generator=g)[:n]]
+                      for idx in (torch.nonzero(y == d).flatten() for d in range(10))])
+    return evaluate_images(clf, x[pick], y[pick], real_x, real_y)
+
+
 # ----- the LoRA style comparison -----
 
 
@@ -281,7 +309,7 @@ def styled_reference(style, dataset, data_dir, folder=None):
         if folder is None:
             raise SampleError("this adapter was trained on a folder of digits: pass it as --style-dir")
         return load_dataset("folder", folder)[0]
-    return apply_style(load_dataset(dataset, data_dir, "test", verbose=False)[0], style)
+    return apply_style(reference_digits(dataset, data_dir)[0], style)
 
 
 def print_style_table(rows, style):
@@ -301,7 +329,7 @@ def style_evaluation(base_model, tuned, diffusion, dataset, style, data_dir, n, 
     """Accuracy and style measures of base and fine-tuned samples next to real (styled) digits.
     data_dir: the MNIST root and classifier cache; folder: the user's digits, for style "folder"."""
     clf, _ = get_classifier(dataset, data_dir)
-    real_x, real_y, dataset = load_dataset(dataset, data_dir, "test", verbose=False)
+    real_x, real_y, dataset = reference_digits(dataset, data_dir)
     styled = styled_reference(style, dataset, data_dir, folder)
     rows = {"real test digits": {**style_measures(real_x), "accuracy": evaluate_images(clf, real_x, real_y, real_x)["accuracy"]},
             f"real {style} digits": {**style_measures(styled), "accuracy": None}}
@@ -327,14 +355,18 @@ def lora_comparison(args, tuned, diffusion, dataset, scfg):
 
 
 def print_report(r, clf_acc):
-    print(f"classifier accuracy on real test digits: {100 * clf_acc:.2f}%")
+    """Generated accuracy next to the judge's on real test digits (as close as a model can get),
+    per digit; Frechet next to its real-vs-real floor at the same sample size; the spread."""
     print(f"{'digit':>6} " + " ".join(f"{d:>5}" for d in range(10)))
     print(f"{'acc %':>6} " + " ".join(f"{100 * r['per_digit_accuracy'][d]:5.1f}"
                                      for d in range(10) if d in r['per_digit_accuracy']))
     frechet = ("Frechet n/a (needs >= 2 images)" if r["frechet"] is None else
-               f"Frechet {r['frechet']:.2f} (real-vs-real floor {r['frechet_floor']:.2f})")
-    print(f"accuracy {100 * r['accuracy']:.2f}% | confidence {r['confidence']:.3f} | {frechet} | n={r['n']}"
+               f"Frechet {r['frechet']:.2f} vs real-vs-real floor {r['frechet_floor']:.2f} at n={r['frechet_n']:,} "
+               f"({r['frechet'] / r['frechet_floor']:.2f}x)")
+    print(f"accuracy {100 * r['accuracy']:.2f}% (real test digits: {100 * clf_acc:.2f}%) | "
+          f"confidence {r['confidence']:.3f} | n={r['n']:,}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
+    print(frechet)
     if "spread" in r:
         print(f"spread within a digit: {spread_text(r['spread'])}")
 
@@ -442,7 +474,7 @@ class QualityCurve:
 
     def __init__(self, dataset, data_dir, out, images_per_step, resume_step=0):
         self.clf, _ = get_classifier(dataset, data_dir)
-        real_x = load_dataset(dataset, data_dir, "test", verbose=False)[0]
+        real_x = reference_digits(dataset, data_dir)[0]
         self.halves = real_halves(classify(self.clf, real_x)[1])
         self.csv, self.png = os.path.join(out, "eval_curve.csv"), os.path.join(out, "eval_curve.png")
         self.images_per_step = images_per_step
@@ -491,7 +523,7 @@ def save_curve_figure(rows, path):
 def final_evaluation(model, diffusion, dataset, tcfg):
     """Score the EMA weights with this file's classifier, so every run says how good it is."""
     clf, clf_acc = get_classifier(dataset, tcfg.data_dir)
-    real_x, real_y, _ = load_dataset(dataset, tcfg.data_dir, "test", verbose=False)
+    real_x, real_y, _ = reference_digits(dataset, tcfg.data_dir)
     r, _, _ = evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, model_sampling(diffusion.cfg),
                              real_y=real_y)
     print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
@@ -545,7 +577,7 @@ def main(argv=None):
                    "--npz": args.npz, "classifier": glob.glob(os.path.join(args.data_dir, "classifier_*.pt"))},
                   {"--style-dir": args.style_dir, "--data-dir": args.data_dir if dataset == "folder" else None})
     remove_stale_temps([out, sweep_png])                 # a killed earlier run's, of these names only
-    real_x, real_y, dataset = load_dataset(dataset, args.data_dir, "test")
+    real_x, real_y, dataset = reference_digits(dataset, args.data_dir, verbose=True)
     clf, clf_acc = get_classifier(dataset, args.data_dir)
     results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
     if not args.npz:
@@ -568,6 +600,10 @@ def main(argv=None):
         r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg, real_y=real_y)
         results.update(r, style=style_measures(x), real_style=style_measures(real_x))
         print_report(results, clf_acc)
+        ref = results["training_digits"] = training_reference(dataset, args.data_dir, args.n, clf, real_x, real_y)
+        print(f"its training digits, scored the same way (the best a model can reach): accuracy "
+              f"{100 * ref['accuracy']:.2f}% | Frechet {ref['frechet']:.2f} ({ref['frechet'] / ref['frechet_floor']:.2f}x "
+              f"the floor at n={ref['frechet_n']:,}) | spread {spread_text(ref['spread'])}")
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
 

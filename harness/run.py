@@ -213,9 +213,9 @@ def judges_run_folder(dist):
 
 # --resume continues the stored run. These come from the flags: where and how long to run ...
 RESUME_FROM_FLAGS = ("device", "threads", "out", "max_steps")
-# ... and these too when given: a larger --epochs extends the run (the LR schedule re-spans the
-# new length); the rest only say how often to save, log and look.
-RESUME_IF_GIVEN = ("epochs", "ckpt_every", "log_every", "sample_every", "eval_every", "eval_n", "compile",
+# ... and these too when given: a larger --steps or --epochs extends the run (the LR schedule
+# re-spans the new length); the rest only say how often to save, log and look.
+RESUME_IF_GIVEN = ("steps", "epochs", "ckpt_every", "log_every", "sample_every", "eval_every", "eval_n", "compile",
                    "data_dir")      # a moved data folder: its digits are checked against the run's (harness/scripts.py)
 
 
@@ -250,9 +250,12 @@ def resume_config(ckpt, tcfg, given=(), sections=None):
         raise TrainingError("--resume continues the run with its stored configuration; these flags contradict it: "
                             + "; ".join(conflicts) + " (drop them, or start a new run with another --out)")
     extra = {name: getattr(tcfg, name) for name in RESUME_IF_GIVEN if name in given}
-    if extra.get("epochs", stored.epochs) < stored.epochs:
-        raise TrainingError(f"--epochs {extra['epochs']}: the run was set for {stored.epochs}; "
-                            "on --resume --epochs can only extend it")
+    if "steps" in extra:                              # the run is now counted in steps
+        extra["epochs"] = 0
+    unit = "epochs" if stored.epochs else "steps"     # the run's own unit: compared here (the other: by Steps)
+    if unit in given and extra[unit] < getattr(stored, unit):
+        raise TrainingError(f"--{unit} {extra[unit]}: the run was set for {getattr(stored, unit)}; "
+                            f"on --resume --{unit} can only extend it")
     if tcfg.max_steps and tcfg.max_steps < ckpt.get("step", 0):
         raise TrainingError(f"--max-steps {tcfg.max_steps}: the run is already at step {ckpt['step']}")
     return replace(stored, **{name: getattr(tcfg, name) for name in RESUME_FROM_FLAGS}, **extra, dataset=data)
@@ -269,10 +272,10 @@ def place_data(x, y, device, tcfg):
 
 
 def run_length(n_images, tcfg):
-    """-> (steps per epoch, steps of the LR schedule, step to stop at). Epochs size the schedule;
-    --max-steps stops earlier without changing it."""
+    """-> (steps per epoch, steps of the LR schedule, step to stop at). --steps (or, when given,
+    --epochs) sizes the schedule; --max-steps stops earlier without changing it."""
     steps_per_epoch = max(1, n_images // tcfg.batch_size)
-    total = tcfg.epochs * steps_per_epoch
+    total = tcfg.epochs * steps_per_epoch if tcfg.epochs else tcfg.steps
     return steps_per_epoch, total, min(total, tcfg.max_steps) if tcfg.max_steps else total
 
 
@@ -401,7 +404,10 @@ class Steps:
         B = tcfg.batch_size
         if B % dist.world:
             raise TrainingError(f"--batch-size {B} must be divisible by the {dist.world} processes")
-        self.steps_per_epoch, _, self.stop_at = run_length(len(self.x_all), tcfg)
+        self.steps_per_epoch, total, self.stop_at = run_length(len(self.x_all), tcfg)
+        if total < state["step"]:                     # resumed with --epochs on a run counted in steps, or back
+            raise TrainingError(f"the run is already at step {state['step']}; a resumed run's --steps / --epochs "
+                                f"can only extend it (this plans {total} steps)")
         self.sampler = DistributedSampler(range(len(self.x_all)), num_replicas=dist.world, rank=dist.rank,
                                           shuffle=True, seed=tcfg.seed, drop_last=True)
         self.mine, self.b = slice(dist.rank, B, dist.world), B // dist.world    # this rank's share of a batch

@@ -42,16 +42,15 @@ def train_args(argv=None):
     add_config_flags(p, DiffusionConfig, "diffusion")
     add_config_flags(p, TrainConfig, "training")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: the defaults below (on mnist-5k: 22.4k images, ~2 min on 2 cores); long: the previous "
-                        "default (21 epochs of 64, lr 2e-3, EMA 0.995, uniform t: 94k images on mnist-5k); "
-                        "gpu: a wider, deeper model "
-                        "and longer run for full MNIST")
+                   help="cpu: the defaults below (700 steps of 32: 22.4k images, ~2 min on 2 cores); long: the "
+                        "previous default (1,470 steps of 64, lr 2e-3, EMA 0.995, uniform t: 94k images); "
+                        "gpu: a wider, deeper model and longer run (9,360 steps of 256: 40 epochs of full MNIST)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with its stored configuration; "
-                        "--device, --threads, --max-steps, --epochs, --ckpt-every, --log-every, --sample-every, "
-                        "--eval-every and --eval-n may change (a larger --epochs extends a run, even a finished "
-                        "one: the LR schedule re-spans the new length); other flags that contradict the stored "
-                        "run are refused")
+                        "--device, --threads, --max-steps, --steps, --epochs, --ckpt-every, --log-every, "
+                        "--sample-every, --eval-every and --eval-n may change (a larger --steps or --epochs extends "
+                        "a run, even a finished one: the LR schedule re-spans the new length); other flags that "
+                        "contradict the stored run are refused")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the sample grid and loss curve at the end (--no-figures: skip them, for sweeps)")
@@ -59,10 +58,25 @@ def train_args(argv=None):
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
+    one_length(args.given)
     if "preset" in args.given:                    # ... and a preset stands for all the flags it sets but
         # its sampling default, so that a run stored before sample_guidance existed still resumes
         args.given |= set(PRESETS[preset]) - {"sample_guidance"}
     return args
+
+
+def one_length(given):
+    """A run's length is --steps or --epochs, never both."""
+    if {"steps", "epochs"} <= set(given):
+        raise UsageError("--steps and --epochs both size the run: give one of them")
+
+
+def run_plan(n_images, tcfg):
+    """The run's length as the progress line says it: "700 steps of 32 = 22,400 images (4.98 epochs)"."""
+    from harness.run import run_length
+    total = run_length(n_images, tcfg)[1]
+    images = total * tcfg.batch_size
+    return f"{total:,} steps of {tcfg.batch_size} = {images:,} images ({images / n_images:.2f} epochs)"
 
 
 def load_training_data(tcfg, dist):
@@ -95,7 +109,8 @@ class TrainingRun(SimpleNamespace):
         step, losses)."""
         if self.dist.main:
             print(json.dumps(self.config))
-            print(f"data: {self.data_name}, {len(self.x):,} training images | model: {count_params(model):,} "
+            print(f"data: {self.data_name}, {len(self.x):,} training images | run: {run_plan(len(self.x), self.tcfg)}")
+            print(f"model: {count_params(model):,} "
                   f"parameters | device: {self.device}, {torch.get_num_threads()} threads | processes: "
                   f"{self.dist.world}")
         if self.ckpt is not None:
@@ -223,9 +238,10 @@ def sample_args(argv=None):
 # ----- lora_finetune.py -----
 
 # Fine-tuning needs far fewer steps and a gentler start than training from scratch. LoRA
-# learns more slowly than full fine-tuning: 12 epochs, and t_power 2 spends 75% of the steps
-# on the noisier half of the process, where a digit's overall shape is decided.
-FINETUNE_DEFAULTS = {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20,
+# learns more slowly than full fine-tuning: 840 steps (12 epochs of the 4,500 styled digits),
+# and t_power 2 spends 75% of the steps on the noisier half of the process, where a digit's
+# overall shape is decided.
+FINETUNE_DEFAULTS = {"out": "", "steps": 840, "batch_size": 64, "lr": 2e-3, "warmup_steps": 20,
                      "ema_decay": 0.99, "t_power": 2.0, "ckpt_every": 200, "eval_n": 20}
 LORA_FROM_FLAGS = ("fused", "export_peft")   # on --resume, from the command line when given: how, not what
 FINETUNE_FILES = ("loss.png", "summary.json", "base_vs_tuned.png")   # in --out besides the checkpoint (+ below)
@@ -244,13 +260,15 @@ def finetune_args(argv=None):
                    help="styled: the base's training digits in --style; folder: your digits in --style-dir")
     p.add_argument("--resume", action="store_true",
                    help="continue the fine-tuning run in --out with its stored configuration; as in train.py, "
-                        "--max-steps and a larger --epochs extend it (the LR schedule re-spans the new length), "
+                        "--max-steps and a larger --steps or --epochs extend it (the LR schedule re-spans the new "
+                        "length), "
                         "and flags that contradict the stored run are refused")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a run")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                    help="draw the loss curve, base-vs-tuned, strength-sweep and update figures (--no-figures: skip them)")
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
+    one_length(args.given)
     return args
 
 
@@ -321,6 +339,7 @@ class FinetuneRun(SimpleNamespace):
             what = ("full fine-tuning" if lcfg.full else f"LoRA r={lcfg.r} alpha={lcfg.alpha} on "
                     f"{len(lora.lora_layers(model))} layers ({lcfg.targets})")
             print(f"base: {self.args.checkpoint} | data: {lcfg.style}, {len(self.x):,} images | {what}")
+            print(f"run: {run_plan(len(self.x), self.tcfg)}")
             print(f"trainable {self.trainable:,} / {self.total:,} = {100 * self.trainable / self.total:.1f}%")
         resume, path = self.resume, self.ckpt_path
         if resume is not None:

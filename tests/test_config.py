@@ -60,10 +60,11 @@ def test_stored_config_with_unknown_field_is_an_error():
 def test_presets_set_their_flags_and_explicit_flags_win():
     """--preset long is the previous default recipe (94k images); a flag given explicitly beats it."""
     args = scripts.train_args(["--preset", "long"])
-    assert (args.epochs, args.batch_size, args.lr, args.ema_decay, args.t_power) == (21, 64, 2e-3, 0.995, 1.0)
+    assert (args.steps, args.epochs, args.batch_size, args.lr, args.ema_decay, args.t_power) == (
+        1470, 0, 64, 2e-3, 0.995, 1.0)                               # 21 epochs of the 4,500 digits, in steps
     assert args.base_channels == ModelConfig().base_channels          # the same model as the default
     assert scripts.train_args(["--preset", "long", "--epochs", "3"]).epochs == 3
-    assert {"epochs", "lr", "t_power"} <= scripts.train_args(["--preset", "long"]).given
+    assert {"steps", "lr", "t_power"} <= scripts.train_args(["--preset", "long"]).given
     assert args.sample_guidance == 1.5 and scripts.train_args([]).sample_guidance == 2.0   # long: sampled at w 1.5
 
 
@@ -81,7 +82,7 @@ EDGES = [
     (DiffusionConfig, "sample_guidance", [0.0, 100.0], [-0.1, 100.1]),
     (DiffusionConfig, "schedule", ["cosine", "linear"], ["sigmoid"]),
     (DiffusionConfig, "prediction", ["eps", "v"], ["x0"]),
-    (TrainConfig, "epochs", [1], [0]), (TrainConfig, "batch_size", [1], [0]), (TrainConfig, "ckpt_every", [1], [0]),
+    (TrainConfig, "steps", [1], [0]), (TrainConfig, "epochs", [0, 1], [-1]), (TrainConfig, "batch_size", [1], [0]), (TrainConfig, "ckpt_every", [1], [0]),
     (TrainConfig, "log_every", [1], [0]), (TrainConfig, "warmup_steps", [0], [-1]),
     (TrainConfig, "max_steps", [0], [-1]),
     (TrainConfig, "sample_every", [0], [-1]), (TrainConfig, "eval_every", [0], [-1]),
@@ -144,12 +145,12 @@ def test_the_defaults_are_the_measured_recipe():
     assert ModelConfig() == ModelConfig(1, 16, (1, 2, 4), 1, 10, 4, 64, 4, 2, 0.0)
     assert DiffusionConfig() == DiffusionConfig(1000, "cosine", "v", 0.0, 0.1, 2.0)
     t = TrainConfig()
-    assert (t.dataset, t.epochs, t.max_steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.grad_clip,
+    assert (t.dataset, t.steps, t.epochs, t.max_steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.grad_clip,
             t.t_power, t.ema_decay, t.seed, t.channels_last, t.precision, t.compile, t.ckpt_every, t.log_every,
-            t.eval_n, t.eval_every) == ("auto", 5, 0, 32, 3e-3, 0.0, 100, 1.0, 2.0, 0.99, 0, True, "fp32", False,
+            t.eval_n, t.eval_every) == ("auto", 700, 0, 0, 32, 3e-3, 0.0, 100, 1.0, 2.0, 0.99, 0, True, "fp32", False,
                                         500, 10, 20, 0)
     assert LoraConfig() == LoraConfig("bold", "qkv", 4, 4.0, 0.0, False, 1.0, False, "", True, False)
     assert SampleConfig() == SampleConfig("ddim", 50, 2.0, 0.0, 0.0, 1.0, 0.0, 0)
-    assert scripts.FINETUNE_DEFAULTS == {"out": "", "epochs": 12, "batch_size": 64, "lr": 2e-3,
+    assert scripts.FINETUNE_DEFAULTS == {"out": "", "steps": 840, "batch_size": 64, "lr": 2e-3,
                                                "warmup_steps": 20, "ema_decay": 0.99, "t_power": 2.0,
                                                "ckpt_every": 200, "eval_n": 20}

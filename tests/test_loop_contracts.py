@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import train
+from conftest import one_line_error, run_cli
 from config import DiffusionConfig, TrainConfig
 from diffusion import Diffusion
 from harness import run
@@ -241,6 +242,37 @@ def test_run_length_counts_whole_batches_and_max_steps_stops_early():
     assert run.run_length(100, TrainConfig(batch_size=32, epochs=3, max_steps=4)) == (3, 9, 4)
     assert run.run_length(100, TrainConfig(batch_size=32, epochs=3, max_steps=50)) == (3, 9, 9)
     assert run.run_length(10, TrainConfig(batch_size=32, epochs=2)) == (1, 2, 2)
+
+
+def test_a_run_is_counted_in_steps_unless_epochs_size_it():
+    """--steps is the same work on any dataset; --epochs > 0 counts passes over it instead."""
+    for n in (4_500, 60_000, 10):
+        assert run.run_length(n, TrainConfig())[1:] == (700, 700)
+    assert run.run_length(60_000, TrainConfig(steps=50, max_steps=20)) == (1875, 50, 20)
+    assert run.run_length(4_500, TrainConfig(steps=50, epochs=2)) == (140, 280, 280)
+
+
+def test_resume_extends_by_steps_and_refuses_a_plan_shorter_than_the_run():
+    from dataclasses import asdict, replace
+    stored = TrainConfig(steps=30, device="cpu")
+    ckpt = {"config": {"train": asdict(stored)}, "data": "mnist-5k", "step": 20}
+    assert run.resume_config(ckpt, replace(stored, steps=40), given={"steps"}).steps == 40
+    with pytest.raises(run.TrainingError, match="--steps 25: the run was set for 30; on --resume --steps can only"):
+        run.resume_config(ckpt, replace(stored, steps=25), given={"steps"})
+    by_epochs = run.resume_config(ckpt, replace(stored, epochs=1), given={"epochs"})
+    assert (by_epochs.steps, by_epochs.epochs) == (30, 1)              # counted in epochs from now on
+    stored_epochs = {**ckpt, "config": {"train": asdict(TrainConfig(epochs=2, device="cpu"))}}
+    assert run.resume_config(stored_epochs, TrainConfig(steps=99), given={"steps"}).epochs == 0, "steps count again"
+    # an --epochs that plans fewer steps than the run has done is refused before a step is taken
+    tcfg = TrainConfig(batch_size=8, epochs=1, device="cpu", channels_last=False)     # 1 x 24 / 8 = 3 steps
+    state = {"step": 5}
+    with pytest.raises(run.TrainingError, match="already at step 5; .* can only extend it \\(this plans 3 steps\\)"):
+        run.Steps(numbered_data(), None, tcfg, state, Dist("cpu"))
+
+
+def test_steps_and_epochs_together_are_one_clear_line():
+    for script in ("train.py", "lora_finetune.py"):
+        one_line_error(run_cli(script, "--steps", "10", "--epochs", "1"), "--steps and --epochs both size the run")
 
 
 def test_resume_config_takes_the_stored_run_and_only_where_and_how_long_from_the_flags():
