@@ -13,6 +13,7 @@ BEST_ITALIC and docs/lora.md). `--full` fine-tunes every weight: the baseline.
 """
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -103,8 +104,10 @@ def report(s, tuned, diffusion):
         slant = extra["evaluation"]["shift"]["slant"]
         adapts_convs = any(isinstance(layer.base, torch.nn.Conv2d) for layer in lora.lora_layers(tuned))
         if lcfg.style == "italic" and not lcfg.full and slant < 0.8 and not adapts_convs:
+            command = f"{BEST_ITALIC} --checkpoint {shlex.quote(os.path.abspath(s.args.checkpoint))} " \
+                      f"--out {shlex.quote(tcfg.out.rstrip('/') + '-all-r8')}"      # this base, a new folder
             print(f"slant shift {100 * slant:.0f}% < 80%: a slant is a geometric change that lives in the "
-                  f"convolutions, not in attention; try `{BEST_ITALIC}` (measured: 88% on the default base)")
+                  f"convolutions, not in attention; try `{command}` (measured: 88% on the default base)")
     return extra
 
 

@@ -10,7 +10,10 @@ import signal
 import sys
 import threading
 
-REQUIRED = {"torch", "torchvision", "numpy", "tqdm", "matplotlib", "mlxtend", "safetensors", "PIL", "scipy"}
+# This project's own modules: one of them missing is a bug (it keeps its traceback); any other
+# module missing is a package of requirements.txt, or a package one of them needs.
+PROJECT = {"config", "dataset", "conv_block", "cross_attn", "unet", "diffusion", "lora", "train", "lora_finetune",
+           "sample", "evaluate", "visualize", "harness", "tools", "bench", "lora_table", "conftest"}
 SCRIPTS = {"train.py", "lora_finetune.py", "sample.py", "evaluate.py", "visualize.py", "bench.py", "lora_table.py"}
 
 
@@ -25,11 +28,19 @@ if (os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
-def _missing_package(kind, error, tb):
+def missing_package(error):
+    """The line for a ModuleNotFoundError that a package install fixes, or None (our own module:
+    a bug, which keeps its traceback)."""
     name = (getattr(error, "name", None) or "").split(".")[0]
-    if issubclass(kind, ModuleNotFoundError) and name in REQUIRED:
-        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: the package {name} is missing: "
-                         "pip install -r requirements.txt\n")
+    if not isinstance(error, ModuleNotFoundError) or not name or name in PROJECT:
+        return None
+    return f"the package {name} is missing: pip install -r requirements.txt"
+
+
+def _missing_package(kind, error, tb):
+    line = missing_package(error)
+    if line:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {line}\n")
     else:
         sys.__excepthook__(kind, error, tb)
 

@@ -17,7 +17,6 @@ from harness.files import CheckpointError
 from harness.run import HeldRun, TrainingError
 from lora import LoraError
 
-REQUIRED = harness.REQUIRED     # the packages of requirements.txt, as imported (a missing one is one line)
 
 
 class UsageError(Exception):
@@ -200,10 +199,10 @@ def run_cli(main, argv=None, prog=None):
         code = main(argv)
     except ERRORS as e:
         sys.exit(f"{prog}: error: {e}")
-    except ModuleNotFoundError as e:               # a package of requirements.txt, imported when first needed
-        if e.name is None or e.name.split(".")[0] not in REQUIRED:
+    except ModuleNotFoundError as e:               # a package (or one it needs), imported when first needed
+        if not harness.missing_package(e):
             raise
-        sys.exit(f"{prog}: error: the package {e.name.split('.')[0]} is missing: pip install -r requirements.txt")
+        sys.exit(f"{prog}: error: {harness.missing_package(e)}")
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

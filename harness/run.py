@@ -46,7 +46,7 @@ def read_record(folder):
         ok = (isinstance(record, dict) and isinstance(record.get("kind"), str)
               and isinstance(record.get("files"), list) and all(isinstance(n, str) for n in record["files"])
               and isinstance(record.get("pattern"), (str, type(None))))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:      # RecursionError: JSON nested thousands deep
         raise CheckpointError(f"{shown(path)}: not a readable run record ({first_line(e)})") from e
     if not ok or any(os.path.isabs(n) or ".." in n.split("/") for n in record["files"]):
         raise CheckpointError(f"{shown(path)}: not a run record of this project (altered?); remove it only if "
@@ -70,6 +70,18 @@ def own_part(record, known, pattern):
     edited to list a user's file or to match everything removes nothing more."""
     return {"files": [n for n in record["files"] if n in known],
             "pattern": record["pattern"] if record["pattern"] == pattern else None}
+
+
+def check_not_inputs(folder, names, inputs):
+    """A new run never starts in a folder whose earlier run wrote a file this run reads (a LoRA
+    run whose --checkpoint is the --full model of that folder): --overwrite would remove it."""
+    for label, paths in inputs.items():
+        for path in [paths] if isinstance(paths, str) else (paths or []):
+            for name in names:
+                if os.path.exists(path) and os.path.lexists(os.path.join(folder, name)) and \
+                        os.path.samefile(path, os.path.join(folder, name)):
+                    raise CheckpointError(f"{label} {shown(path)} is the {name} of the run in {shown(folder)}, "
+                                          "which a new run there would replace; choose another --out")
 
 
 def check_record(folder, kind, resume, overwrite, found):
@@ -114,7 +126,10 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         files = [n for n in (ckpt_name, *writes) if n not in write_folders]
         mine = files + [os.path.join(d, n) for d, names in write_folders.items() for n in names]
         record = {"kind": kind, "files": mine, "pattern": old_pattern}
-        recorded = check_kind(tcfg.out, kind) is not None    # first: the most telling refusal
+        recorded = check_kind(tcfg.out, kind)             # first: the most telling refusals
+        if recorded and not resume:
+            check_not_inputs(tcfg.out, recorded["files"], inputs or {})
+        recorded = recorded is not None
         outputs = [("--out", os.path.join(tcfg.out, n)) for n in files]
         check_outputs(outputs[:1], inputs or {}, folders or {}, create=True, weights_ok=True)   # its own checkpoint
         check_outputs(outputs[1:], inputs or {}, folders or {}, create=True,    # an adapter: only beside that
@@ -250,8 +265,8 @@ def resume_config(ckpt, tcfg, given=(), sections=None):
         raise TrainingError("--resume continues the run with its stored configuration; these flags contradict it: "
                             + "; ".join(conflicts) + " (drop them, or start a new run with another --out)")
     extra = {name: getattr(tcfg, name) for name in RESUME_IF_GIVEN if name in given}
-    if "steps" in extra:                              # the run is now counted in steps
-        extra["epochs"] = 0
+    if "steps" in extra and "epochs" not in given:    # the run is now counted in steps (an --epochs
+        extra["epochs"] = 0                           # given beside a preset's steps wins, as in a new run)
     unit = "epochs" if stored.epochs else "steps"     # the run's own unit: compared here (the other: by Steps)
     if unit in given and extra[unit] < getattr(stored, unit):
         raise TrainingError(f"--{unit} {extra[unit]}: the run was set for {getattr(stored, unit)}; "

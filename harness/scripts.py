@@ -58,17 +58,19 @@ def train_args(argv=None):
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
-    one_length(args.given)
+    one_of_each(args)
     if "preset" in args.given:                    # ... and a preset stands for all the flags it sets but
         # its sampling default, so that a run stored before sample_guidance existed still resumes
         args.given |= set(PRESETS[preset]) - {"sample_guidance"}
     return args
 
 
-def one_length(given):
-    """A run's length is --steps or --epochs, never both."""
-    if {"steps", "epochs"} <= set(given):
+def one_of_each(args):
+    """A run's length is --steps or --epochs, and it is resumed or started again: never both."""
+    if {"steps", "epochs"} <= set(args.given):
         raise UsageError("--steps and --epochs both size the run: give one of them")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite starts it again: give one of them")
 
 
 def run_plan(n_images, tcfg):
@@ -268,7 +270,7 @@ def finetune_args(argv=None):
                    help="draw the loss curve, base-vs-tuned, strength-sweep and update figures (--no-figures: skip them)")
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
-    one_length(args.given)
+    one_of_each(args)
     return args
 
 
@@ -392,7 +394,8 @@ def open_finetune(argv=None):
     on --resume the stored configuration and the base it was tuned from. -> a FinetuneRun."""
     args = finetune_args(argv)
     try:
-        style = "folder" if args.dataset == "folder" or args.style_dir else args.style
+        folder = args.dataset == "folder" or bool(args.style_dir)        # the user's digits
+        style = "folder" if folder and not (args.resume and not args.style_dir) else args.style   # --resume: stored
         lcfg, tcfg = config_from_args(LoraConfig, args, style=style), config_from_args(TrainConfig, args, dataset="auto")
     except ValueError as e:
         raise TrainingError(str(e)) from e
@@ -402,8 +405,7 @@ def open_finetune(argv=None):
     if args.resume and "full" not in args.given:             # what the run writes: LoRA's files, or --full's
         lcfg = replace(lcfg, full=stored_full(os.path.join(tcfg.out, "finetune_ckpt.pt"), lcfg.full))
     writes = FINETUNE_FILES + (("ckpt.pt",) if lcfg.full else ADAPTER_FILES)
-    given = (args.given - {"dataset", "style_dir"} - set(LORA_FROM_FLAGS)   # a moved --style-dir: see below
-             | ({"style"} if args.given & {"dataset", "style_dir"} else set()))
+    given = args.given - {"dataset", "style_dir"} - set(LORA_FROM_FLAGS)   # checked below, by their own names
     dist, tcfg, ckpt_path, resume, run = open_run(
         tcfg, args.resume, args.overwrite, "finetune_ckpt.pt", writes, inputs={"--checkpoint": args.checkpoint},
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
@@ -413,6 +415,11 @@ def open_finetune(argv=None):
         if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed/exported
             lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),
                            **{name: getattr(lcfg, name) for name in LORA_FROM_FLAGS if name in args.given})
+            if args.given & {"dataset", "style_dir"} and folder != (lcfg.style == "folder"):
+                flag = "--style-dir" if "style_dir" in args.given else f"--dataset {args.dataset}"
+                tuned_on = "a folder of digits (--style-dir)" if lcfg.style == "folder" else f"{lcfg.style} digits"
+                raise TrainingError(f"{flag}: this run was tuned on {tuned_on}; drop {flag} to continue it "
+                                    "(or start a new run with another --out)")
             if "style_dir" in args.given and lcfg.style == "folder":    # a moved folder: checked in prepare_data
                 lcfg = replace(lcfg, style_dir=args.style_dir)
         if lcfg.export_peft and dist.main:            # not after the training: refused now, if at all

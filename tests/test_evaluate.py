@@ -29,11 +29,12 @@ def test_classifier_beats_chance_after_a_few_steps():
 
 
 def test_npz_of_real_test_digits_scores_high(tmp_path):
-    """A quickly trained classifier, cached where evaluate.py looks, rates real test digits highly."""
+    """A quickly trained classifier, cached where evaluate.py looks, rates real test digits highly:
+    evaluate.py's own 2,000 reference digits, as an npz."""
     x, y, _ = load_dataset("mnist-5k", split="train")
     torch.set_num_threads(2)                 # the one long training of the suite: both cores (reset after)
     clf = evaluate.train_classifier(x, y, epochs=2, progress=False)     # ~93% on the test split (seeded)
-    xt, yt, _ = load_dataset("mnist-5k", split="test")
+    xt, yt, _ = evaluate.reference_digits("mnist-5k", str(tmp_path))     # the real side evaluate.py uses
     acc = (evaluate.classify(clf, xt)[0].argmax(1) == yt).float().mean().item()
     path = tmp_path / f"classifier_mnist-5k_v{evaluate.CLASSIFIER_VERSION}.pt"
     torch.save({"model": clf.state_dict(), "test_accuracy": acc}, path)

@@ -30,17 +30,40 @@ def test_a_row_is_reused_only_with_the_same_flags(tmp_path, monkeypatch):
         out = cmd[cmd.index("--out") + 1]
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump({"run": len(runs)}, f)
+            json.dump(done(len(runs)), f)
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(lora_table, "run_child", lambda cmd: fake_run(cmd).returncode)
-    args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
-    assert lora_table.run_row("attn", 4, args, []) == {"run": 1}
-    assert lora_table.run_row("attn", 4, args, []) == {"run": 1} and len(runs) == 1   # read, not re-run
-    assert lora_table.run_row("attn", 4, args, ["--epochs", "12"]) == {"run": 2}      # changed flags
-    assert "--epochs" in runs[-1] and len(runs) == 2
-    os.remove(os.path.join(tmp_path, "attn-r4", "row_flags.json"))                     # unknown origin
-    assert lora_table.run_row("attn", 4, args, ["--epochs", "12"]) == {"run": 3}
+    args = argparse.Namespace(out=str(tmp_path / "table"), style="italic", eval_n=10, checkpoint=base(tmp_path))
+    assert lora_table.run_row("attn", 4, args, []) == done(1)
+    assert lora_table.run_row("attn", 4, args, []) == done(1) and len(runs) == 1   # read, not re-run
+    assert lora_table.run_row("attn", 4, args, ["--steps", "12"]) == done(2)      # changed flags
+    assert "--steps" in runs[-1] and len(runs) == 2
+    os.remove(os.path.join(args.out, "attn-r4", "row_flags.json"))                 # unknown origin
+    assert lora_table.run_row("attn", 4, args, ["--steps", "12"]) == done(3)
+    base(tmp_path, b"retrained")                          # the base retrained at the same path: a new row
+    assert lora_table.run_row("attn", 4, args, ["--steps", "12"]) == done(4) and "--overwrite" in runs[-1]
+    with open(os.path.join(args.out, "attn-r4", "summary.json"), "w") as f:
+        f.write("{")                                      # a broken summary: the row runs again
+    assert lora_table.run_row("attn", 4, args, ["--steps", "12"]) == done(5)
+    monkeypatch.setattr(lora_table, "run_child", lambda cmd: 0)     # a row that wrote no summary: one line
+    with open(os.path.join(args.out, "attn-r4", "summary.json"), "w") as f:
+        json.dump({}, f)
+    with pytest.raises(lora_table.TableError, match="summary.json is not a fine-tuning summary"):
+        lora_table.run_row("attn", 4, args, ["--steps", "12"])
+
+
+def base(folder, content=b"weights"):
+    """A stand-in base checkpoint (the table only hashes it) -> its path."""
+    path = os.path.join(folder, "ckpt.pt")
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+def done(n):
+    """A complete row summary, told apart by its trainable count."""
+    return summary(n, 0.5, 0.5, 0.9)
 
 
 def test_an_interrupted_row_is_resumed_not_started_again(tmp_path, monkeypatch):
@@ -54,15 +77,15 @@ def test_an_interrupted_row_is_resumed_not_started_again(tmp_path, monkeypatch):
         open(os.path.join(out, "finetune_ckpt.pt"), "w").close()      # saved when interrupted
         if codes[len(runs) - 1] == 0:
             with open(os.path.join(out, "summary.json"), "w") as f:
-                json.dump({"run": len(runs)}, f)
+                json.dump(done(len(runs)), f)
         return subprocess.CompletedProcess(cmd, codes[len(runs) - 1])
 
     monkeypatch.setattr(lora_table, "run_child", lambda cmd: fake_run(cmd).returncode)
-    args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
+    args = argparse.Namespace(out=str(tmp_path / "table"), style="italic", eval_n=10, checkpoint=base(tmp_path))
     with pytest.raises(lora_table.TableError, match="attn r=4 was interrupted; run the same command again"):
         lora_table.run_row("attn", 4, args, [])
     assert "--overwrite" in runs[0]
-    assert lora_table.run_row("attn", 4, args, []) == {"run": 2}
+    assert lora_table.run_row("attn", 4, args, []) == done(2)
     assert "--resume" in runs[1] and "--overwrite" not in runs[1]
 
 
@@ -147,7 +170,7 @@ def test_bad_table_flags_are_a_usage_error(flags, needle, capsys):
 
 def test_a_failed_row_does_not_suggest_running_it_again(tmp_path, monkeypatch):
     monkeypatch.setattr(lora_table, "run_child", lambda cmd: 1)
-    args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
+    args = argparse.Namespace(out=str(tmp_path / "table"), style="italic", eval_n=10, checkpoint=base(tmp_path))
     with pytest.raises(lora_table.TableError) as e:
         lora_table.run_row("attn", 4, args, [])
     assert "attn r=4 failed" in str(e.value) and "run the same command again" not in str(e.value)
@@ -181,6 +204,6 @@ def test_terminating_the_table_stops_its_row_and_says_how_to_continue(tmp_path, 
     assert lora_table.run_child(child) == 130 and time.time() - t0 < 30
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is given back"
     monkeypatch.setattr(lora_table, "run_child", lambda cmd: 130)
-    args = argparse.Namespace(out=str(tmp_path), style="italic", eval_n=10, checkpoint="ckpt.pt")
+    args = argparse.Namespace(out=str(tmp_path / "table"), style="italic", eval_n=10, checkpoint=base(tmp_path))
     with pytest.raises(lora_table.TableError, match="interrupted; run the same command again"):
         lora_table.run_row("attn", 4, args, [])

@@ -251,3 +251,19 @@ def test_style_measures_of_known_strokes():
     assert -0.6 < left["slant"] < -0.4
     assert abs(vertical["ink"] - 16 / 784) < 1e-12
     assert abs(evaluate.style_measures(x)["ink"] - 3 * 16 / (3 * 784)) < 1e-12
+
+
+def test_stroke_measures_count_specks_and_grey_rims():
+    """spur: ink pixels with at most one ink neighbour, over all ink; edge: grey (drawn, not ink)
+    pixels over all drawn ones. Known images give known shares."""
+    x = -torch.ones(2, 1, 28, 28)
+    x[0, 0, 8:20, 10:13] = 1.0                       # a clean bar, 3 wide: no spur, no rim
+    x[0, 0, 2, 2] = 1.0                              # one speck: 0 neighbours
+    x[0, 0, 25, 5:7] = 1.0                           # a two-pixel whisker: 1 neighbour each
+    x[1, 0, 8:20, 10:13] = 1.0
+    x[1, 0, 8:20, 9] = -0.5                          # a grey rim left of the bar (drawn, not ink)
+    x[1, 0, 8:20, 13] = -0.95                        # fainter than 5% grey: not drawn
+    speckled, rimmed = (evaluate.stroke_measures(x[i:i + 1]) for i in range(2))
+    assert abs(speckled["spur"] - 3 / 39) < 1e-7 and speckled["edge"] == 0.0
+    assert rimmed["spur"] == 0.0 and abs(rimmed["edge"] - 12 / 48) < 1e-7
+    assert abs(evaluate.style_measures(x)["spur"] - 3 / 75) < 1e-7      # over all images' ink together

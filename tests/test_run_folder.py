@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from conftest import TINY_FLAGS, one_line_error, run_cli
 from test_hostile import digest
 
@@ -271,3 +272,53 @@ def test_ctrl_c_between_the_lock_and_the_runs_with_leaves_no_folder(tmp_path, mo
     r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "2", "--no-figures", "--out", str(out))
     assert (r.returncode, r.stderr.strip()) == (130, "train.py: interrupted")
     assert not out.exists()
+
+
+def test_a_run_never_starts_where_its_own_base_would_be_removed(tiny_ckpt, tmp_path):
+    """A LoRA run whose --checkpoint is the --full model of its --out folder: refused with and
+    without --overwrite (which would remove the base it reads), the model untouched."""
+    full = str(tmp_path / "full")
+    assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--full", *FT, "--out", full).returncode == 0
+    model = os.path.join(full, "ckpt.pt")
+    before = digest(model)
+    for flags in ([], ["--overwrite"]):
+        one_line_error(run_cli("lora_finetune.py", "--checkpoint", model, *FT, "--out", full, *flags),
+                       f"--checkpoint {model} is the ckpt.pt of the run in {full}", "choose another --out")
+    assert digest(model) == before
+    other = str(tmp_path / "lora")                 # the hint, followed
+    assert run_cli("lora_finetune.py", "--checkpoint", model, *FT, "--out", other).returncode == 0
+
+
+def test_a_record_nested_too_deep_is_one_line(training):
+    (training / RECORD).write_text("[" * 200_000)
+    one_line_error(run_cli("train.py", "--resume", "--out", str(training), "--max-steps", "4", "--no-figures"),
+                   "not a readable run record")
+
+
+def test_resume_and_overwrite_together_are_refused(training):
+    for script in ("train.py", "lora_finetune.py"):
+        one_line_error(run_cli(script, "--resume", "--overwrite", "--out", str(training)),
+                       "--resume continues the run in --out and --overwrite starts it again: give one of them")
+
+
+def test_resuming_a_fine_tune_names_the_flag_that_contradicts_it(tiny_ckpt, tmp_path):
+    """--dataset styled fits an italic run (it is resumed); --dataset folder does not, and the
+    refusal names --dataset folder, not a --style the user never gave."""
+    out = str(tmp_path / "italic")
+    assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--style", "italic", *FT, "--out", out).returncode == 0
+    one_line_error(run_cli("lora_finetune.py", "--resume", "--dataset", "folder", "--out", out, "--max-steps", "3"),
+                   "--dataset folder: this run was tuned on italic digits; drop --dataset folder")
+    r = run_cli("lora_finetune.py", "--resume", "--dataset", "styled", "--out", out, "--max-steps", "3",
+                "--no-figures")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(os.path.join(out, "finetune_ckpt.pt"), weights_only=True)["step"] == 3
+
+
+def test_evaluate_refuses_flags_that_cannot_change_an_npz_score(tmp_path):
+    import numpy as np
+    npz = str(tmp_path / "x.npz")
+    np.savez(npz, images=np.zeros((10, 28, 28), dtype=np.uint8), labels=np.arange(10))
+    for flags, named in ((["--sweep-guidance", "1,2"], "--sweep-guidance"), (["--lora", "a.safetensors"], "--lora"),
+                         (["--steps", "10", "--guidance", "3"], "--steps, --guidance")):
+        one_line_error(run_cli("evaluate.py", "--npz", npz, *flags), f"--npz scores images already drawn: {named} ")
+    assert not os.path.exists(str(tmp_path / "x_eval.json"))

@@ -209,6 +209,13 @@ def test_italic_below_80_percent_suggests_the_convolution_command(tiny_ckpt, tmp
     lines = [l for l in r.stdout.splitlines() if lora_finetune.BEST_ITALIC in l]
     assert len(lines) == (1 if suggests else 0)
     assert not suggests or lines[0].startswith(f"slant shift {100 * slant:.0f}% < 80%")
+    if suggests and targets == "qkv":             # followed as printed: this base, into a new folder
+        import shlex
+        command = shlex.split(lines[0].split("`")[1])
+        assert command[:2] == ["python", "lora_finetune.py"]
+        r = run_cli("lora_finetune.py", *command[2:], "--max-steps", "1", "--eval-n", "0", "--no-figures")
+        assert r.returncode == 0 and f"base: {os.path.abspath(tiny_ckpt)}" in r.stdout, r.stderr
+        assert os.path.isfile(tmp_path / "l-all-r8" / "adapter.safetensors")
 
 
 def test_sample_refuses_adapter_of_another_base(tiny_ckpt, tmp_path):
@@ -277,7 +284,7 @@ def test_figures_grids_and_eval_n_of_a_run(tmp_path, monkeypatch):
         assert (grid[2:30, 2:30] == round((level + 1) / 2 * 255)).all(), name
     with Image.open(os.path.join(out, "loss.png")) as im:
         assert im.size[0] > 300 and len(set(im.convert("L").tobytes())) > 10
-    assert scored == [(False, "judge", 500, 3, SampleConfig(guidance=1.5), [50] * 10), ({"score": 1}, 0.9)]
+    assert scored == [(False, "judge", 2000, 3, SampleConfig(guidance=1.5), [200] * 10), ({"score": 1}, 0.9)]
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert all(torch.equal(weights[0][k], ckpt["ema"][k]) for k in ckpt["ema"]), "the EMA weights are scored"
     assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["ema"])

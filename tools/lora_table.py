@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the proje
 sys.path.insert(0, ROOT)
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 
+import hashlib
 import json
 import re
 import signal
@@ -46,27 +47,50 @@ def parse_rows(text):
 
 
 def run_row(targets, r, args, extra):
-    """Fine-tune one row (unless already done) and return its summary.json."""
+    """Fine-tune one row (unless already done: the same flags on the same base weights) and
+    return its summary.json."""
     out = os.path.join(args.out, row_folder(targets, r))
     summary, flags_file = os.path.join(out, "summary.json"), os.path.join(out, "row_flags.json")
     started_file = os.path.join(out, "row_started.json")
     flags = ["--style", args.style, "--targets", targets, "--r", str(r), "--alpha", str(r),
              "--eval-n", str(args.eval_n), "--checkpoint", os.path.abspath(args.checkpoint), *extra]
-    if not (os.path.isfile(summary) and read_json(flags_file) == flags):     # new, unfinished or changed
-        interrupted = read_json(started_file) == flags and os.path.isfile(os.path.join(out, "finetune_ckpt.pt"))
+    row = {"flags": flags, "base_sha256": file_digest(args.checkpoint)}   # a base retrained in place: a new row
+    if not (read_json(flags_file) == row and complete(read_json(summary))):    # new, unfinished or changed
+        interrupted = read_json(started_file) == row and os.path.isfile(os.path.join(out, "finetune_ckpt.pt"))
         cmd = [sys.executable, os.path.join(ROOT, "lora_finetune.py"), *flags, "--out", out,
                "--resume" if interrupted else "--overwrite", "--no-figures"]
         print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
         if not interrupted:
-            write_json(started_file, flags)                # before the row starts: it may be stopped at any point
+            write_json(started_file, row)                  # before the row starts: it may be stopped at any point
         code = run_child(cmd)
         if code == 130 or code < 0:                   # interrupted (its checkpoint is saved) or killed
             raise TableError(f"row {targets} r={r} was interrupted; run the same command again to continue it")
         if code != 0:
             raise TableError(f"row {targets} r={r} failed (its error is above); fix that, then run the table again")
-        write_json(flags_file, flags)
-    with open(summary) as f:
-        return json.load(f)
+        if not complete(read_json(summary)):
+            raise TableError(f"row {targets} r={r}: {summary} is not a fine-tuning summary with an evaluation")
+        write_json(flags_file, row)
+    return read_json(summary)
+
+
+def complete(summary):
+    """True when summary (read from a row's summary.json) holds everything the table shows."""
+    try:
+        ev = summary["evaluation"]
+        numbers = [summary[k] for k in ("trainable", "total_params", "file_bytes", "ms_per_step")]
+        numbers += [ev["shift"]["ink"], ev["shift"]["slant"], ev["rows"]["fine-tuned model"]["accuracy"]]
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+    except (TypeError, KeyError):
+        return False
+
+
+def file_digest(path):
+    """SHA-256 of a file, the first 16 hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def run_child(cmd):
@@ -94,7 +118,7 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
