@@ -19,13 +19,14 @@ SCRIPTS = {"train.py", "lora_finetune.py", "sample.py", "evaluate.py", "visualiz
 
 def _interrupted_while_starting(signum, frame):
     os.write(2, f"{os.path.basename(sys.argv[0])}: interrupted\n".encode())
-    os._exit(130)                                   # nothing is written yet: nothing to save or to clean
+    os._exit(128 + signum)                          # nothing is written yet: nothing to save or to clean
 
 
 if (os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") in SCRIPTS
-        and threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+        and threading.current_thread() is threading.main_thread()):
+    for _signal, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(_signal) is _default:       # Ctrl-C, and `kill PID`
+            signal.signal(_signal, _interrupted_while_starting)
 
 
 def missing_package(error):

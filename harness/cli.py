@@ -191,9 +191,11 @@ def run_cli(main, argv=None, prog=None):
     is one line and exit 1, after the work is done."""
     script = getattr(sys.modules.get(main.__module__), "__file__", None) or sys.argv[0]
     prog = prog or os.path.basename(script)              # train.py, bench.py, ...
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is harness._interrupted_while_starting):
-        signal.signal(signal.SIGINT, signal.default_int_handler)    # Ctrl-C: KeyboardInterrupt again (see harness/)
+    if threading.current_thread() is threading.main_thread():     # Ctrl-C, `kill PID`: KeyboardInterrupt again,
+        if signal.getsignal(signal.SIGINT) is harness._interrupted_while_starting:    # so a run folder being set
+            signal.signal(signal.SIGINT, signal.default_int_handler)                 # up is cleaned (see harness/)
+        if signal.getsignal(signal.SIGTERM) is harness._interrupted_while_starting:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
     out = sys.stdout = GuardedStdout(sys.stdout)
     try:
         code = main(argv)

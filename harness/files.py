@@ -392,8 +392,8 @@ def check_outputs(outputs, inputs, folders=(), create=False, weights_ok=False):
         if path is None:
             continue
         where = f"{label} {shown(path)}"
-        if os.path.isdir(path):
-            raise CheckpointError(f"{where}: is an existing folder; give a file name")
+        if os.path.isdir(path) or path.endswith(("/", os.sep)):
+            raise CheckpointError(f"{where}: is a folder; give a file name")
         kind = not_a_regular_file(path)
         if kind:
             raise CheckpointError(f"{where}: is a {kind}, not a regular file; refusing to replace it")

@@ -120,7 +120,11 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         torch.set_num_threads(tcfg.threads)
     dist = Dist(tcfg.device)                          # refuses a half-set torchrun environment first
     ckpt_path = os.path.join(tcfg.out, ckpt_name)
-    lock, earlier, record, created = None, [], None, False
+    earlier, record, created = None, None, False
+    if not tcfg.out:
+        raise CheckpointError("--out is empty: name a run folder")
+    if os.path.exists(tcfg.out) and not os.path.isdir(tcfg.out):
+        raise CheckpointError(f"--out {shown(tcfg.out)}: is a file, not a run folder")
     if judges_run_folder(dist):
         write_folders = write_folders or {}
         files = [n for n in (ckpt_name, *writes) if n not in write_folders]
@@ -138,15 +142,14 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
     run = HeldRun(None, tcfg.out, created=created)
     try:
         if record is not None:
-            with interrupts_held():                   # Ctrl-C here: raised once the lock is held (or refused),
-                found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)  # so the
-                check_record(tcfg.out, kind, resume, overwrite, found)          # folder it made goes again
-                lock = run.lock = RunLock(tcfg.out, files + [RECORD], old_pattern)
-        if lock:                                      # again under the lock: a writer that just finished counts
-            found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)
-            earlier = check_record(tcfg.out, kind, resume, overwrite, found)
-            if overwrite and not resume and earlier is not None:    # what start_fresh() removes
-                earlier = own_part(earlier, set(mine) | set(known), old_pattern)
+            with interrupts_held():                   # Ctrl-C here: raised once the folder is set up (or
+                found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)  # refused),
+                check_record(tcfg.out, kind, resume, overwrite, found)     # so the folder it made goes again
+                run.lock = RunLock(tcfg.out, files + [RECORD], old_pattern)
+                found = prepare_run_folder(tcfg.out, resume, overwrite, ckpt_name, writes, recorded)  # again
+                earlier = check_record(tcfg.out, kind, resume, overwrite, found)    # under the lock: a writer
+            if overwrite and not resume and earlier is not None:          # that just finished counts
+                earlier = own_part(earlier, set(mine) | set(known), old_pattern)    # what start_fresh() removes
             else:
                 earlier = None
         ckpt = load_checkpoint(ckpt_path) if resume else None
@@ -163,19 +166,20 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
 
 @contextlib.contextmanager
 def interrupts_held():
-    """Ctrl-C during the block is raised when the block is over (a few milliseconds later), so
-    that what it sets up (a folder and its lock) is whole when the interrupt cleans it up."""
+    """Ctrl-C (or SIGTERM, where it raises KeyboardInterrupt too) during the block is raised when
+    the block is over (a few milliseconds later), so that what it sets up (a folder and its lock)
+    is whole when the interrupt cleans it up."""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
-    if previous is None:                              # not the main thread, or a handler set outside Python
-        yield
-        return
+    held = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    held = {s: h for s, h in held.items() if callable(h)}     # a Python handler: one that raises
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    for s in held:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in held.items():
+            signal.signal(s, handler)
     if caught:
         raise KeyboardInterrupt
 
@@ -508,17 +512,17 @@ def flag(name, value):
     return [f"{name}={value}"] if str(value).startswith("-") else [name, str(value)]
 
 
-def resume_command(script, tcfg, *extra):
+def resume_command(script, tcfg, *extra, figures=True):
     """The command that continues this run, as printed when it is interrupted: paths quoted for the
-    shell, and the run's --max-steps (it comes from the command line, not from the checkpoint).
-    extra: more (flag, value) pairs, flat."""
+    shell, the run's --max-steps (it comes from the command line, not from the checkpoint) and
+    --no-figures if it was given. extra: more (flag, value) pairs, flat."""
     invoked = sys.argv[0] if os.path.basename(sys.argv[0]) == script else script   # /path/to/train.py, as run
     words = ["python", invoked, *flag("--out", tcfg.out), "--resume"]
     for name, value in zip(extra[::2], extra[1::2]):
         words += flag(name, value)
     if tcfg.max_steps:
         words += ["--max-steps", str(tcfg.max_steps)]
-    return shlex.join(words)
+    return shlex.join(words + ([] if figures else ["--no-figures"]))
 
 
 def after_fit(outcome, state, dist, model, out, title, resume_hint, figures=True):

@@ -153,7 +153,7 @@ def open_training(argv=None):
         run.close()
         raise
     config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
-    return TrainingRun(resume_hint=resume_command("train.py", tcfg), args=args, dist=dist, device=dist.device, tcfg=tcfg, model_cfg=model_cfg, diff_cfg=diff_cfg,
+    return TrainingRun(resume_hint=resume_command("train.py", tcfg, figures=args.figures), args=args, dist=dist, device=dist.device, tcfg=tcfg, model_cfg=model_cfg, diff_cfg=diff_cfg,
                        ckpt_path=ckpt_path, ckpt=ckpt, run=run, x=x, y=y, data_name=name, config=config,
                        data_fingerprint=fingerprint,
                        memory_format=memory_format(tcfg))
@@ -427,7 +427,8 @@ def open_finetune(argv=None):
     except BaseException:
         run.close()
         raise
-    hint = resume_command("lora_finetune.py", tcfg, "--checkpoint", os.path.abspath(args.checkpoint))
+    hint = resume_command("lora_finetune.py", tcfg, "--checkpoint", os.path.abspath(args.checkpoint),
+                          figures=args.figures)
     return FinetuneRun(args=args, dist=dist, device=dist.device, tcfg=tcfg, lcfg=lcfg, ckpt_path=ckpt_path,
                        resume=resume, run=run, memory_format=memory_format(tcfg), resume_hint=hint,
                        first_step=resume["step"] if resume is not None else 0)

@@ -322,3 +322,59 @@ def test_evaluate_refuses_flags_that_cannot_change_an_npz_score(tmp_path):
                          (["--steps", "10", "--guidance", "3"], "--steps, --guidance")):
         one_line_error(run_cli("evaluate.py", "--npz", npz, *flags), f"--npz scores images already drawn: {named} ")
     assert not os.path.exists(str(tmp_path / "x_eval.json"))
+
+
+def test_interrupts_held_raises_once_the_block_is_over():
+    """What open_run sets up under interrupts_held (folder, lock, write test) is whole when a Ctrl-C
+    or SIGTERM that came meanwhile is raised: after the block, as a KeyboardInterrupt."""
+    import signal
+
+    from harness.run import interrupts_held
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            done = []
+            with pytest.raises(KeyboardInterrupt):
+                with interrupts_held():
+                    os.kill(os.getpid(), sig)
+                    done.append("the rest of the block")
+            assert done == ["the rest of the block"]
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_kill_right_after_the_folder_appears_is_one_line_and_leaves_nothing(tmp_path):
+    """SIGTERM (`kill PID`) at the moment the run folder appears: one line, and no folder, no .lock
+    and no temp file stay behind (the probe found a .lock)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY_FLAGS, "--max-steps", "50",
+                          "--no-figures", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not out.exists() and p.poll() is None:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate()
+    assert err.strip().splitlines()[-1] == "train.py: interrupted" and "Traceback" not in err
+    assert p.returncode in (130, 143) and (not out.exists() or sorted(os.listdir(out)) in ([], ["ckpt.pt", "run.json"]))
+
+
+def test_out_paths_that_name_no_folder_are_one_line(training, tmp_path, tiny_ckpt):
+    one_line_error(run_cli("train.py", "--out", ""), "--out is empty: name a run folder")
+    model = str(training / "ckpt.pt")
+    one_line_error(run_cli("train.py", "--out", model), f"--out {model}: is a file, not a run folder")
+    r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--steps", "2", "--out", str(tmp_path / "pngs") + "/")
+    one_line_error(r, "is a folder; give a file name")
+    assert not (tmp_path / "pngs").exists()
+
+
+def test_the_resume_hint_keeps_no_figures(monkeypatch):
+    from config import TrainConfig
+    from harness.run import resume_command
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    assert resume_command("train.py", TrainConfig(out="o"), figures=False) == "python train.py --out o --resume --no-figures"
+    assert resume_command("train.py", TrainConfig(out="o")) == "python train.py --out o --resume"

@@ -352,7 +352,8 @@ def main(argv=None):
     if not os.path.isfile(args.checkpoint):
         p.error(f"{args.checkpoint} not found (run `python train.py` first)")
     try:
-        check_outputs({"--json": args.json}, {"--checkpoint": args.checkpoint}, create=True)   # before any work
+        check_outputs({"--json": args.json, "the sample.py run's PNG": os.path.splitext(args.json)[0] + "_sample_7.png"},
+                      {"--checkpoint": args.checkpoint}, create=True)   # before any work
     except CheckpointError as e:
         p.error(str(e))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
@@ -368,7 +369,7 @@ def main(argv=None):
     R["sample"] = run_section("sample", args)
     write_json(args.json, R)
     R["lora_sampling"] = run_section("lora_sampling", args)
-    out_png = os.path.join("runs", "bench_sample_7.png")
+    out_png = os.path.splitext(args.json)[0] + "_sample_7.png"          # beside --json, checked with it
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--label", "7", "--checkpoint",
                         args.checkpoint, "--device", args.device, "--out", out_png], capture_output=True, text=True,
