@@ -393,7 +393,7 @@ def check_outputs(outputs, inputs, folders=(), create=False, weights_ok=False):
             continue
         where = f"{label} {shown(path)}"
         if os.path.isdir(path) or path.endswith(("/", os.sep)):
-            raise CheckpointError(f"{where}: is a folder; give a file name")
+            raise CheckpointError(f"{where}: is {'an existing' if os.path.isdir(path) else 'a'} folder; give a file name")
         kind = not_a_regular_file(path)
         if kind:
             raise CheckpointError(f"{where}: is a {kind}, not a regular file; refusing to replace it")
