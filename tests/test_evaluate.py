@@ -71,7 +71,20 @@ def test_results_record_every_sampling_setting_also_for_a_sweep(tiny_ckpt, tmp_p
         assert (s["sampler"], s["steps"], s["guide_from"], s["guide_to"], s["guidance_rescale"]) == ("ddim", 2, 0.0, 0.5, 0.3)
         rows = res.get("sweep", [res])
         assert all(isinstance(row["spread"], float) and row["spread"] >= 0 for row in rows)
+        if name == "plain.json":                  # the reference: 2 training digits per label, scored alike
+            ref = res["training_digits"]
+            assert (ref["n"], ref["frechet_n"], res["frechet_n"]) == (20, 20, 20)
+            assert "its training digits, scored the same way" in r.stdout and "(real test digits: 50.00%)" in r.stdout
     assert [row["guidance"] for row in res["sweep"]] == [1.0, 2.0]
+
+
+def test_the_training_reference_draws_n_training_digits_per_label():
+    x, y, _ = evaluate.load_dataset("mnist-5k", split="train")
+    real_x, real_y, _ = evaluate.reference_digits("mnist-5k", "data")
+    assert (len(real_x), real_y.bincount().tolist()) == (2000, [200] * 10)
+    judge = evaluate.Classifier().eval()                 # untrained: only the counts are checked
+    r = evaluate.training_reference("mnist-5k", "data", 3, judge, real_x, real_y)
+    assert r["n"] == 30 and sorted(r["per_digit_accuracy"]) == list(range(10))
 
 
 def test_a_run_stores_its_sample_guidance_and_every_sampler_starts_from_it(tmp_path, monkeypatch):
