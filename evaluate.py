@@ -564,7 +564,7 @@ def parse_args(argv=None):
     add_sampling_flags(p)
     args = p.parse_args(argv)
     if args.npz:                                  # saved images: nothing is sampled, no model is loaded
-        unused = ["sweep_guidance", "lora", "lora_scale", "merge", "style_dir", "checkpoint",
+        unused = ["n", "sweep_guidance", "lora", "lora_scale", "merge", "style_dir", "checkpoint",
                   *(f.name for f in fields(SampleConfig))]
         given = [f"--{d.replace('_', '-')}" for d in unused if getattr(args, d) != p.get_default(d)]
         if given:

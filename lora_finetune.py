@@ -27,7 +27,7 @@ from evaluate import style_evaluation
 from harness.adapters import save_adapter
 from harness.cli import run_cli
 from harness.files import load_model, save_checkpoint
-from harness.run import after_fit, loop_state_dict
+from harness.run import after_fit, flag, loop_state_dict
 from harness.scripts import open_finetune
 from sample import model_sampling
 from train import fit, new_loop_state
@@ -87,6 +87,13 @@ def main(argv=None):
     return 0
 
 
+def best_italic_command(checkpoint, out):
+    """BEST_ITALIC on this base, into a folder that does not exist yet: it runs as printed."""
+    stem = out.rstrip("/") + "-all-r8"
+    new = next(name for name in (stem, *(f"{stem}-{i}" for i in range(1, 10 ** 6))) if not os.path.lexists(name))
+    return shlex.join([*shlex.split(BEST_ITALIC), *flag("--checkpoint", os.path.abspath(checkpoint)), *flag("--out", new)])
+
+
 def report(s, tuned, diffusion):
     """Figures (with --figures) and the style evaluation (--eval-n) of the tuned model against
     the base. -> what goes into summary.json besides sizes and speed."""
@@ -104,8 +111,7 @@ def report(s, tuned, diffusion):
         slant = extra["evaluation"]["shift"]["slant"]
         adapts_convs = any(isinstance(layer.base, torch.nn.Conv2d) for layer in lora.lora_layers(tuned))
         if lcfg.style == "italic" and not lcfg.full and slant < 0.8 and not adapts_convs:
-            command = f"{BEST_ITALIC} --checkpoint {shlex.quote(os.path.abspath(s.args.checkpoint))} " \
-                      f"--out {shlex.quote(tcfg.out.rstrip('/') + '-all-r8')}"      # this base, a new folder
+            command = best_italic_command(s.args.checkpoint, tcfg.out)
             print(f"slant shift {100 * slant:.0f}% < 80%: a slant is a geometric change that lives in the "
                   f"convolutions, not in attention; try `{command}` (measured: 88% on the default base)")
     return extra

@@ -269,9 +269,12 @@ def resume_config(ckpt, tcfg, given=(), sections=None):
         raise TrainingError("--resume continues the run with its stored configuration; these flags contradict it: "
                             + "; ".join(conflicts) + " (drop them, or start a new run with another --out)")
     extra = {name: getattr(tcfg, name) for name in RESUME_IF_GIVEN if name in given}
-    if "steps" in extra and "epochs" not in given:    # the run is now counted in steps (an --epochs
-        extra["epochs"] = 0                           # given beside a preset's steps wins, as in a new run)
-    unit = "epochs" if stored.epochs else "steps"     # the run's own unit: compared here (the other: by Steps)
+    unit = "epochs" if stored.epochs else "steps"     # a run is extended in its own unit
+    other = "steps" if stored.epochs else "epochs"    # (an --epochs beside a preset's --steps counts as epochs)
+    if other in given and (unit == "steps" or "epochs" not in given):
+        raise TrainingError(f"--{other}: this run is counted in {unit} (set for {getattr(stored, unit)}); "
+                            f"on --resume give --{unit} to extend it")
+    extra.pop(other, None)
     if unit in given and extra[unit] < getattr(stored, unit):
         raise TrainingError(f"--{unit} {extra[unit]}: the run was set for {getattr(stored, unit)}; "
                             f"on --resume --{unit} can only extend it")

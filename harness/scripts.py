@@ -443,6 +443,8 @@ def open_sampling(argv=None):
     """sample.py's set-up: flags, the model with its --lora adapters, the SampleConfig, and the
     outputs checked against the inputs (and a killed earlier run's temp files removed)."""
     args = sample_args(argv)
+    if args.out == "":
+        raise SampleError("--out is empty: name a PNG file (or leave --out out for the default)")
     labels = parse_label(args.label)
     if not 1 <= args.n <= MAX_IMAGES // len(labels):
         raise SampleError(f"--n {args.n}: must be between 1 and {MAX_IMAGES // len(labels):,} "

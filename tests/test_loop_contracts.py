@@ -259,10 +259,14 @@ def test_resume_extends_by_steps_and_refuses_a_plan_shorter_than_the_run():
     assert run.resume_config(ckpt, replace(stored, steps=40), given={"steps"}).steps == 40
     with pytest.raises(run.TrainingError, match="--steps 25: the run was set for 30; on --resume --steps can only"):
         run.resume_config(ckpt, replace(stored, steps=25), given={"steps"})
-    by_epochs = run.resume_config(ckpt, replace(stored, epochs=1), given={"epochs"})
-    assert (by_epochs.steps, by_epochs.epochs) == (30, 1)              # counted in epochs from now on
+    with pytest.raises(run.TrainingError, match="--epochs: this run is counted in steps \\(set for 30\\); on --resume "
+                                                "give --steps to extend it"):
+        run.resume_config(ckpt, replace(stored, epochs=1), given={"epochs"})   # 1 epoch could shorten it
     stored_epochs = {**ckpt, "config": {"train": asdict(TrainConfig(epochs=2, device="cpu"))}}
-    assert run.resume_config(stored_epochs, TrainConfig(steps=99), given={"steps"}).epochs == 0, "steps count again"
+    with pytest.raises(run.TrainingError, match="--steps: this run is counted in epochs"):
+        run.resume_config(stored_epochs, TrainConfig(steps=99), given={"steps"})
+    got = run.resume_config(stored_epochs, TrainConfig(steps=99, epochs=3), given={"steps", "epochs"})
+    assert (got.epochs, got.steps) == (3, 700), "an --epochs beside a preset's --steps: epochs"
     # an --epochs that plans fewer steps than the run has done is refused before a step is taken
     tcfg = TrainConfig(batch_size=8, epochs=1, device="cpu", channels_last=False)     # 1 x 24 / 8 = 3 steps
     state = {"step": 5}

@@ -62,7 +62,7 @@ def base(folder, content=b"weights"):
 
 
 def done(n):
-    """A complete row summary, told apart by its trainable count."""
+    """A complete summary of row attn:4 italic, told apart by its trainable count."""
     return summary(n, 0.5, 0.5, 0.9)
 
 
@@ -117,17 +117,19 @@ def test_ctrl_c_waits_for_the_row_to_save(monkeypatch):
     assert child.returncode == 130 and time.time() - t0 >= 1.0     # it finished its 1 s of saving
 
 
-def summary(trainable, ink, slant, acc):
+def summary(trainable, ink, slant, acc, targets="attn", r=4, style="italic"):
+    """A summary.json as lora_finetune.py writes it (the parts the table reads)."""
     return {"trainable": trainable, "total_params": 100_000, "file_bytes": 4 * 1024 * trainable // 1000,
             "ms_per_step": 12.5, "evaluation": {"shift": {"ink": ink, "slant": slant},
-                                                "rows": {"fine-tuned model": {"accuracy": acc}}}}
+                                                "rows": {"fine-tuned model": {"accuracy": acc}}},
+            "config": {"lora": {"targets": targets, "r": r, "style": style}}}
 
 
 def test_the_table_from_its_rows_flags_to_markdown(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Each row runs lora_finetune.py with its targets, r, alpha = r, the style, --eval-n, the base
     and the passed-through flags; the table holds each summary's numbers as it says."""
     cmds = []
-    numbers = {"attn-r4": summary(2000, 0.1, 0.42, 0.97), "conv-r2": summary(6000, 0.05, 0.85, 0.955)}
+    numbers = {"attn-r4": summary(2000, 0.1, 0.42, 0.97, "attn", 4), "conv-r2": summary(6000, 0.05, 0.85, 0.955, "conv", 2)}
 
     def fake_child(cmd):
         cmds.append(cmd)
@@ -207,3 +209,22 @@ def test_terminating_the_table_stops_its_row_and_says_how_to_continue(tmp_path, 
     args = argparse.Namespace(out=str(tmp_path / "table"), style="italic", eval_n=10, checkpoint=base(tmp_path))
     with pytest.raises(lora_table.TableError, match="interrupted; run the same command again"):
         lora_table.run_row("attn", 4, args, [])
+
+
+def test_a_run_the_table_did_not_start_is_never_replaced(tmp_path, monkeypatch):
+    """A LoRA run of the user's at <out>/<row> (no row_started.json: not the table's), or a run of
+    other settings put into a row's folder, is refused in one line and left as it is."""
+    monkeypatch.setattr(lora_table, "run_child", lambda cmd: pytest.fail("a row was run"))
+    args = argparse.Namespace(out=str(tmp_path / "table"), style="italic", eval_n=10, checkpoint=base(tmp_path))
+    folder = os.path.join(args.out, "attn-r4")
+    os.makedirs(folder)
+    for name, content in (("run.json", {"kind": "fine-tuning", "files": [], "pattern": None}),
+                          ("summary.json", summary(7, 0.1, 0.1, 0.9, "qkv", 4, "bold"))):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f)
+    with pytest.raises(lora_table.TableError, match="other settings than row attn r=4 \\(qkv r=4, bold\\); move it away"):
+        lora_table.run_row("attn", 4, args, [])
+    os.remove(os.path.join(folder, "summary.json"))
+    with pytest.raises(lora_table.TableError, match="holds a fine-tuning run this table did not start"):
+        lora_table.run_row("attn", 4, args, [])
+    assert sorted(os.listdir(folder)) == ["run.json"]

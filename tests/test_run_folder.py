@@ -319,7 +319,7 @@ def test_evaluate_refuses_flags_that_cannot_change_an_npz_score(tmp_path):
     npz = str(tmp_path / "x.npz")
     np.savez(npz, images=np.zeros((10, 28, 28), dtype=np.uint8), labels=np.arange(10))
     for flags, named in ((["--sweep-guidance", "1,2"], "--sweep-guidance"), (["--lora", "a.safetensors"], "--lora"),
-                         (["--steps", "10", "--guidance", "3"], "--steps, --guidance")):
+                         (["--steps", "10", "--guidance", "3"], "--steps, --guidance"), (["--n", "5"], "--n")):
         one_line_error(run_cli("evaluate.py", "--npz", npz, *flags), f"--npz scores images already drawn: {named} ")
     assert not os.path.exists(str(tmp_path / "x_eval.json"))
 
@@ -369,6 +369,7 @@ def test_out_paths_that_name_no_folder_are_one_line(training, tmp_path, tiny_ckp
     one_line_error(run_cli("train.py", "--out", model), f"--out {model}: is a file, not a run folder")
     r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--steps", "2", "--out", str(tmp_path / "pngs") + "/")
     one_line_error(r, "is a folder; give a file name")  # not yet made: a name ending in /
+    one_line_error(run_cli("sample.py", "--checkpoint", tiny_ckpt, "--out="), "--out is empty")
     assert not (tmp_path / "pngs").exists()
 
 
@@ -378,3 +379,16 @@ def test_the_resume_hint_keeps_no_figures(monkeypatch):
     monkeypatch.setattr("sys.argv", ["train.py"])
     assert resume_command("train.py", TrainConfig(out="o"), figures=False) == "python train.py --out o --resume --no-figures"
     assert resume_command("train.py", TrainConfig(out="o")) == "python train.py --out o --resume"
+
+
+def test_the_italic_hint_names_a_folder_that_is_free_and_a_dash_path_that_parses(tmp_path):
+    import shlex
+
+    import lora_finetune
+    from harness.scripts import finetune_args
+    taken = tmp_path / "it-all-r8"
+    taken.mkdir()
+    words = shlex.split(lora_finetune.best_italic_command(str(tmp_path / "b.pt"), str(tmp_path / "it")))
+    args = finetune_args(words[2:])
+    assert (args.out, args.checkpoint, args.steps) == (str(tmp_path / "it-all-r8-1"), str(tmp_path / "b.pt"), 1680)
+    assert finetune_args(shlex.split(lora_finetune.best_italic_command("b.pt", "-dash"))[2:]).out == "-dash-all-r8"

@@ -100,3 +100,22 @@ def test_a_tensor_from_the_test_set_can_be_changed_without_changing_the_next():
     x = dataset.load_dataset("mnist-5k", split="test")[0]
     x.zero_()
     assert float(dataset.load_dataset("mnist-5k", split="test")[0].abs().sum()) > 0
+
+
+def test_labels_outside_0_to_9_are_one_line_before_any_run_file(tmp_path):
+    data = idx_mnist(str(tmp_path / "data"))
+    write_idx(os.path.join(data, "MNIST", "raw", "train-labels-idx1-ubyte"), np.full(640, 250), 2049)
+    one_line_error(run_cli("train.py", *FLAGS, "--data-dir", data, "--out", str(tmp_path / "run")),
+                   "labels outside 0..9 (250..250)", "--dataset mnist-5k")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_offline_fallback_measures_against_the_official_test_set(monkeypatch):
+    """--dataset auto without MNIST falls back to the offline digits; its test split is still
+    MNIST's official 10,000 (and a damaged copy is caught there too)."""
+    def absent(root, split):
+        raise dataset.MnistMissing("MNIST could not be downloaded")
+    monkeypatch.setattr(dataset, "load_mnist", absent)
+    x, y, name = dataset.load_dataset("auto", split="test", verbose=False)
+    assert (name, len(x)) == ("mnist-5k", 10_000)
+    assert len(dataset.load_dataset("auto", split="train", verbose=False)[0]) == 4_500

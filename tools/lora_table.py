@@ -55,7 +55,16 @@ def run_row(targets, r, args, extra):
     flags = ["--style", args.style, "--targets", targets, "--r", str(r), "--alpha", str(r),
              "--eval-n", str(args.eval_n), "--checkpoint", os.path.abspath(args.checkpoint), *extra]
     row = {"flags": flags, "base_sha256": file_digest(args.checkpoint)}   # a base retrained in place: a new row
-    if not (read_json(flags_file) == row and complete(read_json(summary))):    # new, unfinished or changed
+    found = read_json(summary)
+    if complete(found) and found["config"]["lora"] != {**found["config"]["lora"], "targets": targets, "r": r,
+                                                       "style": args.style}:
+        raise TableError(f"{out} holds a fine-tuning run of other settings than row {targets} r={r} "
+                         f"({found['config']['lora']['targets']} r={found['config']['lora']['r']}, "
+                         f"{found['config']['lora']['style']}); move it away, or choose another --out")
+    if os.path.lexists(os.path.join(out, "run.json")) and read_json(started_file) is None:
+        raise TableError(f"{out} holds a fine-tuning run this table did not start; move it away, or choose "
+                         "another --out")
+    if not (read_json(flags_file) == row and complete(found)):    # new, unfinished or changed
         interrupted = read_json(started_file) == row and os.path.isfile(os.path.join(out, "finetune_ckpt.pt"))
         cmd = [sys.executable, os.path.join(ROOT, "lora_finetune.py"), *flags, "--out", out,
                "--resume" if interrupted else "--overwrite", "--no-figures"]
@@ -76,7 +85,9 @@ def run_row(targets, r, args, extra):
 def complete(summary):
     """True when summary (read from a row's summary.json) holds everything the table shows."""
     try:
-        ev = summary["evaluation"]
+        ev, lora = summary["evaluation"], summary["config"]["lora"]
+        if not (isinstance(lora, dict) and isinstance(lora.get("r"), int) and isinstance(lora.get("targets"), str)):
+            return False
         numbers = [summary[k] for k in ("trainable", "total_params", "file_bytes", "ms_per_step")]
         numbers += [ev["shift"]["ink"], ev["shift"]["slant"], ev["rows"]["fine-tuned model"]["accuracy"]]
         return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
