@@ -547,6 +547,12 @@ def final_evaluation(model, diffusion, dataset, tcfg):
     print_report(r, clf_acc)
 
 
+def adapter_name(path):
+    """An adapter as an output name shows it: its folder and file name (every run's adapter is
+    called adapter.safetensors), e.g. runs/lora-italic/adapter.safetensors -> lora-italic-adapter."""
+    return f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}-{os.path.splitext(os.path.basename(path))[0]}"
+
+
 def parse_args(argv=None):
     p = Parser(description="Measure how well generated digits match their labels and real data.")
     p.add_argument("--n", type=int, default=100,
@@ -594,7 +600,7 @@ def main(argv=None):
         x, y = read_npz(args.npz)
         dataset = args.dataset or "auto"
     base = os.path.splitext(args.npz or (args.lora[0] if args.lora else args.checkpoint))[0]   # what is scored
-    base += "".join("+" + os.path.splitext(os.path.basename(a))[0] for a in (args.lora or [])[1:])   # A+B
+    base += "".join("+" + adapter_name(a) for a in (args.lora or [])[1:])   # A+B
     out = args.json or base + "_eval.json"
     sweep_png = base + "_guidance_sweep.png" if scales and not args.npz else None
     check_outputs({"--json": out, "--sweep-guidance figure": sweep_png},         # before any work
@@ -605,6 +611,9 @@ def main(argv=None):
     real_x, real_y, dataset = reference_digits(dataset, args.data_dir, verbose=True)
     clf, clf_acc = get_classifier(dataset, args.data_dir)
     results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
+    if not args.npz:                                      # what was scored, so a result names its inputs
+        results.update(checkpoint=os.path.abspath(args.checkpoint), adapters=[os.path.abspath(a) for a in args.lora],
+                       lora_scale=args.lora_scale)
     if not args.npz:
         results["sampling"] = asdict(scfg)                # the sweep varies only the guidance
 

@@ -570,6 +570,8 @@ def main(argv=None):
     """The figures of the README's "How it works" (or, with --check, the gradient check)."""
     args = parse_args(argv)
     figures = check_flags(args)
+    if not 0 <= args.threads <= 4096:
+        raise UsageError(f"--threads {args.threads}: must be between 0 (torch's default) and 4096")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -451,6 +451,10 @@ def load_checkpoint(path):
 
 def configs_from_checkpoint(ckpt, path="checkpoint"):
     """The ModelConfig and DiffusionConfig a checkpoint was trained with."""
+    config = ckpt.get("config")
+    if isinstance(config, dict) and "lora" in config and "model" not in config:
+        raise CheckpointError(f"{shown(path)}: is a fine-tuning run's state, not a model; pass the base checkpoint "
+                              "(and the run's adapter.safetensors as --lora), or a --full run's ckpt.pt")
     try:
         return (config_from_dict(ModelConfig, ckpt["config"]["model"]),
                 config_from_dict(DiffusionConfig, ckpt["config"]["diffusion"]))

@@ -227,7 +227,7 @@ def sample_args(argv=None):
     p.add_argument("--label", default="7", help="digit 0..9, or 'all' for a 10-row grid (default: 7)")
     p.add_argument("--n", type=int, default=10,
                    help=f"samples per label (default: 10; at most {MAX_IMAGES:,} images in all)")
-    p.add_argument("--out", default=None, help="PNG path (default: <checkpoint folder>/sample_<label>.png); "
+    p.add_argument("--out", default=None, help="PNG path (default: sample_<label>.png beside the checkpoint, or beside the first --lora adapter); "
                    f"the grid shows the first {GRID_MAX} samples of each label")
     p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here")
     p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
@@ -271,6 +271,10 @@ def finetune_args(argv=None):
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)          # --resume refuses those that contradict the stored run
     one_of_each(args)
+    lora_only = sorted(args.given & {"targets", "r", "alpha", "lora_dropout", "rslora", "lr_ratio_b", "export_peft"})
+    if args.full and lora_only:
+        raise UsageError(f"--full trains every weight, with no adapter: {', '.join('--' + f.replace('_', '-') for f in lora_only)}"
+                         " would change nothing (drop them)")
     return args
 
 
@@ -452,7 +456,8 @@ def open_sampling(argv=None):
     device = pick_device(args.device)
     model, diffusion, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
     scfg = sample_config(args, diffusion.cfg)
-    out = args.out or os.path.join(os.path.dirname(args.checkpoint), f"sample_{args.label}.png")
+    beside = args.lora[0] if args.lora else args.checkpoint     # a LoRA grid goes beside its adapter
+    out = args.out or os.path.join(os.path.dirname(beside), f"sample_{args.label}.png")
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
     check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
                   {"--checkpoint": args.checkpoint, "--lora adapter": args.lora})     # before any work

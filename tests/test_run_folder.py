@@ -392,3 +392,21 @@ def test_the_italic_hint_names_a_folder_that_is_free_and_a_dash_path_that_parses
     args = finetune_args(words[2:])
     assert (args.out, args.checkpoint, args.steps) == (str(tmp_path / "it-all-r8-1"), str(tmp_path / "b.pt"), 1680)
     assert finetune_args(shlex.split(lora_finetune.best_italic_command("b.pt", "-dash"))[2:]).out == "-dash-all-r8"
+
+
+def test_fourth_probe_each_is_one_line_or_lands_apart(tiny_ckpt, tmp_path):
+    """A fine-tuning state passed as a model, visualize.py --threads out of range and --full with
+    LoRA-only flags are one line; a LoRA grid lands beside its adapter, not over the base's grid;
+    evaluate.py names a second adapter by its folder too."""
+    import evaluate
+    lora = str(tmp_path / "lora")
+    assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, *FT, "--out", lora).returncode == 0
+    state = os.path.join(lora, "finetune_ckpt.pt")
+    one_line_error(run_cli("sample.py", "--checkpoint", state, "--steps", "2"), "is a fine-tuning run's state, not a model")
+    one_line_error(run_cli("visualize.py", "--checkpoint", tiny_ckpt, "--check", "--threads", "100000"),
+                   "--threads 100000: must be between 0")
+    one_line_error(run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--full", "--export-peft", "--r", "8",
+                           "--out", str(tmp_path / "f")), "--full trains every weight", "--export-peft, --r")
+    r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--steps", "2", "--lora", os.path.join(lora, "adapter.safetensors"))
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == os.path.join(lora, "sample_7.png"), r.stdout
+    assert evaluate.adapter_name("runs/lora-italic/adapter.safetensors") == "lora-italic-adapter"
