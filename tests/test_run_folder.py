@@ -330,8 +330,8 @@ def test_interrupts_held_raises_once_the_block_is_over():
     import signal
 
     from harness.run import interrupts_held
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:                                  # (as in a script; a shell's background job starts with SIGINT ignored)
         for sig in (signal.SIGINT, signal.SIGTERM):
             done = []
             with pytest.raises(KeyboardInterrupt):
@@ -341,7 +341,8 @@ def test_interrupts_held_raises_once_the_block_is_over():
             assert done == ["the rest of the block"]
         assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def test_kill_right_after_the_folder_appears_is_one_line_and_leaves_nothing(tmp_path):
