@@ -22,8 +22,8 @@ def _interrupted_while_starting(signum, frame):
     os._exit(128 + signum)                          # nothing is written yet: nothing to save or to clean
 
 
-if (os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") in SCRIPTS
-        and threading.current_thread() is threading.main_thread()):
+AS_SCRIPT = os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") in SCRIPTS
+if AS_SCRIPT and threading.current_thread() is threading.main_thread():
     for _signal, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
         if signal.getsignal(_signal) is _default:       # Ctrl-C, and `kill PID`
             signal.signal(_signal, _interrupted_while_starting)
@@ -46,5 +46,5 @@ def _missing_package(kind, error, tb):
         sys.__excepthook__(kind, error, tb)
 
 
-if os.path.basename(getattr(sys.modules.get("__main__"), "__file__", None) or "") in SCRIPTS:
+if AS_SCRIPT:
     sys.excepthook = _missing_package              # exit status stays 1, as for any uncaught error

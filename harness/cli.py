@@ -18,7 +18,6 @@ from harness.run import HeldRun, TrainingError
 from lora import LoraError
 
 
-
 class UsageError(Exception):
     """Bad input to a script (a flag, a file); the message says which and why."""
 
@@ -116,7 +115,7 @@ def add_config_flags(parser, cls, group=None, defaults=None, skip=()):
         kind = _parse_tuple if isinstance(default, tuple) else type(default)
         text = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
-                           help=doc if "(default: " in doc else f"{doc} (default: {text})")  # or names its own
+                           help=doc if "(default: " in doc else f"{doc} (default: {text})")  # unless it says it
 
 
 def config_from_args(cls, args, **overrides):
@@ -202,9 +201,10 @@ def run_cli(main, argv=None, prog=None):
     except ERRORS as e:
         sys.exit(f"{prog}: error: {e}")
     except ModuleNotFoundError as e:               # a package (or one it needs), imported when first needed
-        if not harness.missing_package(e):
+        line = harness.missing_package(e)
+        if not line:
             raise
-        sys.exit(f"{prog}: error: {harness.missing_package(e)}")
+        sys.exit(f"{prog}: error: {line}")
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
