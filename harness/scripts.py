@@ -27,7 +27,8 @@ from harness.dist import pick_device
 from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_finite, check_fits, check_outputs,
                            configs_from_checkpoint, dataset_of, load_checkpoint, load_model, load_state,
                            remove_stale_temps, save_checkpoint, shown, write_json)
-from harness.run import TrainingError, memory_format, open_run, place_data, restore_loop_state, resume_command
+from harness.run import (TrainingError, memory_format, open_run, place_data, restore_loop_state, resume_command,
+                         run_length)
 from lora import MAX_SCALE, check_scale, set_fused
 from unet import count_params
 
@@ -75,7 +76,6 @@ def one_of_each(args):
 
 def run_plan(n_images, tcfg):
     """The run's length as the progress line says it: "700 steps of 32 = 22,400 images (4.98 epochs)"."""
-    from harness.run import run_length
     total = run_length(n_images, tcfg)[1]
     images = total * tcfg.batch_size
     return f"{total:,} steps of {tcfg.batch_size} = {images:,} images ({images / n_images:.2f} epochs)"
@@ -99,6 +99,23 @@ def data_fingerprint(x, y):
     h = hashlib.sha256(x.numpy().tobytes())
     h.update(y.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_folder_there(ckpt, is_folder, flag, folder):
+    """--resume of a run on a folder of digits that has moved: say which flag gives its new place."""
+    if ckpt is not None and is_folder and not os.path.isdir(folder):
+        raise TrainingError(f"--resume: this run's {flag} {shown(folder)} is not there any more; pass {flag} with "
+                            "its new place (its digits are checked against the run's)")
+
+
+def check_same_digits(ckpt, flag, folder, x, y, verb):
+    """The fingerprint of digits x, y; on --resume they must be the digits the run recorded."""
+    fingerprint = data_fingerprint(x, y)
+    if ckpt is not None and ckpt.get("data_fingerprint", fingerprint) != fingerprint:
+        raise TrainingError(f"{flag} {shown(folder)}: these are not the digits this run {verb} on ({len(x):,} "
+                            f"images, fingerprint {fingerprint}, the run's {ckpt['data_fingerprint']}); pass the "
+                            "run's own folder")
+    return fingerprint
 
 
 class TrainingRun(SimpleNamespace):
@@ -139,15 +156,9 @@ def open_training(argv=None):
             model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
             for key in ("model", "ema"):  # before the model the stored config describes is allocated
                 check_fits(model_cfg, ckpt.get(key), ckpt_path, key)
-        if ckpt is not None and tcfg.dataset == "folder" and not os.path.isdir(tcfg.data_dir):
-            raise TrainingError(f"--resume: this run's data folder {shown(tcfg.data_dir)} is not there any more; "
-                                "pass --data-dir with its new place (its digits are checked against the run's)")
+        check_folder_there(ckpt, tcfg.dataset == "folder", "--data-dir", tcfg.data_dir)
         x, y, name = load_training_data(tcfg, dist)
-        fingerprint = data_fingerprint(x, y)
-        if ckpt is not None and ckpt.get("data_fingerprint", fingerprint) != fingerprint:
-            raise TrainingError(f"--data-dir {shown(tcfg.data_dir)}: these are not the digits this run trained on "
-                                f"({len(x):,} images, fingerprint {fingerprint}, the run's {ckpt['data_fingerprint']});"
-                                " pass the run's own data folder")
+        fingerprint = check_same_digits(ckpt, "--data-dir", tcfg.data_dir, x, y, "trained")
         x, y = place_data(x, y, dist.device, tcfg)
     except BaseException:
         run.close()
@@ -320,15 +331,9 @@ class FinetuneRun(SimpleNamespace):
         """The styled digits on the device; few-shot folders train on one batch of all of them."""
         self.base_data = dataset_of(base_ckpt)        # the base's data, styled (or unused)
         lcfg, resume = self.lcfg, self.resume
-        if resume is not None and lcfg.style == "folder" and not os.path.isdir(lcfg.style_dir):
-            raise TrainingError(f"--resume: this run's --style-dir {shown(lcfg.style_dir)} is not there any more; "
-                                "pass --style-dir with its new place (its digits are checked against the run's)")
+        check_folder_there(resume, lcfg.style == "folder", "--style-dir", lcfg.style_dir)
         x, y = load_finetune_data(lcfg, self.tcfg.data_dir, self.base_data)
-        self.data_fingerprint = data_fingerprint(x, y)
-        if resume is not None and resume.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
-            raise TrainingError(f"--style-dir {shown(lcfg.style_dir)}: these are not the digits this run was tuned "
-                                f"on ({len(x):,} images, fingerprint {self.data_fingerprint}, the run's "
-                                f"{resume['data_fingerprint']}); pass the run's own folder")
+        self.data_fingerprint = check_same_digits(resume, "--style-dir", lcfg.style_dir, x, y, "was tuned")
         asked = self.tcfg.batch_size                  # stored as given, so the same flags resume the run
         self.tcfg = replace(self.tcfg, dataset=self.base_data, batch_size=min(asked, len(x)))
         self.config = {"lora": asdict(self.lcfg), "train": asdict(replace(self.tcfg, batch_size=asked)),
