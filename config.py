@@ -145,21 +145,32 @@ class LoraConfig:
         _check(self.style != "folder" or self.style_dir, "style folder needs --style-dir (subfolders 0..9 of your digits)")
 
 
+SAMPLERS = ("ddim", "dpmpp", "ddpm")
+MAX_JUMPS = 20                      # each jump costs one more network call per step
+
+
 @dataclass
 class SampleConfig:
     """How to draw digits from a trained model (sample.py, evaluate.py, training's figures)."""
-    sampler: str = "ddim"           # ddim: few deterministic steps; ddpm: all T ancestral steps
-    steps: int = 50                 # DDIM steps (ddpm uses all T)
+    sampler: str = "ddim"           # ddim: few deterministic steps; dpmpp: DPM-Solver++(2M); ddpm: all T steps
+    steps: int = 50                 # DDIM / DPM-Solver++ steps (ddpm uses all T)
     guidance: float = 2.0           # classifier-free guidance scale w; 1 = the plain conditional model
     eta: float = 0.0                # DDIM noise: 0 deterministic, 1 ~ DDPM
     guide_from: float = 0.0         # guidance only for guide_from <= t/T < guide_to (Kynkaanniemi et al. 2024);
     guide_to: float = 1.0           # the plain conditional model (w = 1) at the other steps
     guidance_rescale: float = 0.0   # phi: pull the guided output's spread back to the conditional one's (Lin et al. 2024)
     seed: int = 0
+    negative: int = -1              # guide away from this label instead of from "no label" (-1: off)
+    strength: float = 1.0           # img2img: noise the input image to t = strength T (1: pure noise)
+    jumps: int = 0                  # inpainting: times each step is undone and redone (RePaint)
 
     def __post_init__(self):
         _check_types(self)
-        _check(self.sampler in ("ddim", "ddpm"), f"unknown sampler {self.sampler!r} (ddim or ddpm)")
+        _check(self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r} ({', '.join(SAMPLERS)})")
+        _check(self.eta == 0 or self.sampler == "ddim", f"eta {self.eta}: only DDIM takes eta")
+        _check(self.negative >= -1, f"negative label {self.negative}: must be a label (or -1 for none)")
+        _check(0 < self.strength <= 1, f"strength {self.strength}: must be in (0, 1] (1 = from pure noise)")
+        _check(0 <= self.jumps <= MAX_JUMPS, f"jumps {self.jumps}: must be between 0 and {MAX_JUMPS}")
         _check(self.steps >= 1, f"steps {self.steps}: must be >= 1")
         _check(0 <= self.guidance <= 100, f"guidance {self.guidance}: must be between 0 and 100 "
                "(beyond ~20 the samples only saturate)")

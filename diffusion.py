@@ -1,5 +1,6 @@
 """The diffusion process, apart from the network: schedules, q(x_t | x_0), the training
-loss, classifier-free guidance, and the DDPM and DDIM samplers.
+loss, classifier-free guidance, the DDPM, DDIM and DPM-Solver++ samplers, and editing with
+them (img2img, inpainting, negative labels, label blends).
 
 Any denoiser `model(x_t, t, y)` works; nothing here knows the architecture.
 Notation of Ho et al. 2020 (DDPM): betas, alphas_cumprod (alpha_bar_t), posterior q(x_{t-1} | x_t, x_0).
@@ -85,6 +86,7 @@ class Diffusion(nn.Module):
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),                      # sqrt(alpha_bar_t)
             "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),      # sqrt(1 - alpha_bar_t)
             "snr": alphas_cumprod / (1 - alphas_cumprod),                      # alpha_bar / (1 - alpha_bar)
+            "half_log_snr": 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)),  # lambda_t = log(alpha / sigma)
             "posterior_variance": posterior_variance,
             # log(beta~_t), with beta~_0 = 0 replaced by beta~_1 so the log stays finite
             "posterior_log_variance_clipped": torch.log(torch.cat([posterior_variance[1:2],
@@ -153,6 +155,14 @@ class Diffusion(nn.Module):
         """
         return scfg.guidance if scfg.guide_from <= t / self.T < scfg.guide_to else 1.0
 
+    def unconditional(self, y, scfg):
+        """What guidance steers away from: the null label ("no label"), or scfg.negative if set
+        (a negative label, as SD's negative prompt). One-hot weights when y is a blend."""
+        away = self.null_label if scfg.negative < 0 else scfg.negative
+        if y.is_floating_point():                                             # y: (B, num_classes + 1) weights
+            return F.one_hot(torch.full(y.shape[:1], away, device=y.device), y.shape[1]).to(y.dtype)
+        return torch.full_like(y, away)                                       # (B,)
+
     def predict_eps_x0(self, model, x_t, t, y, scfg):
         """The network's output at timestep t, guided as scfg says -> (eps, x_0).
 
@@ -165,9 +175,9 @@ class Diffusion(nn.Module):
         if w == 1.0:
             out = run_in_chunks(model, x_t, tt, y)
         else:
-            null = torch.full_like(y, self.null_label)
+            away = self.unconditional(y, scfg)
             out_cond, out_uncond = run_in_chunks(model, torch.cat([x_t, x_t]), torch.cat([tt, tt]),
-                                                 torch.cat([y, null])).chunk(2)           # 2 x (B, C, H, W)
+                                                 torch.cat([y, away])).chunk(2)           # 2 x (B, C, H, W)
             out = classifier_free_guidance(out_cond, out_uncond, w)
             if scfg.guidance_rescale > 0:
                 out = rescale_guidance(out, out_cond, scfg.guidance_rescale)
@@ -188,10 +198,13 @@ class Diffusion(nn.Module):
 
     def timesteps(self, scfg):
         """The timesteps a sampler visits, noisiest first: all T for DDPM, scfg.steps evenly
-        spaced ones for DDIM."""
+        spaced ones for DDIM and DPM-Solver++. With strength s < 1 (img2img) the run starts at
+        t = s (T - 1), with DDIM's step size: about s * steps of them."""
+        top = round(scfg.strength * (self.T - 1))
         if scfg.sampler == "ddpm":
-            return list(range(self.T - 1, -1, -1))
-        return torch.linspace(self.T - 1, 0, scfg.steps).round().long().tolist()
+            return list(range(top, -1, -1))
+        n = min(max(1, math.ceil(scfg.steps * scfg.strength)), top + 1)       # no timestep twice
+        return torch.linspace(top, 0, n).round().long().tolist()
 
     def step(self, x, t, t_prev, eps, x0, noise, scfg):
         """One reverse step x_t -> x_{t_prev} (t_prev = -1: the last step, to x_0).
@@ -211,25 +224,81 @@ class Diffusion(nn.Module):
         sigma = scfg.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise
 
-    @torch.inference_mode()
-    def sample(self, model, y, scfg=None, generator=None, trajectory=False, image_shape=(1, 28, 28)):
-        """Draw images for labels y (B,) -> (B, C, 28, 28) in [-1, 1], from pure noise.
+    def dpmpp_step(self, x, t, t_next, x0, prev):
+        """One DPM-Solver++(2M) step x_t -> x_{t_next} (Lu et al. 2022, Alg. 2), solved exactly in
+        lambda = log(alpha / sigma) (the half log-SNR) for a constant x_0 over the step. That x_0 is
+        extrapolated from this step's prediction and the previous step's (prev = (t, x_0) of it) to
+        the step's middle: second order. First order (= DDIM) at the first step, and at the last,
+        which lands on the prediction (sigma = 0 at t_next = -1)."""
+        if t_next < 0:
+            return x0
+        lam, s = self.half_log_snr, self.sqrt_one_minus_alphas_cumprod
+        h = lam[t_next] - lam[t]
+        d = x0
+        if prev is not None:
+            r = (lam[t] - lam[prev[0]]) / h               # the previous step's length over this one's
+            d = x0 + (x0 - prev[1]) / (2 * r)             # (1 + 1/2r) x0 - (1/2r) x0_prev
+        return s[t_next] / s[t] * x - self.sqrt_alphas_cumprod[t_next] * torch.expm1(-h) * d
 
-        scfg: a SampleConfig (sampler, steps, guidance, eta, guidance interval and rescale);
-        None: DDIM 50 at the model's own DiffusionConfig.sample_guidance. With trajectory=True
-        also returns every x_t, x_T first (frames[i] is the input of timesteps(scfg)[i]).
+    def denoise(self, model, x, t, t_next, y, scfg, generator, prev):
+        """One reverse step of scfg's sampler x_t -> (x_{t_next}, the x_0 it predicted)."""
+        eps, x0 = self.predict_eps_x0(model, x, t, y, scfg)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        if scfg.sampler == "dpmpp":
+            return self.dpmpp_step(x, t, t_next, x0, prev), x0
+        return self.step(x, t, t_next, eps, x0, noise, scfg), x0
+
+    def keep(self, x, init, mask, t, generator):
+        """Inpainting: x_t with its kept pixels (mask = 1) replaced by init drawn from q(x_t | init),
+        so that they say what the image is, at x_t's noise level (t = -1: init itself)."""
+        if mask is None:
+            return x
+        if t >= 0:
+            noise = torch.randn(init.shape, generator=generator, device=init.device)
+            init = self.q_sample(init, torch.full((len(init),), t, device=init.device), noise)
+        return mask * init + (1 - mask) * x
+
+    def renoise(self, x, t_from, t_to, generator):
+        """x_{t_from} -> x_{t_to} (t_to > t_from) by the forward process: RePaint's step back up."""
+        a = self.alphas_cumprod[t_to] / self.alphas_cumprod[t_from]     # alpha_bar from t_from to t_to
+        return a.sqrt() * x + (1 - a).sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
+
+    @torch.inference_mode()
+    def sample(self, model, y, scfg=None, generator=None, trajectory=False, image_shape=(1, 28, 28),
+               init=None, mask=None, on_step=None):
+        """Draw images for labels y -> (B, C, 28, 28) in [-1, 1], from pure noise.
+
+        y: labels (B,), or weights (B, num_classes + 1) over them: the context is then the blend
+        of their context tokens. scfg: a SampleConfig (sampler, steps, guidance and its interval,
+        strength, jumps); None: DDIM 50 at the model's own sample_guidance. init (B, C, 28, 28):
+        img2img (SDEdit, Meng et al. 2022) -- start from init noised to t = strength (T - 1) (at
+        strength 1 nothing of it would be left: pure noise, as without init). With
+        mask (1 = keep): inpainting -- after every step the kept pixels are init noised to the new t
+        (RePaint, Lugmayr et al. 2022), and scfg.jumps times the step is undone by the forward
+        process and redone, to harmonise both parts. trajectory=True: also every x_t, x_T first.
+        on_step(): called after every step (a progress bar).
         """
         scfg = scfg or SampleConfig(guidance=self.cfg.sample_guidance)
-        shape = (len(y), *image_shape)
-        x = torch.randn(shape, generator=generator, device=y.device)          # x_T ~ N(0, I)
+        if (scfg.strength < 1 and init is None) or (scfg.jumps and mask is None):
+            raise ValueError("strength < 1 needs an init image, jumps a mask (they edit an image)")
         ts = self.timesteps(scfg)
-        frames = [x]
+        x = torch.randn((len(y), *image_shape), generator=generator, device=y.device)   # x_T ~ N(0, I)
+        if init is not None and scfg.strength < 1:             # SDEdit: the image, noised to the first t
+            x = self.q_sample(init, torch.full((len(y),), ts[0], device=y.device), x)
+        frames, prev = [x], None
         for i, t in enumerate(ts):
-            eps, x0 = self.predict_eps_x0(model, x, t, y, scfg)
-            noise = torch.randn(shape, generator=generator, device=y.device)
-            x = self.step(x, t, ts[i + 1] if i + 1 < len(ts) else -1, eps, x0, noise, scfg)
+            t_next = ts[i + 1] if i + 1 < len(ts) else -1
+            x_next, x0 = self.denoise(model, x, t, t_next, y, scfg, generator, prev)
+            x_next = self.keep(x_next, init, mask, t_next, generator)
+            for _ in range(scfg.jumps if mask is not None and t_next >= 0 else 0):   # RePaint's resampling:
+                x_back = self.renoise(x_next, t_next, t, generator)                     # back up to t, step again
+                x_next, x0 = self.denoise(model, x_back, t, t_next, y, scfg, generator, prev)
+                x_next = self.keep(x_next, init, mask, t_next, generator)
+            x, prev = x_next, (t, x0)
             if not torch.isfinite(x).all():      # a result that cannot be right stops here, not as a black grid
                 raise SamplingError(f"x_t became non-finite (nan or inf) at sampling step {i + 1} of {len(ts)} "
                                     f"(t = {t}): the weights, adapter or guidance are broken")
             frames.append(x)
+            if on_step:
+                on_step()
         return (x, frames) if trajectory else x

@@ -28,9 +28,9 @@ from dataset import apply_style, load_dataset
 from harness.adapters import read_adapter
 from harness.cli import Parser, run_cli
 from harness.dist import pick_device
-from harness.files import (CheckpointError, check_outputs, dataset_of, first_line, load_model, not_a_regular_file,
-                           pyplot, read_csv, remove_stale_temps, save_checkpoint, save_figure, shown, write_csv,
-                           write_json)
+from harness.files import (CheckpointError, check_outputs, dataset_of, file_digest, first_line, load_model,
+                           not_a_regular_file, pyplot, read_csv, remove_stale_temps, save_checkpoint, save_figure,
+                           shown, write_csv, write_json)
 from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, load_model_for_sampling,
                              sample_config)
 from sample import generate, model_sampling
@@ -571,7 +571,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.npz:                                  # saved images: nothing is sampled, no model is loaded
         unused = ["n", "sweep_guidance", "lora", "lora_scale", "merge", "style_dir", "checkpoint",
-                  *(f.name for f in fields(SampleConfig))]
+                  *(f.name for f in fields(SampleConfig) if hasattr(args, f.name))]
         given = [f"--{d.replace('_', '-')}" for d in unused if getattr(args, d) != p.get_default(d)]
         if given:
             raise SampleError(f"--npz scores images already drawn: {', '.join(given)} would change nothing "
@@ -589,12 +589,16 @@ def main(argv=None):
         raise SampleError(f"--sweep-guidance {shown(args.sweep_guidance)}: expected numbers like 0,1,2,3,5") from None
     if len(scales) > MAX_SWEEP:
         raise SampleError(f"--sweep-guidance: {len(scales)} values; at most {MAX_SWEEP} (each is a full evaluation)")
+    if args.style_dir and not args.lora:
+        raise SampleError("--style-dir names the folder a --lora adapter learned from: give --lora FILE (or drop it)")
+    if scales and args.guidance is not None:
+        raise SampleError(f"--guidance {args.guidance} with --sweep-guidance: the sweep sets the guidance; drop one")
     device = pick_device(args.device)
     model = None
     if args.npz is None:
         model, diffusion, ckpt = load_model_for_sampling(args, device)
-        scfg = sample_config(args, diffusion.cfg)
-        sweep_cfgs = [sample_config(args, diffusion.cfg, guidance=w) for w in scales]
+        scfg = sample_config(args, diffusion.cfg, model.cfg.num_classes)
+        sweep_cfgs = [sample_config(args, diffusion.cfg, model.cfg.num_classes, guidance=w) for w in scales]
         dataset = args.dataset or dataset_of(ckpt)
     else:
         x, y = read_npz(args.npz)
@@ -602,7 +606,7 @@ def main(argv=None):
     base = os.path.splitext(args.npz or (args.lora[0] if args.lora else args.checkpoint))[0]   # what is scored
     base += "".join("+" + adapter_name(a) for a in (args.lora or [])[1:])   # A+B
     out = args.json or base + "_eval.json"
-    sweep_png = base + "_guidance_sweep.png" if scales and not args.npz else None
+    sweep_png = os.path.splitext(args.json or base)[0] + "_guidance_sweep.png" if scales and not args.npz else None
     check_outputs({"--json": out, "--sweep-guidance figure": sweep_png},         # before any work
                   {"--checkpoint": None if args.npz else args.checkpoint, "--lora adapter": args.lora,
                    "--npz": args.npz, "classifier": glob.glob(os.path.join(args.data_dir, "classifier_*.pt"))},
@@ -612,10 +616,12 @@ def main(argv=None):
     clf, clf_acc = get_classifier(dataset, args.data_dir)
     results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
     if not args.npz:                                      # what was scored, so a result names its inputs
-        results.update(checkpoint=os.path.abspath(args.checkpoint), adapters=[os.path.abspath(a) for a in args.lora],
-                       lora_scale=args.lora_scale)
-    if not args.npz:
-        results["sampling"] = asdict(scfg)                # the sweep varies only the guidance
+        results.update(checkpoint=os.path.abspath(args.checkpoint), checkpoint_sha256=file_digest(args.checkpoint),
+                       adapters=[os.path.abspath(a) for a in args.lora], lora_scale=args.lora_scale)
+    if not args.npz:                                      # what ran: DDPM's steps are the model's T; a sweep's guidance varies
+        results["sampling"] = {**asdict(scfg), "steps": len(diffusion.timesteps(scfg))}
+        if scales:
+            del results["sampling"]["guidance"]
 
     if args.npz:
         results.update(evaluate_images(clf, x, y, real_x, real_y))

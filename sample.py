@@ -1,8 +1,9 @@
 """Generate digits from a trained checkpoint: `python sample.py --label 7` (see --help).
 
 The UNet is rebuilt from the checkpoint's config with its EMA weights (and any --lora adapters:
-harness/scripts.py, open_sampling); generate() then draws digits with DDIM (default) or DDPM,
-steered by classifier-free guidance (diffusion.py).
+harness/scripts.py, open_sampling); generate() then draws digits with DDIM (default), DPM-Solver++
+or DDPM, steered by classifier-free guidance (diffusion.py) -- from noise, or from an --init image
+(img2img, inpainting with --mask).
 """
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import sys
@@ -25,27 +26,32 @@ def model_sampling(diff_cfg, **fields):
     return SampleConfig(guidance=diff_cfg.sample_guidance, **fields)
 
 
-def generate(model, diffusion, labels, n, scfg, trajectory=False, progress=False):
+def generate(model, diffusion, labels, n, scfg, trajectory=False, progress=False, init=None, mask=None):
     """n samples of each label -> (images (N, 1, 28, 28) in [-1, 1], labels (N,), frames or None).
 
-    The N = n * len(labels) images (at most MAX_IMAGES) go through the network in batches of
-    at most MAX_BATCH, all drawing their noise from one generator seeded with scfg.seed: a
-    request of up to MAX_BATCH images is a single batch, the same images as unbatched. frames
-    (trajectory=True): the x_t of the first batch. progress: a progress bar over the batches.
+    labels: digits, or label weights (a blend, see UNet.context). The N = n * len(labels) images
+    (at most MAX_IMAGES) go through the network in batches of at most MAX_BATCH, all drawing their
+    noise from one generator seeded with scfg.seed: a request of up to MAX_BATCH images is a single
+    batch, the same images as unbatched. init, mask (1, 1, 28, 28): img2img / inpainting of that
+    image (Diffusion.sample). frames (trajectory=True): the x_t of the first batch. progress: a bar
+    over the denoising steps of all batches, with an ETA.
     """
     device = diffusion.betas.device
-    y = torch.tensor(labels, device=device).repeat_interleave(n)
+    y = torch.tensor(labels, device=device).repeat_interleave(n, dim=0)        # (N,) or (N, K + 1)
     if len(y) > MAX_IMAGES:
         raise SampleError(f"{len(y):,} images asked for: at most {MAX_IMAGES:,} per request")
     g = torch.Generator(device).manual_seed(scfg.seed)
+    batches = y.split(MAX_BATCH)
     xs, frames = [], None
-    shown = progress and len(y) > MAX_BATCH                # a bar over batches, when there are several
-    with tqdm(total=len(y), desc="sampling", unit="img", disable=None if shown else True) as bar:
-        for yb in y.split(MAX_BATCH):
-            out = diffusion.sample(model, yb, scfg, generator=g, trajectory=trajectory and not xs)
+    steps = len(batches) * len(diffusion.timesteps(scfg))
+    with tqdm(total=steps, desc=f"sampling {len(y)} images", unit="step", disable=None if progress else True) as bar:
+        for yb in batches:
+            edit = {} if init is None else {"init": init.expand(len(yb), -1, -1, -1),
+                                            "mask": None if mask is None else mask.expand(len(yb), -1, -1, -1)}
+            out = diffusion.sample(model, yb, scfg, generator=g, trajectory=trajectory and not xs,
+                                   on_step=bar.update, **edit)
             x, frames = out if trajectory and not xs else (out, frames)
             xs.append(x)
-            bar.update(len(yb))
     return (xs[0] if len(xs) == 1 else torch.cat(xs)), y, frames
 
 
@@ -83,7 +89,7 @@ def main(argv=None):
     s = open_sampling(argv)       # flags checked, model (+ LoRA) loaded, outputs checked before any work
     args, labels = s.args, s.labels
     x, y, frames = generate(s.model, s.diffusion, labels, args.n, s.scfg, trajectory=args.show_steps,
-                            progress=True)
+                            progress=True, init=s.init, mask=s.mask)
     per_label = min(args.n, GRID_MAX)                               # the grid: the first GRID_MAX of each label
     grid = x.reshape(len(labels), args.n, *x.shape[1:])[:, :per_label].reshape(-1, *x.shape[1:])
     save_grid(grid, s.out, nrow=per_label if len(labels) > 1 else min(args.n, 10))

@@ -66,8 +66,10 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(w, cfg.in_channels, 3, padding=1)
 
     def context(self, y):
-        """Labels (B,) in 0..num_classes -> context tokens (B, L, D)."""
-        return self.label_emb(y).view(len(y), self.cfg.context_tokens, self.cfg.context_dim)
+        """Labels (B,) in 0..num_classes -> context tokens (B, L, D). Weights over the labels
+        (B, num_classes + 1) give the same blend of their tokens: what cross-attention sees."""
+        emb = y @ self.label_emb.weight if y.is_floating_point() else self.label_emb(y)   # (B, L * D)
+        return emb.view(len(y), self.cfg.context_tokens, self.cfg.context_dim)
 
     def forward(self, x, t, y):
         t_emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))  # (B, 4C)

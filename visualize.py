@@ -5,6 +5,9 @@
         attention_steering.png  |out(y) - out(null)| of the cross-attention: where the label steers
         one_token_trap.png      gradient norms of W_q, W_k, W_v with L tokens vs one token
         denoising.gif           x_t and the predicted x_0 over the sampling steps, digits 0..9
+        img2img.png             a real digit redrawn as each label, at each strength (SDEdit)
+        inpaint.png             the left half of real digits completed as each label (RePaint)
+        blend.png               the context blended from 3 to 8 in 8 steps, same noise along a row
     python visualize.py --docs              ... and copies them into docs/
     python visualize.py --check [--lora F]  dead / non-finite gradients, adapter identities; exit 1 on a problem
 """
@@ -14,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -23,19 +27,20 @@ from tqdm import tqdm
 import lora
 from config import SampleConfig
 from cross_attn import CrossAttention, capture_attention
-from dataset import load_dataset
+from dataset import load_dataset, mnist_test_arrays
 from diffusion import Diffusion
 from harness.adapters import apply_adapters, read_adapter
-from harness.cli import Parser, UsageError, config_from_args, run_cli
+from harness.cli import Parser, UsageError, config_from_args, explicit_flags, run_cli
 from harness.dist import pick_device
 from harness.files import (DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, pyplot, remove_stale_temps,
                            save_figure)
 from harness.scripts import SampleError, add_sampling_flags, sample_config
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
-FIGURES = ("attention", "trap", "film")
+FIGURES = ("attention", "trap", "film", "img2img", "inpaint", "blend")
 NAMES = {"attention": ("attention_maps.png", "attention_steering.png"),
-         "trap": ("one_token_trap.png",), "film": ("denoising.gif",)}
+         "trap": ("one_token_trap.png",), "film": ("denoising.gif",),
+         "img2img": ("img2img.png",), "inpaint": ("inpaint.png",), "blend": ("blend.png",)}
 T_FRACTIONS = (0.9, 0.5, 0.1)      # where on the trajectory the attention is shown: t ~ 900, 500, 100 of 1000
 
 
@@ -345,6 +350,72 @@ def denoising_film(model, diffusion, scfg, path, max_frames=26, hold=8, zoom=2, 
     return len(shots)
 
 
+# ----- editing: img2img, inpainting, label blends -----
+
+STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+INPAINTED = (2, 4, 7)              # the real test digits whose left half is completed
+BLEND, BLEND_STEPS, BLEND_ROWS = (3, 8), 8, 4
+
+
+def test_digit(label, device):
+    """The first digit `label` of the official MNIST test set -> (1, 1, 28, 28) in [-1, 1]."""
+    x, y = mnist_test_arrays()
+    i = int(np.flatnonzero(y == label)[0])
+    return torch.tensor(x[i], dtype=torch.float32, device=device)[None, None] / 127.5 - 1
+
+
+def image_table(rows, row_names, col_names, title, path):
+    """A table of digits: rows[i] (C, 1, 28, 28) in [-1, 1], named rows and columns."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(0.6 * len(rows[0]) + 1.1, 0.6 * len(rows) + 0.7),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            axes[r, c].imshow(img[0].cpu(), cmap="gray", vmin=-1, vmax=1)
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(col_names[c], fontsize=7)
+            if c == 0:
+                axes[r, c].set_ylabel(row_names[r], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=90)
+
+
+def editing_figure(fig, model, diffusion, scfg, path):
+    """img2img: one real test 5 redrawn as each label 0..9 (columns) at each strength (rows).
+    inpaint: the left half of real test digits (rows) completed as each label.
+    blend: the context blended from 3 to 8 (columns), the same noise along each row.
+    Each sampler call starts from the same seed, so a row (img2img, inpaint) or column position
+    (blend) keeps its noise across the figure."""
+    device = diffusion.betas.device
+    labels = torch.arange(10, device=device)
+    sample = lambda y, s, **edit: diffusion.sample(model, y, s, generator=torch.Generator(device).manual_seed(0),
+                                                  **edit)
+    digits = [str(d) for d in range(10)]
+    if fig == "img2img":
+        five = test_digit(5, device)
+        rows = [torch.cat([five, sample(labels, replace(scfg, strength=s), init=five.expand(10, -1, -1, -1))])
+                for s in STRENGTHS]
+        names, title = [f"s {s}" for s in STRENGTHS], "img2img: a real 5, noised to t = strength s T, redrawn as each label"
+    elif fig == "inpaint":
+        keep = torch.zeros(10, 1, 28, 28, device=device)
+        keep[..., :14] = 1                                                   # the left half is kept
+        rows = [torch.cat([test_digit(d, device) * keep[:1], sample(labels, scfg, init=test_digit(d, device)
+                                                                     .expand(10, -1, -1, -1), mask=keep)])
+                for d in INPAINTED]
+        names, title = [f"real {d}" for d in INPAINTED], "inpainting: the left half kept, the rest drawn as each label"
+    else:
+        a = torch.linspace(0, 1, BLEND_STEPS, device=device)
+        w = torch.zeros(BLEND_STEPS, model.cfg.num_classes + 1, device=device)
+        w[:, BLEND[0]], w[:, BLEND[1]] = 1 - a, a
+        cols = [sample(w[i].expand(BLEND_ROWS, -1), scfg) for i in range(BLEND_STEPS)]   # (rows, 1, 28, 28) each
+        rows = [torch.stack([c[r] for c in cols]) for r in range(BLEND_ROWS)]
+        digits = [f"{1 - v:.2f}/{v:.2f}" for v in a.tolist()]
+        names, title = [f"noise {r}" for r in range(BLEND_ROWS)], f"label blend: context of {BLEND[0]} -> {BLEND[1]}"
+    image_table(rows, names, (["input"] if fig != "blend" else []) + digits, title, path)
+
+
 # ----- the check -----
 
 def gradient_report(model, diffusion, x0, y, randomness, vanishing=1e-5):
@@ -543,7 +614,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
     add_sampling_flags(p, "sampling (attention and film)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.given = explicit_flags(p, argv)
+    return args
 
 
 def check_flags(args):
@@ -556,11 +629,15 @@ def check_flags(args):
         raise VisualizeError(f"--figures {args.figures}: choose from {','.join(FIGURES)}")
     if args.lora and not args.check:
         raise VisualizeError("--lora is checked with --check (the figures show the base model)")
+    figure_only = sorted(args.given & ({"figures", "docs", "label"} | {f.name for f in fields(SampleConfig)}))
+    if args.check and figure_only:
+        raise VisualizeError(f"--check draws no figure: {', '.join('--' + f.replace('_', '-') for f in figure_only)} "
+                             "would change nothing (drop them, or leave out --check)")
     if args.batch_size < 2:
         raise VisualizeError(f"--batch-size {args.batch_size}: must be >= 2")
     try:                    # the flags checked before any work; a missing --guidance is the checkpoint's
         config_from_args(SampleConfig, args, guidance=SampleConfig.guidance if args.guidance is None
-                         else args.guidance)
+                         else args.guidance, steps=args.steps or SampleConfig.steps)
     except ValueError as e:
         raise VisualizeError(str(e)) from None
     return figures
@@ -580,7 +657,7 @@ def main(argv=None):
 
     model, diff_cfg, _ = load_model(args.checkpoint, device)      # a missing checkpoint first
     try:
-        scfg = sample_config(args, diff_cfg)
+        scfg = sample_config(args, diff_cfg, model.cfg.num_classes)
     except SampleError as e:
         raise VisualizeError(str(e)) from None
     folder = os.path.dirname(os.path.abspath(args.checkpoint))
@@ -610,8 +687,10 @@ def main(argv=None):
             for b in norms:
                 print(f"  {b:<8} " + " ".join(f"{v:.2e}" for v in norms[b]) + "   |   "
                       + " ".join(f"{v:.2e}" for v in one[b]))
-        else:
+        elif fig == "film":
             denoising_film(model, diffusion, scfg, out[0])
+        else:
+            editing_figure(fig, model, diffusion, scfg, out[0])
         written += out
     for path in written:
         print(path)

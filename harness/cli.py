@@ -66,8 +66,11 @@ HELP = {
              "--no-fused runs the readable form base(x) + s B(A(x))",
     "export_peft": "also export the adapter for Hugging Face peft (PeftModel.from_pretrained) to <out>/peft",
     "style_dir": "your own digits for --dataset folder: subfolders 0..9 of images",
-    "sampler": "ddim: few deterministic steps; ddpm: all T ancestral steps",
-    "steps": "DDIM steps", "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance (default: the "
+    "sampler": "ddim: few deterministic steps; dpmpp: DPM-Solver++(2M), second order; ddpm: all T ancestral steps",
+    "steps": "DDIM / DPM-Solver++ steps",
+    "negative": "guide away from this digit instead of from 'no label' (-1: off)",
+    "strength": "img2img: noise the --init image to t = strength T, in (0, 1]; 1 = from pure noise",
+    "jumps": "inpainting: undo and redo each step this many more times (RePaint; 0..20)", "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance (default: the "
                                        "checkpoint's, 2.0 unless trained with --sample-guidance)",
     "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",
     "guidance_rescale": "0..1: rescale the guided prediction to the conditional one's spread (0 = off)",
@@ -99,14 +102,15 @@ def _parse_tuple(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
-def add_config_flags(parser, cls, group=None, defaults=None, skip=()):
+def add_config_flags(parser, cls, group=None, defaults=None, skip=(), helps=None):
     """Add one `--field-name` flag per dataclass field; defaults come from the dataclass
-    (or from `defaults`, for a script that uses the same dataclass differently)."""
+    (or from `defaults` and `helps`, for a script that uses the same dataclass differently)."""
     group = parser.add_argument_group(group or cls.__name__)
     for f in fields(cls):
         if f.name in skip:
             continue
-        doc = HELP.get(f"{cls.__name__}.{f.name}") or HELP.get(f.name, f.name)    # a name two configs share
+        doc = ((helps or {}).get(f.name) or HELP.get(f"{cls.__name__}.{f.name}")
+               or HELP.get(f.name, f.name))                                    # a name two configs share
         default = (defaults or {}).get(f.name, f.default)
         if isinstance(default, bool):
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
@@ -141,12 +145,16 @@ class GuardedStdout:
     dropped and the work goes on, so every file is still written. `error` keeps what went wrong."""
 
     def __init__(self, stream):
-        self.stream, self.error = stream, None
+        # stdout closed before start-up (`>&-`): Python has none, so nobody reads; as `| head`
+        self.stream, self.error = stream if stream is not None else open(os.devnull, "w"), None
 
     def write(self, text):
         if self.error is None:
             try:
                 return self.stream.write(text)
+            except UnicodeEncodeError:          # a path this stdout cannot encode (LANG=C, a Windows code page)
+                enc = getattr(self.stream, "encoding", None) or "ascii"
+                return self.stream.write(text.encode(enc, "backslashreplace").decode(enc))
             except OSError as e:
                 self._lost(e)
         return len(text)

@@ -8,6 +8,7 @@ pickled code ever runs.
 """
 import csv
 import functools
+import hashlib
 import json
 import os
 import re
@@ -174,6 +175,15 @@ def remove_stale_temps(paths, patterns=None):
                 pass
             finally:
                 os.close(fd)
+
+
+def file_digest(path):
+    """SHA-256 of a file, the first 16 hex digits: which checkpoint a result or a row was made from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def write_json(path, obj):

@@ -14,6 +14,7 @@ import resource
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 import lora
@@ -192,15 +193,26 @@ def add_model_flags(p):
                    help="fold the adapter into the weights (no extra cost per step)")
 
 
-def add_sampling_flags(p, group="sampling"):
-    """SampleConfig's flags. --guidance stays None unless given: the checkpoint then decides."""
-    add_config_flags(p, SampleConfig, group)
-    p.set_defaults(guidance=None)
+EDIT_FIELDS = ("strength", "jumps")     # SampleConfig fields only an --init image gives a meaning
 
 
-def sample_config(args, diff_cfg, **overrides):
-    """The SampleConfig of the parsed flags, checked against the model's T. Without --guidance,
-    the guidance the model's run chose for it (DiffusionConfig.sample_guidance; 2 by default)."""
+def add_sampling_flags(p, group="sampling", editing=False):
+    """SampleConfig's flags (with editing: also --strength and --jumps, which need an --init image).
+    --guidance stays None unless given: the checkpoint then decides."""
+    add_config_flags(p, SampleConfig, group, skip=() if editing else EDIT_FIELDS)
+    p.set_defaults(guidance=None, steps=None)     # None: not given (ddpm refuses --steps; see sample_config)
+
+
+def sample_config(args, diff_cfg, num_classes, **overrides):
+    """The SampleConfig of the parsed flags, checked against the model's T and labels. Without
+    --guidance, the guidance the model's run chose for it (DiffusionConfig.sample_guidance; 2 by default)."""
+    if not -1 <= args.negative < num_classes:
+        raise SampleError(f"--negative {args.negative}: must be a digit 0..{num_classes - 1} (or -1 for none)")
+    if args.steps is not None and args.sampler == "ddpm":
+        raise SampleError(f"--steps {args.steps}: --sampler ddpm runs all {diff_cfg.timesteps} steps of the model's T; "
+                          "--steps is for ddim and dpmpp")
+    if args.steps is None:
+        overrides.setdefault("steps", SampleConfig.steps)
     if args.guidance is None:
         overrides.setdefault("guidance", diff_cfg.sample_guidance)
     try:
@@ -213,6 +225,8 @@ def sample_config(args, diff_cfg, **overrides):
 
 def load_model_for_sampling(args, device):
     """The checkpoint's EMA model with the --lora adapters applied. -> (model, diffusion, ckpt)."""
+    if args.merge and not args.lora:
+        raise SampleError("--merge folds --lora adapters into the weights: give --lora FILE (or drop --merge)")
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise SampleError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: give one per adapter")
@@ -223,27 +237,87 @@ def load_model_for_sampling(args, device):
     return model, Diffusion(diff_cfg, model.cfg.num_classes).to(device), ckpt
 
 
-def parse_label(text):
-    """'7' -> [7]; 'all' -> [0..9]; anything else is an error."""
+def parse_label(text, num_classes=10):
+    """'7' -> [7]; 'all' -> [0..9]; '3:0.5,8:0.5' -> [weights over the num_classes + 1 labels]:
+    a blend of the two labels' context tokens (weights >= 0 that sum to 1)."""
     if text == "all":
-        return list(range(10))
-    if text not in [str(d) for d in range(10)]:
-        raise SampleError(f"--label {shown(text)}: must be a digit 0..9 or 'all'")
-    return [int(text)]
+        return list(range(num_classes))
+    if text in [str(d) for d in range(num_classes)]:
+        return [int(text)]
+    if ":" not in text:
+        raise SampleError(f"--label {shown(text)}: must be a digit 0..9, 'all', or a blend such as 3:0.5,8:0.5")
+    weights = [0.0] * (num_classes + 1)
+    for part in text.split(","):
+        digit, _, w = part.partition(":")
+        if digit not in [str(d) for d in range(num_classes)] or weights[int(digit)]:
+            raise SampleError(f"--label {shown(text)}: {shown(part)} must be digit:weight, each digit 0..9 once")
+        try:
+            weights[int(digit)] = float(w)
+        except ValueError:
+            raise SampleError(f"--label {shown(text)}: weight {shown(w)} is not a number") from None
+        if not 0 < weights[int(digit)] <= 1:
+            raise SampleError(f"--label {shown(text)}: weight {shown(w)} must be in (0, 1]")
+    if abs(sum(weights) - 1) > 1e-6:
+        raise SampleError(f"--label {shown(text)}: the weights sum to {sum(weights):g}, not 1")
+    return [weights]
+
+
+def label_name(text):
+    """The --label text as a file-name part: '3:0.5,8:0.5' -> 'blend_3-0.5_8-0.5'."""
+    return "blend_" + text.replace(":", "-").replace(",", "_") if ":" in text else text
+
+
+def load_edit_images(args, device):
+    """--init and --mask -> (init (1, 1, 28, 28) in [-1, 1], mask (1, 1, 28, 28) of 1 = keep) or
+    None each. The init image is read as a digit (dataset.load_image); the mask, white = keep,
+    must have the init image's size."""
+    from PIL import Image
+
+    from dataset import DataError, grey_levels, load_image
+    if args.init is None:
+        for flag, given in (("--mask", args.mask), ("--strength", args.strength != 1.0), ("--jumps", args.jumps)):
+            if given:
+                raise SampleError(f"{flag} edits an image: give it with --init IMAGE")
+        return None, None
+    if args.jumps and args.mask is None:
+        raise SampleError("--jumps resamples an inpainting: give it with --mask MASK")
+    try:
+        init = torch.tensor(load_image(args.init), dtype=torch.float32) / 127.5 - 1      # (28, 28) in [-1, 1]
+        if args.mask is None:
+            return init[None, None].to(device), None
+        with Image.open(args.init) as a:
+            size = a.size
+        load_image(args.mask)                     # the same checks: a regular, readable image
+        with Image.open(args.mask) as m:
+            if m.size != size:
+                raise SampleError(f"--mask {shown(args.mask)}: {m.size[0]}x{m.size[1]} pixels, but --init is "
+                                  f"{size[0]}x{size[1]}: the mask must have the image's size")
+            keep = Image.fromarray(grey_levels(m, args.mask)).resize((28, 28), Image.NEAREST)
+    except DataError as e:
+        raise SampleError(str(e)) from e
+    mask = torch.from_numpy(np.asarray(keep) > 127).float()                            # (28, 28), 1 = keep
+    return init[None, None].to(device), mask[None, None].to(device)
 
 
 def sample_args(argv=None):
     """sample.py's flags: what to draw, where to write it, the model, the sampler."""
     p = Parser(prog="sample.py", description="Sample digits from a trained checkpoint.")
-    p.add_argument("--label", default="7", help="digit 0..9, or 'all' for a 10-row grid (default: 7)")
+    p.add_argument("--label", default="7", help="digit 0..9, 'all' for a 10-row grid, or a blend of labels' contexts "
+                   "such as 3:0.5,8:0.5 (weights summing to 1) (default: 7)")
     p.add_argument("--n", type=int, default=10,
                    help=f"samples per label (default: 10; at most {MAX_IMAGES:,} images in all)")
     p.add_argument("--out", default=None, help="PNG path (default: sample_<label>.png beside the checkpoint, or beside the first --lora adapter); "
                    f"the grid shows the first {GRID_MAX} samples of each label")
     p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here")
     p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
+    p.add_argument("--init", default=None, metavar="IMAGE",
+                   help="img2img: start from this digit image (any size; read like MNIST, white on black), noised "
+                        "to t = --strength T, and redraw it as --label")
+    p.add_argument("--mask", default=None, metavar="MASK",
+                   help="inpainting with --init: white pixels of this image (the --init image's size) are kept, "
+                        "the rest is drawn")
     add_model_flags(p)
-    add_sampling_flags(p)
+    add_sampling_flags(p, editing=True)
     return p.parse_args(argv)
 
 
@@ -268,7 +342,9 @@ def finetune_args(argv=None):
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"base model (default: {DEFAULT_CHECKPOINT})")
     add_config_flags(p, LoraConfig, "LoRA")
     add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS,   # no step grids or curve here
-                     skip=("dataset", "sample_every", "eval_every"))
+                     skip=("dataset", "sample_every", "eval_every"),
+                     helps={"data_dir": "MNIST root: the base's training digits that --style restyles, and "
+                                        "evaluate.py's classifier cache (your own digits: --style-dir)"})
     p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
                    help="styled: the base's training digits in --style; folder: your digits in --style-dir")
     p.add_argument("--resume", action="store_true",
@@ -455,17 +531,22 @@ def open_sampling(argv=None):
     if args.out == "":
         raise SampleError("--out is empty: name a PNG file (or leave --out out for the default)")
     labels = parse_label(args.label)
+    if args.npz and not isinstance(labels[0], int):
+        raise SampleError("--npz stores labels 0..9 for evaluate.py; a blend has none: leave --npz out")
     if not 1 <= args.n <= MAX_IMAGES // len(labels):
         raise SampleError(f"--n {args.n}: must be between 1 and {MAX_IMAGES // len(labels):,} "
                           f"(at most {MAX_IMAGES:,} images per request)")
     device = pick_device(args.device)
     model, diffusion, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
-    scfg = sample_config(args, diffusion.cfg)
+    scfg = sample_config(args, diffusion.cfg, model.cfg.num_classes)
+    init, mask = load_edit_images(args, device)
     beside = args.lora[0] if args.lora else args.checkpoint     # a LoRA grid goes beside its adapter
-    out = args.out or os.path.join(os.path.dirname(beside), f"sample_{args.label}.png")
+    name = "sample_" + label_name(args.label) + ("_inpaint" if mask is not None else "_img2img" if init is not None else "")
+    out = args.out or os.path.join(os.path.dirname(beside), name + ".png")
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
     check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
-                  {"--checkpoint": args.checkpoint, "--lora adapter": args.lora})     # before any work
+                  {"--checkpoint": args.checkpoint, "--lora adapter": args.lora, "--init": args.init,
+                   "--mask": args.mask})                             # before any work
     remove_stale_temps([out, args.npz, steps_path])                  # a killed earlier run's, of these names only
     return SamplingRun(args=args, labels=labels, model=model, diffusion=diffusion, scfg=scfg, out=out,
-                       steps_path=steps_path)
+                       steps_path=steps_path, init=init, mask=mask)

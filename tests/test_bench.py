@@ -210,3 +210,12 @@ def test_main_runs_each_section_in_order_and_writes_the_table(tiny_ckpt, tmp_pat
     assert bench.main(child) is None
     assert capsys.readouterr().out == '{"fp32_gflops": 1.5}\n' and calls == []
     assert not os.path.exists(tmp_path / "child.json")
+
+
+def test_quick_never_overrides_a_flag_that_was_given():
+    args = args_for(reps=10, n=100)
+    assert bench.quick(args, ["eager", "compile"], given={"quick"}) == ["eager"]
+    assert (args.reps, args.n) == (3, 20)
+    args = args_for(reps=10, n=100)
+    assert bench.quick(args, ["eager", "compile"], given={"quick", "reps", "n", "modes"}) == ["eager", "compile"]
+    assert (args.reps, args.n) == (10, 100)

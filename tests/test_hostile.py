@@ -913,3 +913,65 @@ def test_lora_table_refuses_a_missing_base_in_one_line(tmp_path, monkeypatch, ca
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert e.value.code == 2 and len(err) == 1 and missing in err[0] and "checkpoint not found" in err[0], err
     assert not os.path.exists(tmp_path / "t")
+
+
+# ----- a fifth hostile probe: odd stdouts, flags that would change nothing -----
+
+def test_a_closed_stdout_is_no_traceback_and_the_work_is_done(tiny_ckpt, tmp_path):
+    out = tmp_path / "grid.png"
+    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2",
+                        "--out", str(out)], cwd=ROOT, capture_output=False, stderr=subprocess.PIPE, text=True,
+                       preexec_fn=lambda: os.close(1), timeout=300)                  # as `>&-`
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert out.stat().st_size > 0
+
+
+def test_a_path_the_stdout_cannot_encode_is_printed_escaped(tiny_ckpt, tmp_path):
+    out = tmp_path / "ü é.png"
+    r = subprocess.run([sys.executable, "sample.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "\\xfc \\xe9.png" in r.stdout and out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("script,flags,needle", [
+    ("sample.py", ["--sampler", "ddpm", "--steps", "3"], "--sampler ddpm runs all"),
+    ("evaluate.py", ["--sampler", "ddpm", "--steps", "3"], "--sampler ddpm runs all"),
+    ("evaluate.py", ["--sweep-guidance", "0,1", "--guidance", "4"], "the sweep sets the guidance"),
+    ("sample.py", ["--merge"], "--merge folds --lora adapters"),
+    ("evaluate.py", ["--merge"], "--merge folds --lora adapters"),
+    ("evaluate.py", ["--style-dir", "/nonexistent"], "--style-dir names the folder a --lora adapter"),
+    ("visualize.py", ["--check", "--figures", "film"], "--check draws no figure: --figures"),
+    ("visualize.py", ["--check", "--docs", "DOCS"], "--check draws no figure: --docs"),
+    ("visualize.py", ["--check", "--label", "5", "--steps", "3"], "--label, --steps would change nothing"),
+])
+def test_a_flag_that_would_change_nothing_is_refused(tiny_ckpt, tmp_path, script, flags, needle):
+    r = run_cli(script, "--checkpoint", tiny_ckpt, *[str(tmp_path / "docs") if f == "DOCS" else f for f in flags])
+    one_line_error(r, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_records_what_ran_and_which_checkpoint(tiny_ckpt, quick_judge, tmp_path):
+    """DDPM's steps are the model's T; a sweep's guidance is not one number; the checkpoint's
+    SHA-256 tells a result of an overwritten run from one of the run now there."""
+    out = tmp_path / "ddpm.json"
+    r = run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--n", "1", "--sampler", "ddpm", "--data-dir", quick_judge,
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["sampling"]["steps"] == load_checkpoint(tiny_ckpt)["config"]["diffusion"]["timesteps"]
+    assert d["checkpoint_sha256"] == hashlib.sha256(open(tiny_ckpt, "rb").read()).hexdigest()[:16]
+    out = tmp_path / "sweep.json"
+    r = run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2", "--sweep-guidance", "0,1",
+                "--data-dir", quick_judge, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert "guidance" not in d["sampling"] and [s["guidance"] for s in d["sweep"]] == [0.0, 1.0]
+    assert (tmp_path / "sweep_guidance_sweep.png").stat().st_size > 0            # beside its --json
+
+
+def test_lora_finetune_help_says_what_its_data_dir_is():
+    r = run_cli("lora_finetune.py", "--help")
+    text = " ".join(r.stdout.split())
+    assert "--data-dir DATA_DIR MNIST root" in text and "with --dataset folder" not in text

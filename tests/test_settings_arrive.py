@@ -23,7 +23,12 @@ from unet import UNet
 BASE = SampleConfig(steps=4, guidance=2.0)
 # one non-default value per SampleConfig field, and what the sampler is then called with
 CHANGED = {"sampler": "ddpm", "steps": 7, "guidance": 3.5, "eta": 0.6, "guide_from": 0.4, "guide_to": 0.5,
-           "guidance_rescale": 0.7, "seed": 5}
+           "guidance_rescale": 0.7, "seed": 5, "negative": 1, "strength": 0.5, "jumps": 2}
+# the fields that edit an image, with what they edit (sample.py only: --init, --mask)
+IMAGE = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+LEFT = torch.zeros(1, 1, 28, 28)
+LEFT[..., :14] = 1
+EDITS = {"strength": {"init": IMAGE}, "jumps": {"init": IMAGE, "mask": LEFT}}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +37,10 @@ def tiny():
     return UNet(TINY).eval(), Diffusion(DiffusionConfig(timesteps=TINY_T))
 
 
-def direct(model, diffusion, y, scfg):
+def direct(model, diffusion, y, scfg, init=None, mask=None):
     """diffusion.sample called by hand with scfg and its seed: the lowest function."""
-    return diffusion.sample(model, y, scfg, generator=torch.Generator().manual_seed(scfg.seed))
+    edit = {k: v.expand(len(y), -1, -1, -1) for k, v in (("init", init), ("mask", mask)) if v is not None}
+    return diffusion.sample(model, y, scfg, generator=torch.Generator().manual_seed(scfg.seed), **edit)
 
 
 def test_every_sample_config_field_has_a_changed_value_here():
@@ -47,11 +53,12 @@ def test_each_sampling_field_reaches_the_sampler_and_changes_the_images(tiny, fi
     scfg = replace(BASE, **{field: CHANGED[field]})
     if field == "guide_to":
         scfg = replace(scfg, guide_from=0.2)
-    x, y, _ = sample.generate(model, diffusion, [3, 7], 2, scfg)
+    edit = EDITS.get(field, {})
+    x, y, _ = sample.generate(model, diffusion, [3, 7], 2, scfg, **edit)
     assert y.tolist() == [3, 3, 7, 7]
-    assert torch.equal(x, direct(model, diffusion, y, scfg)), f"{field}: generate differs from the sampler"
+    assert torch.equal(x, direct(model, diffusion, y, scfg, **edit)), f"{field}: generate differs from the sampler"
     before = sample.generate(model, diffusion, [3, 7], 2, BASE if field != "guide_to" else
-                             replace(BASE, guide_from=0.2))[0]
+                             replace(BASE, guide_from=0.2), **edit)[0]
     assert (x - before).abs().max() > 1e-4, f"{field} = {CHANGED[field]} changed nothing"
 
 
@@ -62,14 +69,16 @@ def test_each_sampling_flag_arrives_in_the_sample_config(script):
     parse_args = {"sample": scripts.sample_args, "evaluate": evaluate.parse_args}[script]
     diff_cfg = DiffusionConfig(timesteps=TINY_T, sample_guidance=1.25)
     for field, value in CHANGED.items():
+        if script == "evaluate" and field in EDITS:
+            continue                                          # evaluate.py edits no image: no such flag
         flag = "--" + field.replace("_", "-")
         extra = ["--guide-from", "0.2"] if field == "guide_to" else []
-        scfg = scripts.sample_config(parse_args([flag, str(value), *extra]), diff_cfg)
+        scfg = scripts.sample_config(parse_args([flag, str(value), *extra]), diff_cfg, 10)
         assert getattr(scfg, field) == value, field
         moved = {field, "guide_from"} if field == "guide_to" else {field}
         untouched = {f: v for f, v in asdict(scfg).items() if f not in moved}
         assert untouched == {f: v for f, v in asdict(SampleConfig(guidance=1.25)).items() if f in untouched}, field
-    assert scripts.sample_config(parse_args([]), diff_cfg).guidance == 1.25
+    assert scripts.sample_config(parse_args([]), diff_cfg, 10).guidance == 1.25
 
 
 def test_batches_continue_one_noise_stream(tiny, monkeypatch):

@@ -21,7 +21,7 @@ import time
 import torch
 
 from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig
-from harness.cli import Parser, run_cli
+from harness.cli import Parser, explicit_flags, run_cli
 from harness.dist import DeviceError, pick_device
 from harness.files import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
 
@@ -304,6 +304,13 @@ def run_section(name, args, **extra):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def quick(args, modes, given):
+    """--quick: 3 repetitions, 20 images, no compile (it alone takes minutes on a small CPU) --
+    each unless its flag was given. -> the modes to run (args.reps and args.n are set)."""
+    args.reps, args.n = (args.reps if "reps" in given else 3), (args.n if "n" in given else 20)
+    return modes if "modes" in given else [m for m in modes if "compile" not in m]
+
+
 def main(argv=None):
     p = Parser(description="Benchmark training and sampling speed, memory and hardware utilisation.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and images: seconds, not minutes")
@@ -344,9 +351,8 @@ def main(argv=None):
         modes.remove("compile_bf16")
     if not modes or any(m not in MODES for m in modes) or "eager" not in modes:
         p.error(f"--modes: a list of {', '.join(MODES)} that includes eager (the FLOP count)")
-    if args.quick:                         # no compile: it alone takes minutes on a small CPU
-        args.reps, args.n = 3, 20
-        modes = [m for m in modes if "compile" not in m]
+    if args.quick:
+        modes = quick(args, modes, explicit_flags(p, argv))
     if args.n < 10 or args.n % 10 or args.batch < 1 or args.reps < 1:
         p.error("--n must be a positive multiple of 10; --batch and --reps >= 1")
     if not os.path.isfile(args.checkpoint):

@@ -14,7 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the proje
 sys.path.insert(0, ROOT)
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 
-import hashlib
 import json
 import re
 import signal
@@ -22,8 +21,8 @@ import subprocess
 
 from config import MAX_IMAGES
 from harness.cli import Parser, UsageError, run_cli
-from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_outputs, load_checkpoint, pyplot,
-                           save_figure, write_json)
+from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_outputs, file_digest, load_checkpoint,
+                           pyplot, save_figure, write_json)
 
 ROWS = "attn:1,attn:4,attn:16,attn+ff:4,all-linear:4"
 # what each row's command sets itself: passed-through flags may not change them
@@ -93,15 +92,6 @@ def complete(summary):
         return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
     except (TypeError, KeyError):
         return False
-
-
-def file_digest(path):
-    """SHA-256 of a file, the first 16 hex digits."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def run_child(cmd):
