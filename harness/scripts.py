@@ -539,6 +539,9 @@ def open_sampling(argv=None):
     device = pick_device(args.device)
     model, diffusion, _ = load_model_for_sampling(args, device)    # a missing checkpoint first
     scfg = sample_config(args, diffusion.cfg, model.cfg.num_classes)
+    if scfg.negative in labels:
+        raise SampleError(f"--negative {scfg.negative} is also a --label: guidance from a digit to itself is zero "
+                          "(out(neg) + w (out(y) - out(neg)) = out(y)); pick another digit")
     init, mask = load_edit_images(args, device)
     beside = args.lora[0] if args.lora else args.checkpoint     # a LoRA grid goes beside its adapter
     name = "sample_" + label_name(args.label) + ("_inpaint" if mask is not None else "_img2img" if init is not None else "")

@@ -42,15 +42,16 @@ def test_steps_beyond_the_models_T_are_refused():
     (scripts.finetune_args, (LoraConfig,)),
 ])
 def test_flags_are_generated_from_the_dataclasses(parse_args, groups):
-    """Each field is a flag whose default is the dataclass default: one source of truth. The one
-    exception: a sampler's --guidance is unset (None) until the checkpoint's sample_guidance fills it."""
+    """Each field is a flag whose default is the dataclass default: one source of truth. The
+    exceptions: a sampler's --guidance is unset (None) until the checkpoint's sample_guidance fills
+    it, and its --steps until sample_config() does (so that --sampler ddpm can refuse a --steps given)."""
     args = parse_args([])
     for cls in groups:
         for f in fields(cls):
             if parse_args is evaluate.parse_args and f.name in scripts.EDIT_FIELDS:
                 assert not hasattr(args, f.name)               # they edit an image: sample.py only
                 continue
-            expected = None if (cls, f.name) == (SampleConfig, "guidance") else f.default
+            expected = None if cls is SampleConfig and f.name in ("guidance", "steps") else f.default
             assert getattr(args, f.name) == expected, (cls.__name__, f.name)
 
 

@@ -200,6 +200,8 @@ def test_sample_py_img2img_inpainting_blend_and_negative_write_their_grids(tiny_
     (["--label", "3:-0.5,8:1.5"], "must be in (0, 1]"),
     (["--label", "12"], "must be a digit 0..9"),
     (["--negative", "10"], "--negative 10"),
+    (["--label", "7", "--negative", "7"], "--negative 7 is also a --label"),
+    (["--label", "all", "--negative", "1"], "--negative 1 is also a --label"),
     (["--sampler", "dpmpp", "--eta", "0.5"], "only DDIM takes eta"),
     (["--sampler", "euler"], "unknown sampler"),
     (["--label", "3:0.5,8:0.5", "--npz", "OUT.npz"], "a blend has none"),
