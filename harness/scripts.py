@@ -271,7 +271,7 @@ def load_edit_images(args, device):
     """--init and --mask -> (init (1, 1, 28, 28) in [-1, 1], mask (1, 1, 28, 28) of 1 = keep) or
     None each. The init image is read as a digit (dataset.load_image); the mask, white = keep,
     must have the init image's size."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from dataset import DataError, grey_levels, load_image
     if args.init is None:
@@ -286,9 +286,10 @@ def load_edit_images(args, device):
         if args.mask is None:
             return init[None, None].to(device), None
         with Image.open(args.init) as a:
-            size = a.size
+            size = ImageOps.exif_transpose(a).size                     # as load_image turned it
         load_image(args.mask)                     # the same checks: a regular, readable image
         with Image.open(args.mask) as m:
+            m = ImageOps.exif_transpose(m)
             if m.size != size:
                 raise SampleError(f"--mask {shown(args.mask)}: {m.size[0]}x{m.size[1]} pixels, but --init is "
                                   f"{size[0]}x{size[1]}: the mask must have the image's size")
