@@ -181,8 +181,9 @@ class SampleConfig:
         _check(0 <= self.seed < 2 ** 63, f"seed {self.seed}: must be in 0 .. 2^63 - 1")
 
     def check_steps(self, timesteps):
-        """The model's T bounds the number of DDIM steps."""
-        _check(self.steps <= timesteps, f"steps {self.steps}: must be between 1 and {timesteps} (the model's T)")
+        """The model's T bounds the number of DDIM / DPM-Solver++ steps (DDPM takes all T)."""
+        _check(self.sampler == "ddpm" or self.steps <= timesteps,
+               f"steps {self.steps}: must be between 1 and {timesteps} (the model's T)")
 
 
 def _check(ok, message):

@@ -622,6 +622,10 @@ def main(argv=None):
         results["sampling"] = {**asdict(scfg), "steps": len(diffusion.timesteps(scfg))}
         if scales:
             del results["sampling"]["guidance"]
+        if scfg.negative >= 0:                            # out(neg) + w (out(neg) - out(neg)) = out(neg)
+            results["sampling"]["unguided_digits"] = [scfg.negative]
+            print(f"note: digit {scfg.negative} is the --negative label too, so its samples are drawn without "
+                  "guidance (its row is the plain conditional model)")
 
     if args.npz:
         results.update(evaluate_images(clf, x, y, real_x, real_y))

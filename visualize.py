@@ -386,11 +386,11 @@ def editing_figure(fig, model, diffusion, scfg, path):
     """img2img: one real test 5 redrawn as each label 0..9 (columns) at each strength (rows).
     inpaint: the left half of real test digits (rows) completed as each label.
     blend: the context blended from 3 to 8 (columns), the same noise along each row.
-    Each sampler call starts from the same seed, so a row (img2img, inpaint) or column position
-    (blend) keeps its noise across the figure."""
+    Each sampler call starts from the same seed (--seed), so a row (img2img, inpaint) or column
+    position (blend) keeps its noise across the figure."""
     device = diffusion.betas.device
     labels = torch.arange(10, device=device)
-    sample = lambda y, s, **edit: diffusion.sample(model, y, s, generator=torch.Generator(device).manual_seed(0),
+    sample = lambda y, s, **edit: diffusion.sample(model, y, s, generator=torch.Generator(device).manual_seed(s.seed),
                                                   **edit)
     digits = [str(d) for d in range(10)]
     if fig == "img2img":
@@ -613,7 +613,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="digits in the gradient batch (default: 64)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = default)")
-    add_sampling_flags(p, "sampling (attention and film)")
+    add_sampling_flags(p, "sampling (attention, film and editing figures)")
     args = p.parse_args(argv)
     args.given = explicit_flags(p, argv)
     return args

@@ -69,7 +69,7 @@ HELP = {
     "sampler": "ddim: few deterministic steps; dpmpp: DPM-Solver++(2M), second order; ddpm: all T ancestral steps",
     "steps": "DDIM / DPM-Solver++ steps",
     "negative": "guide away from this digit instead of from 'no label' (-1: off)",
-    "strength": "img2img: noise the --init image to t = strength T, in (0, 1]; 1 = from pure noise",
+    "strength": "img2img: noise the --init image to t = strength (T - 1), in (0, 1]; 1 = from pure noise",
     "jumps": "inpainting: undo and redo each step this many more times (RePaint; 0..20)", "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance (default: the "
                                        "checkpoint's, 2.0 unless trained with --sample-guidance)",
     "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",

@@ -215,12 +215,28 @@ def sample_config(args, diff_cfg, num_classes, **overrides):
         overrides.setdefault("steps", SampleConfig.steps)
     if args.guidance is None:
         overrides.setdefault("guidance", diff_cfg.sample_guidance)
+    swept = "guidance" in overrides and args.guidance is None          # a sweep: w varies, some w = 1
     try:
         scfg = config_from_args(SampleConfig, args, **overrides)
         scfg.check_steps(diff_cfg.timesteps)
     except ValueError as e:
         raise SampleError(str(e)) from e
+    if not swept:
+        check_guidance_applies(scfg, diff_cfg)
     return scfg
+
+
+def check_guidance_applies(scfg, diff_cfg):
+    """--negative and --guidance-rescale act only where guidance runs: refused when no sampled step
+    is guided (w = 1, or a guidance interval that holds none of the steps)."""
+    diffusion = Diffusion(diff_cfg)
+    guided = [t for t in diffusion.timesteps(scfg) if diffusion.guidance_at(t, scfg) != 1.0]
+    given = [f for f, on in (("--negative", scfg.negative >= 0), ("--guidance-rescale", scfg.guidance_rescale > 0),
+                             ("--guide-from / --guide-to", (scfg.guide_from, scfg.guide_to) != (0.0, 1.0))) if on]
+    if not guided and given:
+        why = ("guidance 1 runs the plain conditional model" if scfg.guidance == 1.0 else
+               f"none of the {len(diffusion.timesteps(scfg))} sampled steps has {scfg.guide_from} <= t/T < {scfg.guide_to}")
+        raise SampleError(f"{', '.join(given)} would change nothing: {why} (no step is guided)")
 
 
 def load_model_for_sampling(args, device):
@@ -249,8 +265,9 @@ def parse_label(text, num_classes=10):
     weights = [0.0] * (num_classes + 1)
     for part in text.split(","):
         digit, _, w = part.partition(":")
-        if digit not in [str(d) for d in range(num_classes)] or weights[int(digit)]:
-            raise SampleError(f"--label {shown(text)}: {shown(part)} must be digit:weight, each digit 0..9 once")
+        if digit not in [str(d) for d in range(num_classes)] or weights[int(digit)] or w != w.strip():
+            raise SampleError(f"--label {shown(text)}: {shown(part)} must be digit:weight (no spaces), each digit "
+                              "0..9 once")
         try:
             weights[int(digit)] = float(w)
         except ValueError:
@@ -283,6 +300,9 @@ def load_edit_images(args, device):
         raise SampleError("--jumps resamples an inpainting: give it with --mask MASK")
     try:
         init = torch.tensor(load_image(args.init), dtype=torch.float32) / 127.5 - 1      # (28, 28) in [-1, 1]
+        if args.mask is None and args.strength == 1.0:
+            raise SampleError("--init at --strength 1 starts from pure noise: nothing of the image would be left; "
+                              "give --strength below 1 (e.g. 0.6), or a --mask")
         if args.mask is None:
             return init[None, None].to(device), None
         with Image.open(args.init) as a:

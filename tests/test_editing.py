@@ -187,8 +187,8 @@ def test_sample_py_img2img_inpainting_blend_and_negative_write_their_grids(tiny_
 @pytest.mark.parametrize("flags,needle", [
     (["--strength", "0.5"], "--strength edits an image"),
     (["--mask", "M"], "--mask edits an image"),
-    (["--init", "MISSING"], "not a readable image"),
-    (["--init", "NOTIMG"], "not a readable image"),
+    (["--init", "MISSING", "--strength", "0.5"], "not a readable image"),
+    (["--init", "NOTIMG", "--strength", "0.5"], "not a readable image"),
     (["--init", "IN", "--mask", "SMALL"], "must have the image's size"),
     (["--init", "IN", "--strength", "0"], "strength 0.0: must be in (0, 1]"),
     (["--init", "IN", "--strength", "1.5"], "must be in (0, 1]"),
@@ -205,7 +205,7 @@ def test_sample_py_img2img_inpainting_blend_and_negative_write_their_grids(tiny_
     (["--sampler", "dpmpp", "--eta", "0.5"], "only DDIM takes eta"),
     (["--sampler", "euler"], "unknown sampler"),
     (["--label", "3:0.5,8:0.5", "--npz", "OUT.npz"], "a blend has none"),
-    (["--init", "IN", "--out", "IN"], "--init"),
+    (["--init", "IN", "--strength", "0.5", "--out", "IN"], "is the --init being read"),
 ])
 def test_bad_editing_input_is_one_line_and_writes_nothing(tiny_ckpt, tmp_path, flags, needle):
     paths = {"IN": digit_png(tmp_path / "in.png"), "M": digit_png(tmp_path / "m.png", mask=True),
@@ -226,3 +226,52 @@ def test_bad_editing_input_is_one_line_and_writes_nothing(tiny_ckpt, tmp_path, f
 def test_evaluate_and_visualize_refuse_a_negative_label_outside_the_digits(tiny_ckpt, script, extra, negative):
     r = run_cli(script, "--checkpoint", tiny_ckpt, "--negative", negative, *extra)
     one_line_error(r, "negative")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--guidance", "1", "--negative", "1"], "--negative would change nothing: guidance 1"),
+    (["--guidance", "1", "--guidance-rescale", "0.7"], "--guidance-rescale would change nothing"),
+    (["--guide-from", "0.9", "--guide-to", "0.91", "--guidance", "5"], "none of the 3 sampled steps"),
+    (["--init", "examples/five.png"], "--init at --strength 1 starts from pure noise"),
+    (["--label", "3: 0.5,8:0.5"], "(no spaces)"),
+])
+def test_editing_flags_that_would_change_nothing_are_refused(tiny_ckpt, tmp_path, flags, needle):
+    r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "3", "--out", str(tmp_path / "x.png"),
+                *flags)
+    one_line_error(r, needle)
+    assert os.listdir(tmp_path) == []
+
+
+def test_ddpm_needs_no_steps_below_a_small_T(tmp_path):
+    """--sampler ddpm takes all T steps: a model with T < 50 samples with it, without --steps."""
+    from conftest import TINY_FLAGS
+    r = run_cli("train.py", *TINY_FLAGS, "--timesteps", "4", "--max-steps", "1", "--no-figures", "--out",
+                str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("sample.py", "--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--n", "1", "--sampler", "ddpm",
+                "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_editing_figures_follow_the_seed(tiny_ckpt, tmp_path):
+    import shutil
+    pngs = []
+    for seed in (0, 5):
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        shutil.copy(tiny_ckpt, folder / "ckpt.pt")
+        r = run_cli("visualize.py", "--checkpoint", str(folder / "ckpt.pt"), "--figures", "blend", "--steps", "2",
+                    "--seed", str(seed))
+        assert r.returncode == 0, r.stderr
+        pngs.append((folder / "blend.png").read_bytes())
+    assert pngs[0] != pngs[1]
+
+
+def test_evaluate_names_the_digit_its_negative_label_leaves_unguided(tiny_ckpt, quick_judge, tmp_path):
+    out = tmp_path / "e.json"
+    r = run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2", "--negative", "3",
+                "--data-dir", quick_judge, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "digit 3 is the --negative label too" in r.stdout
+    import json
+    assert json.loads(out.read_text())["sampling"]["unguided_digits"] == [3]
