@@ -161,7 +161,7 @@ class SampleConfig:
     guidance_rescale: float = 0.0   # phi: pull the guided output's spread back to the conditional one's (Lin et al. 2024)
     seed: int = 0
     negative: int = -1              # guide away from this label instead of from "no label" (-1: off)
-    strength: float = 1.0           # img2img: noise the input image to t = strength T (1: pure noise)
+    strength: float = 1.0           # img2img: noise the input image to t = strength (T - 1) (1: pure noise)
     jumps: int = 0                  # inpainting: times each step is undone and redone (RePaint)
 
     def __post_init__(self):

@@ -579,8 +579,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_flags(args):
+    """The flags that need no model, checked before any work. -> the --sweep-guidance scales."""
     if not 1 <= args.n <= MAX_IMAGES // 10:
         raise SampleError(f"--n {args.n}: must be between 1 and {MAX_IMAGES // 10:,} per digit")
     try:
@@ -593,6 +593,25 @@ def main(argv=None):
         raise SampleError("--style-dir names the folder a --lora adapter learned from: give --lora FILE (or drop it)")
     if scales and args.guidance is not None:
         raise SampleError(f"--guidance {args.guidance} with --sweep-guidance: the sweep sets the guidance; drop one")
+    return scales
+
+
+def sampling_record(scfg, diffusion, swept):
+    """What ran, for the JSON: DDPM's steps are the model's T; a sweep has no single guidance; the
+    --negative digit itself is drawn unguided (out(neg) + w (out(neg) - out(neg)) = out(neg))."""
+    record = {**asdict(scfg), "steps": len(diffusion.timesteps(scfg))}
+    if swept:
+        del record["guidance"]
+    if scfg.negative >= 0:
+        record["unguided_digits"] = [scfg.negative]
+        print(f"note: digit {scfg.negative} is the --negative label too, so its samples are drawn without "
+              "guidance (its row is the plain conditional model)")
+    return record
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    scales = check_flags(args)
     device = pick_device(args.device)
     model = None
     if args.npz is None:
@@ -618,14 +637,7 @@ def main(argv=None):
     if not args.npz:                                      # what was scored, so a result names its inputs
         results.update(checkpoint=os.path.abspath(args.checkpoint), checkpoint_sha256=file_digest(args.checkpoint),
                        adapters=[os.path.abspath(a) for a in args.lora], lora_scale=args.lora_scale)
-    if not args.npz:                                      # what ran: DDPM's steps are the model's T; a sweep's guidance varies
-        results["sampling"] = {**asdict(scfg), "steps": len(diffusion.timesteps(scfg))}
-        if scales:
-            del results["sampling"]["guidance"]
-        if scfg.negative >= 0:                            # out(neg) + w (out(neg) - out(neg)) = out(neg)
-            results["sampling"]["unguided_digits"] = [scfg.negative]
-            print(f"note: digit {scfg.negative} is the --negative label too, so its samples are drawn without "
-                  "guidance (its row is the plain conditional model)")
+        results["sampling"] = sampling_record(scfg, diffusion, swept=bool(scales))
 
     if args.npz:
         results.update(evaluate_images(clf, x, y, real_x, real_y))

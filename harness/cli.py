@@ -70,8 +70,9 @@ HELP = {
     "steps": "DDIM / DPM-Solver++ steps",
     "negative": "guide away from this digit instead of from 'no label' (-1: off)",
     "strength": "img2img: noise the --init image to t = strength (T - 1), in (0, 1]; 1 = from pure noise",
-    "jumps": "inpainting: undo and redo each step this many more times (RePaint; 0..20)", "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance (default: the "
-                                       "checkpoint's, 2.0 unless trained with --sample-guidance)",
+    "jumps": "inpainting: undo and redo each step this many more times (RePaint; 0..20)",
+    "guidance": "classifier-free guidance scale w in [0, 100]; 1 = no guidance (default: the checkpoint's, 2.0 "
+                "unless trained with --sample-guidance)",
     "eta": "DDIM noise: 0 deterministic, 1 ~ DDPM",
     "guidance_rescale": "0..1: rescale the guided prediction to the conditional one's spread (0 = off)",
     "guide_from": "guide only at steps with t/T >= this (fraction of T; w = 1 elsewhere)",
