@@ -146,6 +146,7 @@ class LoraConfig:
 
 
 SAMPLERS = ("ddim", "dpmpp", "ddpm")
+DEFAULT_STEPS = {"ddim": 50, "dpmpp": 10}    # a sampler's steps unless --steps says (docs/sampling.md: How many steps)
 MAX_JUMPS = 20                      # each jump costs one more network call per step
 
 

@@ -67,7 +67,7 @@ HELP = {
     "export_peft": "also export the adapter for Hugging Face peft (PeftModel.from_pretrained) to <out>/peft",
     "style_dir": "your own digits for --dataset folder: subfolders 0..9 of images",
     "sampler": "ddim: few deterministic steps; dpmpp: DPM-Solver++(2M), second order; ddpm: all T ancestral steps",
-    "steps": "DDIM / DPM-Solver++ steps",
+    "steps": "DDIM / DPM-Solver++ steps (default: 50 for ddim, 10 for dpmpp)",
     "negative": "guide away from this digit instead of from 'no label' (-1: off)",
     "strength": "img2img: noise the --init image to t = strength (T - 1), in (0, 1]; 1 = from pure noise",
     "jumps": "inpainting: undo and redo each step this many more times (RePaint; 0..20)",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import lora
-from config import (MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig,
+from config import (DEFAULT_STEPS, MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig,
                     config_from_dict)
 from dataset import apply_style, load_dataset
 from diffusion import Diffusion
@@ -196,10 +196,11 @@ def add_model_flags(p):
 EDIT_FIELDS = ("strength", "jumps")     # SampleConfig fields only an --init image gives a meaning
 
 
-def add_sampling_flags(p, group="sampling", editing=False):
+def add_sampling_flags(p, group="sampling", editing=False, sampler="ddim"):
     """SampleConfig's flags (with editing: also --strength and --jumps, which need an --init image).
-    --guidance stays None unless given: the checkpoint then decides."""
-    add_config_flags(p, SampleConfig, group, skip=() if editing else EDIT_FIELDS)
+    --guidance stays None unless given: the checkpoint then decides; --steps too: the sampler's
+    DEFAULT_STEPS then."""
+    add_config_flags(p, SampleConfig, group, defaults={"sampler": sampler}, skip=() if editing else EDIT_FIELDS)
     p.set_defaults(guidance=None, steps=None)     # None: not given (ddpm refuses --steps; see sample_config)
 
 
@@ -212,7 +213,7 @@ def sample_config(args, diff_cfg, num_classes, **overrides):
         raise SampleError(f"--steps {args.steps}: --sampler ddpm runs all {diff_cfg.timesteps} steps of the model's T; "
                           "--steps is for ddim and dpmpp")
     if args.steps is None:
-        overrides.setdefault("steps", SampleConfig.steps)
+        overrides.setdefault("steps", min(DEFAULT_STEPS.get(args.sampler, SampleConfig.steps), diff_cfg.timesteps))
     if args.guidance is None:
         overrides.setdefault("guidance", diff_cfg.sample_guidance)
     swept = "guidance" in overrides and args.guidance is None          # a sweep: w varies, some w = 1
@@ -338,7 +339,7 @@ def sample_args(argv=None):
                    help="inpainting with --init: white pixels of this image (the --init image's size) are kept, "
                         "the rest is drawn")
     add_model_flags(p)
-    add_sampling_flags(p, editing=True)
+    add_sampling_flags(p, editing=True, sampler="dpmpp")       # 10 steps: DDIM 50's digits (docs/sampling.md)
     return p.parse_args(argv)
 
 

@@ -44,7 +44,8 @@ def test_steps_beyond_the_models_T_are_refused():
 def test_flags_are_generated_from_the_dataclasses(parse_args, groups):
     """Each field is a flag whose default is the dataclass default: one source of truth. The
     exceptions: a sampler's --guidance is unset (None) until the checkpoint's sample_guidance fills
-    it, and its --steps until sample_config() does (so that --sampler ddpm can refuse a --steps given)."""
+    it, and its --steps until sample_config() does (so that --sampler ddpm can refuse a --steps given);
+    sample.py's sampler is DPM-Solver++ (docs/sampling.md, How many steps)."""
     args = parse_args([])
     for cls in groups:
         for f in fields(cls):
@@ -52,6 +53,8 @@ def test_flags_are_generated_from_the_dataclasses(parse_args, groups):
                 assert not hasattr(args, f.name)               # they edit an image: sample.py only
                 continue
             expected = None if cls is SampleConfig and f.name in ("guidance", "steps") else f.default
+            if parse_args is scripts.sample_args and f.name == "sampler":
+                expected = "dpmpp"
             assert getattr(args, f.name) == expected, (cls.__name__, f.name)
 
 

@@ -31,8 +31,8 @@ def test_same_numbers_as_pinned(tiny_ckpt, tmp_path):
     assert losses == [0.95697, 0.86483, 0.82903], losses
     assert abs(sum(v.double().sum().item() for v in ckpt["ema"].values()) - 459.80891) < 1e-4   # CPU threads: rounding
     npz = str(tmp_path / "s.npz")
-    r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--label", "all", "--n", "2", "--steps", "3", "--seed", "1",
-                "--npz", npz, "--out", str(tmp_path / "s.png"))
+    r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--label", "all", "--n", "2", "--sampler", "ddim", "--steps", "3",
+                "--seed", "1", "--npz", npz, "--out", str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr
     im = np.load(npz)["images"]
     pinned = np.array([[70, 58, 0, 0], [0, 56, 111, 73], [129, 218, 58, 187], [132, 0, 192, 99]])

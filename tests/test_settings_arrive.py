@@ -5,7 +5,7 @@ LoRA flags arrive in the layers, the optimiser and the adapter file; a checkpoin
 rebuilds its model field for field."""
 import json
 import os
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, astuple, fields, replace
 
 import pytest
 import torch
@@ -73,12 +73,29 @@ def test_each_sampling_flag_arrives_in_the_sample_config(script):
             continue                                          # evaluate.py edits no image: no such flag
         flag = "--" + field.replace("_", "-")
         extra = ["--guide-from", "0.2"] if field == "guide_to" else []
+        extra += ["--sampler", "ddim"] if field != "sampler" and script == "sample" else []     # eta is DDIM's
         scfg = scripts.sample_config(parse_args([flag, str(value), *extra]), diff_cfg, 10)
         assert getattr(scfg, field) == value, field
         moved = {field, "guide_from"} if field == "guide_to" else {field}
         untouched = {f: v for f, v in asdict(scfg).items() if f not in moved}
         assert untouched == {f: v for f, v in asdict(SampleConfig(guidance=1.25)).items() if f in untouched}, field
     assert scripts.sample_config(parse_args([]), diff_cfg, 10).guidance == 1.25
+
+
+def test_each_script_samples_with_its_default_sampler_and_each_sampler_with_its_steps():
+    """sample.py: DPM-Solver++ at 10 steps (docs/sampling.md's table); evaluate.py: DDIM 50, on which
+    the README's numbers are measured; --sampler alone brings its own default steps, never more than T."""
+    cfg = DiffusionConfig(timesteps=TINY_T)
+    got = lambda parse, argv, c=cfg: astuple(scripts.sample_config(parse(argv), c, 10))[:2]
+    assert got(scripts.sample_args, []) == ("dpmpp", 10)
+    assert got(scripts.sample_args, ["--sampler", "ddim"]) == ("ddim", 50)
+    assert got(scripts.sample_args, ["--steps", "7"]) == ("dpmpp", 7)
+    assert got(evaluate.parse_args, []) == ("ddim", 50)
+    assert got(evaluate.parse_args, ["--sampler", "dpmpp"]) == ("dpmpp", 10)
+    assert got(scripts.sample_args, ["--sampler", "ddim"], DiffusionConfig(timesteps=8)) == ("ddim", 8)
+    assert got(scripts.sample_args, [], DiffusionConfig(timesteps=8)) == ("dpmpp", 8)
+    with pytest.raises(scripts.SampleError, match="steps 9: must be between 1 and 8"):
+        got(scripts.sample_args, ["--steps", "9"], DiffusionConfig(timesteps=8))
 
 
 def test_batches_continue_one_noise_stream(tiny, monkeypatch):
