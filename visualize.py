@@ -37,10 +37,11 @@ from harness.files import (DEFAULT_CHECKPOINT, atomic_write, check_outputs, load
 from harness.scripts import SampleError, add_sampling_flags, sample_config
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
-FIGURES = ("attention", "trap", "film", "img2img", "inpaint", "blend")
+FIGURES = ("attention", "trap", "film", "img2img", "inpaint", "blend", "negative")
 NAMES = {"attention": ("attention_maps.png", "attention_steering.png"),
          "trap": ("one_token_trap.png",), "film": ("denoising.gif",),
-         "img2img": ("img2img.png",), "inpaint": ("inpaint.png",), "blend": ("blend.png",)}
+         "img2img": ("img2img.png",), "inpaint": ("inpaint.png",), "blend": ("blend.png",),
+         "negative": ("negative.png",)}
 T_FRACTIONS = (0.9, 0.5, 0.1)      # where on the trajectory the attention is shown: t ~ 900, 500, 100 of 1000
 
 
@@ -355,6 +356,7 @@ def denoising_film(model, diffusion, scfg, path, max_frames=26, hold=8, zoom=2, 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 INPAINTED = (2, 4, 7)              # the real test digits whose left half is completed
 BLEND, BLEND_STEPS, BLEND_ROWS = (3, 8), 8, 4
+NEGATIVES, NEGATIVE_NOISES = ((7, 1), (9, 4), (4, 9)), 8   # (label, the digit it is steered away from); columns
 
 
 def test_digit(label, device):
@@ -386,8 +388,9 @@ def editing_figure(fig, model, diffusion, scfg, path):
     """img2img: one real test 5 redrawn as each label 0..9 (columns) at each strength (rows).
     inpaint: the left half of real test digits (rows) completed as each label.
     blend: the context blended from 3 to 8 (columns), the same noise along each row.
+    negative: a label guided away from "no label", then away from a similar digit (row pairs).
     Each sampler call starts from the same seed (--seed), so a row (img2img, inpaint) or column
-    position (blend) keeps its noise across the figure."""
+    position (blend, negative) keeps its noise across the figure."""
     device = diffusion.betas.device
     labels = torch.arange(10, device=device)
     sample = lambda y, s, **edit: diffusion.sample(model, y, s, generator=torch.Generator(device).manual_seed(s.seed),
@@ -405,6 +408,14 @@ def editing_figure(fig, model, diffusion, scfg, path):
                                                                      .expand(10, -1, -1, -1), mask=keep)])
                 for d in INPAINTED]
         names, title = [f"real {d}" for d in INPAINTED], "inpainting: the left half kept, the rest drawn as each label"
+    elif fig == "negative":
+        rows, names = [], []
+        for label, away in NEGATIVES:
+            y = torch.full((NEGATIVE_NOISES,), label, device=device)
+            rows += [sample(y, replace(scfg, negative=-1)), sample(y, replace(scfg, negative=away))]
+            names += [f"{label}", f"{label}, not {away}"]
+        digits = [f"noise {i}" for i in range(NEGATIVE_NOISES)]
+        title = "negative label: guided away from 'no label', then from a digit"
     else:
         a = torch.linspace(0, 1, BLEND_STEPS, device=device)
         w = torch.zeros(BLEND_STEPS, model.cfg.num_classes + 1, device=device)
@@ -413,7 +424,7 @@ def editing_figure(fig, model, diffusion, scfg, path):
         rows = [torch.stack([c[r] for c in cols]) for r in range(BLEND_ROWS)]
         digits = [f"{1 - v:.2f}/{v:.2f}" for v in a.tolist()]
         names, title = [f"noise {r}" for r in range(BLEND_ROWS)], f"label blend: context of {BLEND[0]} -> {BLEND[1]}"
-    image_table(rows, names, (["input"] if fig != "blend" else []) + digits, title, path)
+    image_table(rows, names, (["input"] if fig in ("img2img", "inpaint") else []) + digits, title, path)
 
 
 # ----- the check -----

@@ -1,5 +1,6 @@
 """Sampling and editing: DPM-Solver++, img2img, inpainting, negative labels, label blends, and
 sample.py's flags for them (bad input: one line, nothing written)."""
+import json
 import os
 
 import numpy as np
@@ -273,5 +274,40 @@ def test_evaluate_names_the_digit_its_negative_label_leaves_unguided(tiny_ckpt, 
                 "--data-dir", quick_judge, "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "digit 3 is the --negative label too" in r.stdout
-    import json
     assert json.loads(out.read_text())["sampling"]["unguided_digits"] == [3]
+
+
+def test_negative_tool_counts_each_label_with_and_without_its_negative(tiny_ckpt, quick_judge):
+    """tools/negative.py: per pair and scale, two lines whose counts add up to n; the first (away
+    from "no label") is sample.py's plain guided draw, the second differs from it."""
+    r = run_cli("tools/negative.py", "--checkpoint", tiny_ckpt, "--pairs", "3:1", "--guidance", "3", "--n", "6",
+                "--data-dir", quick_judge)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("label 3 w 3 away from")]
+    assert len(lines) == 2 and "no label" in lines[0] and lines[1].split(":")[0].endswith(" 1")
+    counts = [json.loads(line.split("all ")[1]) for line in lines]
+    assert [sum(c) for c in counts] == [6, 6] and all(len(c) == 10 for c in counts)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pairs", "7:7"], "two different digits"), (["--pairs", "7"], "label:away pairs"),
+    (["--pairs", "7:12"], "digits 0..9"), (["--guidance", "1"], "a negative label changes nothing"),
+    (["--guidance", "x"], "expected scales"), (["--n", "0"], "--n 0"), (["--sampler", "euler"], "choose from"),
+])
+def test_negative_tool_refuses_bad_flags_in_one_line(tiny_ckpt, quick_judge, flags, message):
+    r = run_cli("tools/negative.py", "--checkpoint", tiny_ckpt, "--data-dir", quick_judge, *flags)
+    one_line_error(r, message)
+
+
+def test_negative_figure_pairs_each_label_with_its_negative_from_the_same_noise(tiny_ckpt, tmp_path, monkeypatch):
+    """visualize.py --figures negative: row pairs (plain, away from a digit), the same seed per row."""
+    import visualize
+    calls = []
+    monkeypatch.setattr(visualize, "image_table", lambda rows, names, cols, title, path: calls.append((rows, names)))
+    model, d = UNet(TINY).eval(), Diffusion(DiffusionConfig(timesteps=TINY_T))
+    visualize.editing_figure("negative", model, d, SampleConfig(steps=3, guidance=3.0), str(tmp_path / "n.png"))
+    rows, names = calls[0]
+    assert names == ["7", "7, not 1", "9", "9, not 4", "4", "4, not 9"]
+    plain = d.sample(model, torch.full((visualize.NEGATIVE_NOISES,), 7), SampleConfig(steps=3, guidance=3.0),
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rows[0], plain) and not torch.equal(rows[1], plain)
