@@ -29,8 +29,8 @@ from harness.adapters import read_adapter
 from harness.cli import Parser, run_cli
 from harness.dist import pick_device
 from harness.files import (CheckpointError, check_outputs, dataset_of, file_digest, first_line, load_model,
-                           not_a_regular_file, pyplot, read_csv, remove_stale_temps, save_checkpoint, save_figure,
-                           shown, write_csv, write_json)
+                           not_a_regular_file, output_folder, pyplot, read_csv, remove_stale_temps,
+                           save_checkpoint, save_figure, shipped, shown, write_csv, write_json)
 from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, load_model_for_sampling,
                              sample_config)
 from sample import generate, model_sampling
@@ -622,14 +622,19 @@ def main(argv=None):
     else:
         x, y = read_npz(args.npz)
         dataset = args.dataset or "auto"
-    base = os.path.splitext(args.npz or (args.lora[0] if args.lora else args.checkpoint))[0]   # what is scored
+    scored = args.npz or (args.lora[0] if args.lora else args.checkpoint)                     # what is scored
+    base = os.path.join(output_folder(scored), os.path.splitext(os.path.basename(scored))[0])
     base += "".join("+" + adapter_name(a) for a in (args.lora or [])[1:])   # A+B
     out = args.json or base + "_eval.json"
     sweep_png = os.path.splitext(args.json or base)[0] + "_guidance_sweep.png" if scales and not args.npz else None
+    new_folder = not args.json and shipped(scored)                    # runs/weights/, made once the checks pass
     check_outputs({"--json": out, "--sweep-guidance figure": sweep_png},         # before any work
                   {"--checkpoint": None if args.npz else args.checkpoint, "--lora adapter": args.lora,
                    "--npz": args.npz, "classifier": glob.glob(os.path.join(args.data_dir, "classifier_*.pt"))},
-                  {"--style-dir": args.style_dir, "--data-dir": args.data_dir if dataset == "folder" else None})
+                  {"--style-dir": args.style_dir, "--data-dir": args.data_dir if dataset == "folder" else None},
+                  create=new_folder)
+    if new_folder:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     remove_stale_temps([out, sweep_png])                 # a killed earlier run's, of these names only
     real_x, real_y, dataset = reference_digits(dataset, args.data_dir, verbose=True)
     clf, clf_acc = get_classifier(dataset, args.data_dir)

@@ -1,7 +1,7 @@
 """Generate digits from a trained checkpoint: `python sample.py --label 7` (see --help).
 
 The UNet is rebuilt from the checkpoint's config with its EMA weights (and any --lora adapters:
-harness/scripts.py, open_sampling); generate() then draws digits with DDIM (default), DPM-Solver++
+harness/scripts.py, open_sampling); generate() then draws digits with DPM-Solver++ (default), DDIM
 or DDPM, steered by classifier-free guidance (diffusion.py) -- from noise, or from an --init image
 (img2img, inpainting with --mask).
 """

@@ -13,8 +13,10 @@ import threading
 # This project's own modules: one of them missing is a bug (it keeps its traceback); any other
 # module missing is a package of requirements.txt, or a package one of them needs.
 PROJECT = {"config", "dataset", "conv_block", "cross_attn", "unet", "diffusion", "lora", "train", "lora_finetune",
-           "sample", "evaluate", "visualize", "harness", "tools", "bench", "lora_table", "conftest"}
-SCRIPTS = {"train.py", "lora_finetune.py", "sample.py", "evaluate.py", "visualize.py", "bench.py", "lora_table.py"}
+           "sample", "evaluate", "visualize", "demo", "harness", "tools", "bench", "lora_table", "negative", "ship_weights",
+           "conftest"}
+SCRIPTS = {"train.py", "lora_finetune.py", "sample.py", "evaluate.py", "visualize.py", "demo.py", "bench.py",
+           "lora_table.py", "negative.py", "ship_weights.py"}
 
 
 def _interrupted_while_starting(signum, frame):

@@ -22,6 +22,10 @@ from config import DiffusionConfig, ModelConfig, config_from_dict
 from unet import UNet
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "mnist", "ckpt.pt")   # where `python train.py` writes
+SHIPPED = "weights"                                              # the repo's own trained weights (weights/README.md)
+SHIPPED_MODEL = os.path.join(SHIPPED, "model.safetensors")
+SHIPPED_OUT = os.path.join("runs", "weights")                    # what is drawn from them goes here, not into weights/
+MODEL_FORMAT = "sd-mnist-model/1"
 
 
 class CheckpointError(Exception):
@@ -450,6 +454,8 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         hint = " (run `python train.py` first)" if path == DEFAULT_CHECKPOINT else ""
         raise CheckpointError(f"{shown(path)}: checkpoint not found{hint}")
+    if path.endswith(".safetensors"):
+        return read_model_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, forbidden pickle globals, ...
@@ -457,6 +463,40 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         raise CheckpointError(f"{shown(path)}: not a checkpoint of this project (no model/config)")
     return ckpt
+
+
+def read_model_file(path):
+    """A model as weights/ ships it -- safetensors of the EMA weights (fp16), the run's config in the
+    metadata -> a checkpoint dict {"model", "config", "data"} with float32 weights."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise CheckpointError(f"{shown(path)}: not a readable safetensors model ({first_line(e)})") from e
+    if meta.get("format") == "sd-lora-mnist/1":
+        raise CheckpointError(f"{shown(path)}: is a LoRA adapter, not a model: pass it as --lora")
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{shown(path)}: not a model of this project (no {MODEL_FORMAT} metadata)")
+    if not all(t.is_floating_point() for t in state.values()):
+        raise CheckpointError(f"{shown(path)}: holds tensors that are not floating point")
+    try:
+        config = json.loads(meta["config"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{shown(path)}: its config metadata is missing or malformed ({e})") from e
+    return {"model": {k: t.float() for k, t in state.items()}, "config": config, "data": meta.get("data", "auto")}
+
+
+def shipped(path):
+    """Is `path` one of the weights this repo ships (in weights/)?"""
+    return bool(path) and _inside(os.path.abspath(path), os.path.abspath(SHIPPED))
+
+
+def output_folder(path):
+    """Where a script's outputs for an input file go by default: beside it, or runs/weights/ for
+    the shipped weights (weights/ stays as shipped)."""
+    return SHIPPED_OUT if shipped(path) else os.path.dirname(path)
 
 
 def configs_from_checkpoint(ckpt, path="checkpoint"):

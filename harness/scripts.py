@@ -18,16 +18,17 @@ import numpy as np
 import torch
 
 import lora
-from config import (DEFAULT_STEPS, MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig,
-                    config_from_dict)
+from config import (DEFAULT_STEPS, MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig,
+                    TrainConfig, config_from_dict)
 from dataset import apply_style, load_dataset
 from diffusion import Diffusion
 from harness.adapters import PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft
 from harness.cli import Parser, UsageError, add_config_flags, config_from_args, explicit_flags
 from harness.dist import pick_device
-from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_finite, check_fits, check_outputs,
-                           configs_from_checkpoint, dataset_of, load_checkpoint, load_model, load_state,
-                           remove_stale_temps, save_checkpoint, shown, write_json)
+from harness.files import (DEFAULT_CHECKPOINT, SHIPPED_MODEL, CheckpointError, check_finite, check_fits,
+                           check_outputs, configs_from_checkpoint, dataset_of, load_checkpoint, load_model,
+                           load_state, output_folder, remove_stale_temps, save_checkpoint, shipped, shown,
+                           write_json)
 from harness.run import (TrainingError, memory_format, open_run, place_data, restore_loop_state, resume_command,
                          run_length)
 from lora import MAX_SCALE, check_scale, set_fused
@@ -244,6 +245,10 @@ def load_model_for_sampling(args, device):
     """The checkpoint's EMA model with the --lora adapters applied. -> (model, diffusion, ckpt)."""
     if args.merge and not args.lora:
         raise SampleError("--merge folds --lora adapters into the weights: give --lora FILE (or drop --merge)")
+    if args.checkpoint == DEFAULT_CHECKPOINT and not os.path.lexists(DEFAULT_CHECKPOINT) and os.path.isfile(SHIPPED_MODEL):
+        print(f"no run of yours at {DEFAULT_CHECKPOINT}: using the shipped weights {SHIPPED_MODEL} "
+              "(`python train.py` makes your own, which then wins)")
+        args.checkpoint = SHIPPED_MODEL
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise SampleError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: give one per adapter")
@@ -567,11 +572,14 @@ def open_sampling(argv=None):
     init, mask = load_edit_images(args, device)
     beside = args.lora[0] if args.lora else args.checkpoint     # a LoRA grid goes beside its adapter
     name = "sample_" + label_name(args.label) + ("_inpaint" if mask is not None else "_img2img" if init is not None else "")
-    out = args.out or os.path.join(os.path.dirname(beside), name + ".png")
+    out = args.out or os.path.join(output_folder(beside), name + ".png")
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
+    new_folder = not args.out and shipped(beside)                   # runs/weights/, made once the checks pass
     check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
                   {"--checkpoint": args.checkpoint, "--lora adapter": args.lora, "--init": args.init,
-                   "--mask": args.mask})                             # before any work
+                   "--mask": args.mask}, create=new_folder)          # before any work
+    if new_folder:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     remove_stale_temps([out, args.npz, steps_path])                  # a killed earlier run's, of these names only
     return SamplingRun(args=args, labels=labels, model=model, diffusion=diffusion, scfg=scfg, out=out,
                        steps_path=steps_path, init=init, mask=mask)

@@ -14,11 +14,11 @@ import torch
 
 import evaluate
 from config import DEFAULT_STEPS, MAX_IMAGES, SAMPLERS, SampleConfig
+from diffusion import Diffusion
 from harness.cli import Parser, run_cli
 from harness.dist import pick_device
 from harness.files import DEFAULT_CHECKPOINT, dataset_of, load_model
 from harness.scripts import SampleError
-from diffusion import Diffusion
 from sample import generate
 
 

@@ -1,0 +1,200 @@
+"""demo.py's handlers, in-process: the film is Diffusion.sample step by step, every knob arrives,
+bad requests are one message and the server goes on; and the page itself over real HTTP, with
+nothing on it that would leave 127.0.0.1. (tests/test_browser.py clicks through it in Chromium.)"""
+import argparse
+import json
+import os
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from conftest import one_line_error, run_cli
+
+import demo as D
+from config import SampleConfig
+from harness.adapters import base_fingerprint, save_adapter
+from harness.files import load_model
+from lora import inject_lora
+
+DRAWN = [0] * 784
+for _r in range(6, 22):
+    DRAWN[_r * 28 + 13] = DRAWN[_r * 28 + 14] = 255        # a vertical stroke: a 1
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_ckpt, tmp_path_factory):
+    """A LoRA adapter for the tiny model whose B is not zero, so that its strength shows."""
+    model, _, ckpt = load_model(tiny_ckpt)
+    fingerprint = base_fingerprint(model)
+    inject_lora(model, ["to_v"], 2, 2.0)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    path = str(tmp_path_factory.mktemp("adapter") / "wild.safetensors")
+    save_adapter(path, model, ["to_v"], 2, 2.0, False, ckpt["config"]["model"], fingerprint)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_ckpt, adapter):
+    return D.load_demo(argparse.Namespace(checkpoint=tiny_ckpt, lora=[adapter]), torch.device("cpu"))
+
+
+def ask(demo, path, **req):
+    status, result = D.handle(demo, path, json.dumps(req).encode())
+    return status, (list(result) if not isinstance(result, dict) else result)
+
+
+def test_the_film_is_diffusion_sample_step_by_step(demo):
+    """The last x_t of the film equals Diffusion.sample from the same seed, bit for bit, for both
+    samplers and for inpainting (the kept pixels put back at every step)."""
+    model, d = demo.models["none"], demo.diffusion
+    y = torch.tensor([3, 5])
+    init = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    keep = torch.zeros(2, 1, 28, 28)
+    keep[..., :14] = 1
+    for scfg, edit in [(SampleConfig(sampler="dpmpp", steps=4, seed=3), {}), (SampleConfig(steps=5, guidance=3.0), {}),
+                       (SampleConfig(steps=4), {"init": init, "mask": keep}),
+                       (SampleConfig(steps=6, strength=0.5), {"init": init})]:
+        *_, (i, of, _, x, _) = D.film(demo, model, y, scfg, **edit)
+        expected = d.sample(model, y, scfg, generator=torch.Generator().manual_seed(scfg.seed), **edit)
+        assert (i + 1, of) == (len(d.timesteps(scfg)),) * 2 and torch.equal(x, expected), scfg
+
+
+def test_generate_streams_every_step_then_the_grid(demo):
+    status, events = ask(demo, "/api/generate", label=4, steps=6, n=3, sampler="ddim", seed=2)
+    assert status == 200 and [e.get("step") for e in events[:-1]] == [1, 2, 3, 4, 5, 6]
+    assert all(e["of"] == 6 and e["x_t"].startswith("data:image/png;base64,") for e in events[:-1])
+    assert set(events[-1]) == {"grid", "seconds"} and events[-1]["grid"] == events[-2]["x_t"]
+
+
+def test_every_knob_changes_the_drawing_and_the_seed_repeats_it(demo):
+    base = dict(label=4, steps=4, n=2, seed=1, guidance=2.0, sampler="dpmpp", adapter="wild", scale=1.0)
+    grid = lambda **change: ask(demo, "/api/generate", **{**base, **change})[1][-1]["grid"]
+    first = grid()
+    assert grid() == first
+    for knob, value in [("label", 5), ("steps", 3), ("n", 3), ("seed", 2), ("guidance", 4.0), ("sampler", "ddim"),
+                        ("adapter", "none"), ("scale", 0.0)]:
+        assert grid(**{knob: value}) != first, knob
+    assert grid(scale=0.0) == grid(adapter="none")          # strength 0 is the base model
+
+
+@pytest.mark.parametrize("req,message", [
+    ({"label": 10}, "label 10: must be between 0 and 9"), ({"label": "7"}, "label: expected a number"),
+    ({"n": 17}, "n 17: must be between 1 and 16"), ({"steps": 0}, "steps 0"), ({"steps": 2.5}, "steps: expected"),
+    ({"guidance": 1e9}, "guidance"), ({"guidance": None}, "guidance: expected a number"),
+    ({"sampler": "ddpm"}, "choose dpmpp or ddim"), ({"adapter": "nope"}, "adapter \"nope\""),
+    ({"adapter": "wild", "scale": 2}, "scale 2"), ({"seed": -1}, "seed -1"), ({"label": True}, "label: expected"),
+])
+def test_bad_knobs_are_one_message(demo, req, message):
+    status, result = ask(demo, "/api/generate", **req)
+    assert status == 400 and message in result["error"], result
+    assert ask(demo, "/api/generate", steps=1, n=1)[0] == 200             # and the next request is served
+
+
+def test_edit_redraws_or_finishes_the_drawing(demo):
+    status, a = ask(demo, "/api/edit", pixels=DRAWN, mode="img2img", strength=0.5, label=7, steps=4, n=2)
+    assert status == 200 and set(a) == {"input", "grid"}
+    _, b = ask(demo, "/api/edit", pixels=DRAWN, mode="img2img", strength=0.9, label=7, steps=4, n=2)
+    _, c = ask(demo, "/api/edit", pixels=DRAWN, mode="inpaint", keep="strokes", label=7, steps=4, n=2)
+    _, e = ask(demo, "/api/edit", pixels=DRAWN, mode="inpaint", keep="left", label=7, steps=4, n=2)
+    assert len({a["grid"], b["grid"], c["grid"], e["grid"]}) == 4 and c["input"] != e["input"]
+
+
+@pytest.mark.parametrize("req,message", [
+    ({"pixels": [0] * 784}, "the canvas is empty"), ({"pixels": [255] * 10}, "784 grey levels"),
+    ({"pixels": [300] * 784}, "784 grey levels"), ({"pixels": "abc"}, "784 grey levels"),
+    ({"pixels": DRAWN, "mode": "x"}, "choose img2img or inpaint"),
+    ({"pixels": DRAWN, "mode": "inpaint", "keep": "all"}, "choose left, top or strokes"),
+    ({"pixels": DRAWN, "mode": "img2img", "strength": 1.0}, "nothing of the drawing would be left"),
+    ({"pixels": DRAWN, "mode": "img2img", "strength": 0.0}, "strength 0"),
+])
+def test_bad_edits_are_one_message(demo, req, message):
+    status, result = ask(demo, "/api/edit", **req)
+    assert status == 400 and message in result["error"], result
+
+
+def test_attention_at_each_level_and_step(demo):
+    assert demo.sizes == [28, 14]                                      # the tiny model's two levels
+    status, a = ask(demo, "/api/attention", label=3, steps=5, step=5, size=28)
+    assert status == 200 and a["names"] == ["token 0", "token 1", "where the label acts"] and len(a["maps"]) == 3
+    _, b = ask(demo, "/api/attention", label=3, steps=5, step=1, size=28)
+    _, c = ask(demo, "/api/attention", label=3, steps=5, step=5, size=14)
+    assert a["t"] == 0 and b["t"] == 49 and a["maps"] != b["maps"] and a["maps"] != c["maps"]
+    assert ask(demo, "/api/attention", steps=5, step=6)[1]["error"] == "step 6: must be between 1 and 5"
+    assert "choose one of 28, 14" in ask(demo, "/api/attention", size=7)[1]["error"]
+
+
+def test_requests_that_are_not_requests(demo):
+    assert D.handle(demo, "/api/nope", b"{}")[0] == 404
+    assert D.handle(demo, "/api/generate", b"{not json")[1] == {"error": "the request is not JSON"}
+    assert D.handle(demo, "/api/generate", b"[1, 2]")[1] == {"error": "the request must be a JSON object"}
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    httpd = D.ThreadingHTTPServer(("127.0.0.1", 0), D.make_handler(demo))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def fetch(url, body=None):
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+def test_the_page_is_served_and_names_nothing_outside_this_machine(server):
+    for path in ("/", "/demo.js", "/demo.css"):
+        status, kind, data = fetch(server + path)
+        assert status == 200 and kind.startswith(("text/html", "text/javascript", "text/css")), path
+        text = data.decode()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]", text.replace("http://127.0.0.1", "")), path
+        assert "@import" not in text and "<iframe" not in text
+    info = json.loads(fetch(server + "/api/info")[2])
+    assert info["adapters"] == ["none", "wild"] and info["sizes"] == [28, 14] and info["limits"]["n"] == 16
+
+
+def test_the_server_streams_the_film_and_survives_bad_requests(server):
+    status, kind, data = fetch(server + "/api/generate", {"steps": 3, "n": 1})
+    lines = [json.loads(line) for line in data.decode().splitlines()]
+    assert status == 200 and kind == "application/x-ndjson" and [e.get("step") for e in lines] == [1, 2, 3, None]
+    assert fetch(server + "/api/generate", {"label": 99})[0] == 400
+    req = urllib.request.Request(server + "/api/edit", data=b"x" * 70_000)
+    with pytest.raises(urllib.error.HTTPError, match="413"):
+        urllib.request.urlopen(req, timeout=60)
+    assert fetch(server + "/nope")[0] == 404
+    assert fetch(server + "/api/generate", {"steps": 2, "n": 1})[0] == 200
+
+
+def test_demo_refuses_bad_flags_in_one_line(tiny_ckpt):
+    one_line_error(run_cli("demo.py", "--checkpoint", tiny_ckpt, "--port", "70000"), "--port 70000")
+    one_line_error(run_cli("demo.py", "--checkpoint", "nope.pt"), "nope.pt")
+    busy = D.ThreadingHTTPServer(("127.0.0.1", 0), D.make_handler(None))
+    try:
+        one_line_error(run_cli("demo.py", "--checkpoint", tiny_ckpt, "--port", str(busy.server_address[1])),
+                       "cannot serve on", "try another --port")
+    finally:
+        busy.server_close()
+
+
+def test_an_adapter_for_another_model_is_refused_only_when_asked_for(tiny_ckpt, tmp_path):
+    """Given with --lora, an adapter that does not fit is an error; one found in runs/ is a note."""
+    other = tmp_path / "other.safetensors"
+    model, _, ckpt = load_model(tiny_ckpt)
+    fingerprint = "0" * 16
+    inject_lora(model, ["to_v"], 2, 2.0)
+    save_adapter(str(other), model, ["to_v"], 2, 2.0, False, ckpt["config"]["model"], fingerprint)
+    with pytest.raises(D.LoraError, match="other base weights"):
+        D.load_demo(argparse.Namespace(checkpoint=tiny_ckpt, lora=[str(other)]), torch.device("cpu"))
+    assert os.path.isfile(tiny_ckpt)

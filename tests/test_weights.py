@@ -1,0 +1,75 @@
+"""The weights this repo ships (weights/): small, loadable into today's UNet, and drawing digits the
+project's judge reads right -- so that a change of the architecture cannot silently orphan them --
+and used by sample.py and demo.py only when no run of the user's exists."""
+import os
+
+import pytest
+from conftest import ROOT, run_cli
+
+import evaluate
+import harness.files
+import harness.scripts
+from config import SampleConfig
+from diffusion import Diffusion
+from harness.adapters import apply_adapters
+from harness.files import load_model
+from sample import generate
+
+WEIGHTS = os.path.join(ROOT, "weights")
+FILES = ("model.safetensors", "bold.safetensors", "italic.safetensors")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, diff_cfg, ckpt = load_model(os.path.join(WEIGHTS, FILES[0]))
+    return model, Diffusion(diff_cfg, model.cfg.num_classes), ckpt
+
+
+@pytest.fixture(scope="module")
+def judge():
+    """evaluate.py's classifier (trained once on the 4,500 offline training digits, then cached)."""
+    return evaluate.get_classifier("mnist-5k", os.path.join(ROOT, "data"), progress=False)[0]
+
+
+def test_the_shipped_files_are_three_small_ones():
+    sizes = {name: os.path.getsize(os.path.join(WEIGHTS, name)) for name in FILES}
+    assert sum(sizes.values()) <= 3_000_000, sizes
+    assert sorted(f for f in os.listdir(WEIGHTS) if f.endswith(".safetensors")) == sorted(FILES)
+
+
+def test_the_shipped_model_draws_digits_the_judge_reads_right(shipped, judge):
+    """20 of each digit with sample.py's default sampler: at least 95% read as their label."""
+    model, diffusion, ckpt = shipped
+    assert ckpt["data"] == "mnist-5k" and ckpt["config"]["train"]["steps"] == 700   # the README's default run
+    x, y, _ = generate(model, diffusion, list(range(10)), 20, SampleConfig(sampler="dpmpp", steps=10))
+    accuracy = (evaluate.classify(judge, x)[0].argmax(1) == y).float().mean().item()
+    assert accuracy >= 0.95, accuracy
+
+
+@pytest.mark.parametrize("style,measure", [("bold", "ink"), ("italic", "slant")])
+def test_each_shipped_adapter_moves_its_style_and_keeps_the_digits(shipped, judge, style, measure):
+    model, diffusion, ckpt = shipped
+    scfg = SampleConfig(sampler="dpmpp", steps=10)
+    base, y, _ = generate(model, diffusion, list(range(10)), 10, scfg)
+    tuned, _, _ = load_model(os.path.join(WEIGHTS, FILES[0]))
+    apply_adapters(tuned, [os.path.join(WEIGHTS, f"{style}.safetensors")], [1.0], ckpt["config"]["model"])
+    styled, _, _ = generate(tuned, diffusion, list(range(10)), 10, scfg)
+    before, after = evaluate.style_measures(base)[measure], evaluate.style_measures(styled)[measure]
+    assert after > before + 0.03, (before, after)                       # bold: thicker; italic: leaning right
+    assert (evaluate.classify(judge, styled)[0].argmax(1) == y).float().mean().item() >= 0.9
+
+
+def test_sample_uses_the_shipped_weights_only_when_no_run_exists(tiny_ckpt, tmp_path, monkeypatch):
+    """No run at the default checkpoint: one line says so, and the grid goes to runs/weights/, not into
+    weights/. A run at the default checkpoint wins."""
+    missing = str(tmp_path / "runs" / "mnist" / "ckpt.pt")
+    monkeypatch.setattr(harness.scripts, "DEFAULT_CHECKPOINT", missing)
+    monkeypatch.setattr(harness.files, "SHIPPED_OUT", str(tmp_path / "out"))
+    r = run_cli("sample.py", "--n", "1", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert f"no run of yours at {missing}: using the shipped weights weights/model.safetensors" in r.stdout
+    assert os.path.isfile(tmp_path / "out" / "sample_7.png") and not os.path.exists(os.path.join(WEIGHTS, "sample_7.png"))
+    os.makedirs(os.path.dirname(missing))
+    os.symlink(tiny_ckpt, missing)
+    r = run_cli("sample.py", "--n", "1", "--steps", "2", "--out", str(tmp_path / "own.png"))
+    assert r.returncode == 0 and "using the shipped weights" not in r.stdout, r.stdout
