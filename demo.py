@@ -211,6 +211,8 @@ def edit(demo, req):
     device = y.device
     image = image.to(device).expand(len(y), -1, -1, -1)
     mask = keep_mask(ink, req.get("keep", "left")).to(device).expand(len(y), -1, -1, -1) if mode == "inpaint" else None
+    if mask is not None and mask.all():
+        raise DemoError("your strokes cover the whole image: nothing would be left to draw; keep a half instead")
     with torch.inference_mode():
         *_, (_, _, _, x, _) = film(demo, model, y, scfg, init=image, mask=mask)
     shown_input = image[:1] if mask is None else image[:1] * mask[:1] + (mask[:1] - 1)

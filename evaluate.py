@@ -427,7 +427,8 @@ def read_npz(path):
     try:
         f = np.load(path, allow_pickle=False)
     except Exception as e:  # missing, empty, random bytes, pickled objects: np.load raises many types
-        raise SampleError(f"{shown(path)}: not a readable npz ({first_line(e)})") from e
+        why = "pickled objects are never loaded" if "pickle" in str(e) else first_line(e)
+        raise SampleError(f"{shown(path)}: not an npz of images and labels as `sample.py --npz` writes ({why})") from e
     if not isinstance(f, np.lib.npyio.NpzFile):
         raise SampleError(f"{shown(path)}: a plain array, not an npz of images and labels "
                           "(np.savez(path, images=..., labels=...))")
@@ -584,9 +585,13 @@ def check_flags(args):
     if not 1 <= args.n <= MAX_IMAGES // 10:
         raise SampleError(f"--n {args.n}: must be between 1 and {MAX_IMAGES // 10:,} per digit")
     try:
-        scales = [float(s) for s in args.sweep_guidance.split(",")] if args.sweep_guidance else []
+        scales = [float(s) for s in args.sweep_guidance.split(",")] if args.sweep_guidance is not None else []
     except ValueError:
         raise SampleError(f"--sweep-guidance {shown(args.sweep_guidance)}: expected numbers like 0,1,2,3,5") from None
+    twice = sorted({w for w in scales if scales.count(w) > 1})
+    if twice:
+        raise SampleError(f"--sweep-guidance {args.sweep_guidance}: {', '.join(f'{w:g}' for w in twice)} listed twice "
+                          "(each is a full evaluation)")
     if len(scales) > MAX_SWEEP:
         raise SampleError(f"--sweep-guidance: {len(scales)} values; at most {MAX_SWEEP} (each is a full evaluation)")
     if args.style_dir and not args.lora:

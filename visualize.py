@@ -32,8 +32,8 @@ from diffusion import Diffusion
 from harness.adapters import apply_adapters, read_adapter
 from harness.cli import Parser, UsageError, config_from_args, explicit_flags, run_cli
 from harness.dist import pick_device
-from harness.files import (DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, pyplot, remove_stale_temps,
-                           save_figure)
+from harness.files import (DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, output_folder, pyplot,
+                           remove_stale_temps, save_figure, shipped)
 from harness.scripts import SampleError, add_sampling_flags, sample_config
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
@@ -42,6 +42,9 @@ NAMES = {"attention": ("attention_maps.png", "attention_steering.png"),
          "trap": ("one_token_trap.png",), "film": ("denoising.gif",),
          "img2img": ("img2img.png",), "inpaint": ("inpaint.png",), "blend": ("blend.png",),
          "negative": ("negative.png",)}
+SAMPLING = frozenset(f.name for f in fields(SampleConfig))
+USES = {"attention": SAMPLING | {"label"}, "trap": {"seed"}, "film": SAMPLING, "img2img": SAMPLING,   # flags each
+        "inpaint": SAMPLING, "blend": SAMPLING, "negative": SAMPLING - {"negative"}}                  # figure reads
 T_FRACTIONS = (0.9, 0.5, 0.1)      # where on the trajectory the attention is shown: t ~ 900, 500, 100 of 1000
 
 
@@ -638,6 +641,11 @@ def check_flags(args):
     unknown = sorted(set(figures) - set(FIGURES))
     if unknown or not figures:
         raise VisualizeError(f"--figures {args.figures}: choose from {','.join(FIGURES)}")
+    twice = sorted({f for f in figures if figures.count(f) > 1})
+    if twice:
+        raise VisualizeError(f"--figures {args.figures}: {', '.join(twice)} listed twice")
+    if args.docs == "":
+        raise VisualizeError("--docs is empty: name a folder (or give --docs alone for docs/)")
     if args.lora and not args.check:
         raise VisualizeError("--lora is checked with --check (the figures show the base model)")
     figure_only = sorted(args.given & ({"figures", "docs", "label"} | {f.name for f in fields(SampleConfig)}))
@@ -646,12 +654,33 @@ def check_flags(args):
                              "would change nothing (drop them, or leave out --check)")
     if args.batch_size < 2:
         raise VisualizeError(f"--batch-size {args.batch_size}: must be >= 2")
+    if not args.check:
+        check_figure_flags(args, figures)
     try:                    # the flags checked before any work; a missing --guidance is the checkpoint's
         config_from_args(SampleConfig, args, guidance=SampleConfig.guidance if args.guidance is None
                          else args.guidance, steps=args.steps or SampleConfig.steps)
     except ValueError as e:
         raise VisualizeError(str(e)) from None
     return figures
+
+
+def drawn_digits(fig, label):
+    """The digits a figure draws with guidance (a --negative among them would be drawn unguided)."""
+    return {"attention": {label}, "blend": set(BLEND), "negative": set(), "trap": set()}.get(fig, set(range(10)))
+
+
+def check_figure_flags(args, figures):
+    """A flag that none of the chosen figures reads, or a --negative equal to a digit one of them
+    draws, would change nothing: refused in one line."""
+    idle = sorted((args.given & (SAMPLING | {"label"})) - set().union(*(USES[f] for f in figures)))
+    if idle:
+        flags = ", ".join("--" + f.replace("_", "-") for f in idle)
+        raise VisualizeError(f"--figures {','.join(figures)}: {flags} would change nothing in "
+                             f"{'that figure' if len(figures) == 1 else 'those figures'} (drop them)")
+    for fig in figures:
+        if args.negative in drawn_digits(fig, args.label):
+            raise VisualizeError(f"--negative {args.negative}: the {fig} figure draws that digit, and guidance from a "
+                                 "digit to itself is zero; pick another digit (or other --figures)")
 
 
 def main(argv=None):
@@ -671,11 +700,16 @@ def main(argv=None):
         scfg = sample_config(args, diff_cfg, model.cfg.num_classes)
     except SampleError as e:
         raise VisualizeError(str(e)) from None
-    folder = os.path.dirname(os.path.abspath(args.checkpoint))
+    folder = os.path.abspath(output_folder(args.checkpoint))          # beside it (the shipped weights: runs/weights)
+    if args.docs and os.path.realpath(args.docs) == os.path.realpath(folder):
+        raise VisualizeError(f"--docs {args.docs}: is where the figures are written anyway (beside the checkpoint); "
+                             "give another folder")
     names = [n for fig in figures for n in NAMES[fig]]
     check_outputs([("figure", os.path.join(folder, n)) for n in names]          # before any work
                   + [("--docs", os.path.join(args.docs, n)) for n in names if args.docs],
-                  {"--checkpoint": args.checkpoint})
+                  {"--checkpoint": args.checkpoint}, create=shipped(args.checkpoint))
+    if shipped(args.checkpoint):
+        os.makedirs(folder, exist_ok=True)
     remove_stale_temps([os.path.join(d, n) for d in (folder, args.docs) if d for n in names])   # a killed run's
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     written = []

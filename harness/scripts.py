@@ -213,11 +213,11 @@ def sample_config(args, diff_cfg, num_classes, **overrides):
     if args.steps is not None and args.sampler == "ddpm":
         raise SampleError(f"--steps {args.steps}: --sampler ddpm runs all {diff_cfg.timesteps} steps of the model's T; "
                           "--steps is for ddim and dpmpp")
+    swept = "guidance" in overrides and args.guidance is None          # a sweep: w varies, some w = 1
     if args.steps is None:
         overrides.setdefault("steps", min(DEFAULT_STEPS.get(args.sampler, SampleConfig.steps), diff_cfg.timesteps))
     if args.guidance is None:
         overrides.setdefault("guidance", diff_cfg.sample_guidance)
-    swept = "guidance" in overrides and args.guidance is None          # a sweep: w varies, some w = 1
     try:
         scfg = config_from_args(SampleConfig, args, **overrides)
         scfg.check_steps(diff_cfg.timesteps)
@@ -272,7 +272,8 @@ def parse_label(text, num_classes=10):
     for part in text.split(","):
         digit, _, w = part.partition(":")
         if digit not in [str(d) for d in range(num_classes)] or weights[int(digit)] or w != w.strip():
-            raise SampleError(f"--label {shown(text)}: {shown(part)} must be digit:weight (no spaces), each digit "
+            item = shown(part) if part else "an empty item"
+            raise SampleError(f"--label {shown(text)}: {item} must be digit:weight (no spaces), each digit "
                               "0..9 once")
         try:
             weights[int(digit)] = float(w)
@@ -282,6 +283,8 @@ def parse_label(text, num_classes=10):
             raise SampleError(f"--label {shown(text)}: weight {shown(w)} must be in (0, 1]")
     if abs(sum(weights) - 1) > 1e-6:
         raise SampleError(f"--label {shown(text)}: the weights sum to {sum(weights):g}, not 1")
+    if max(weights) == 1.0:                      # 3:1 is the label 3 (the same context, bit for bit)
+        return [weights.index(1.0)]
     return [weights]
 
 
@@ -323,6 +326,10 @@ def load_edit_images(args, device):
     except DataError as e:
         raise SampleError(str(e)) from e
     mask = torch.from_numpy(np.asarray(keep) > 127).float()                            # (28, 28), 1 = keep
+    if mask.all() or not mask.any():
+        raise SampleError(f"--mask {shown(args.mask)}: keeps {'every' if mask.any() else 'no'} pixel (white = keep, at "
+                          "28x28), so " + ("nothing would be drawn" if mask.any() else "--init would be ignored; for "
+                                           "img2img drop --mask and give --strength below 1"))
     return init[None, None].to(device), mask[None, None].to(device)
 
 

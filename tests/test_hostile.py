@@ -975,3 +975,80 @@ def test_lora_finetune_help_says_what_its_data_dir_is():
     r = run_cli("lora_finetune.py", "--help")
     text = " ".join(r.stdout.split())
     assert "--data-dir DATA_DIR MNIST root" in text and "with --dataset folder" not in text
+
+
+# ----- the seventh probe: flags that would change nothing, left to the checkpoint's guidance -----
+
+def test_flags_that_need_guidance_are_refused_when_the_checkpoint_decides_it(tiny_ckpt):
+    """Without --guidance the checkpoint's w decides; an interval holding no sampled step, or a model
+    whose w is 1, makes --negative / --guidance-rescale / the interval change nothing: refused in
+    sample.py and evaluate.py as they are with --guidance given."""
+    for script in ("sample.py", "evaluate.py"):
+        one_line_error(run_cli(script, "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "10", "--guide-from", "0.99"),
+                       "would change nothing", "no step is guided")
+    from config import DiffusionConfig
+    from harness import scripts
+    plain = DiffusionConfig(timesteps=50, sample_guidance=1.0)
+    for flags in (["--negative", "3"], ["--guidance-rescale", "0.5"]):
+        with pytest.raises(scripts.SampleError, match="guidance 1 runs the plain conditional model"):
+            scripts.sample_config(scripts.sample_args(flags), plain, 10)
+        with pytest.raises(scripts.SampleError, match="would change nothing"):
+            scripts.sample_config(evaluate.parse_args(flags), plain, 10)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--figures", "trap", "--label", "5"], "--label would change nothing in that figure"),
+    (["--figures", "trap", "--steps", "3", "--sampler", "dpmpp"], "--sampler, --steps would change nothing"),
+    (["--figures", "blend,img2img", "--label", "5"], "--label would change nothing in those figures"),
+    (["--figures", "negative", "--negative", "2"], "--negative would change nothing"),
+    (["--figures", "attention", "--label", "4", "--negative", "4"], "the attention figure draws that digit"),
+    (["--figures", "film", "--negative", "4"], "the film figure draws that digit"),
+    (["--figures", "blend", "--negative", "8"], "the blend figure draws that digit"),
+    (["--figures", "img2img,img2img"], "img2img listed twice"),
+    (["--figures", "trap", "--docs="], "--docs is empty"),
+])
+def test_visualize_refuses_flags_its_figures_do_not_read(tiny_ckpt, flags, message):
+    one_line_error(run_cli("visualize.py", "--checkpoint", tiny_ckpt, *flags), message)
+
+
+def test_visualize_docs_in_the_checkpoint_folder_is_named_as_such(tiny_ckpt):
+    one_line_error(run_cli("visualize.py", "--checkpoint", tiny_ckpt, "--figures", "trap", "--docs",
+                           os.path.dirname(tiny_ckpt)), "is where the figures are written anyway")
+
+
+@pytest.mark.parametrize("colour,message", [(255, "keeps every pixel"), (0, "keeps no pixel")])
+def test_a_mask_that_keeps_everything_or_nothing_is_refused(tiny_ckpt, tmp_path, colour, message):
+    from PIL import Image
+    mask = tmp_path / "mask.png"
+    Image.new("L", (28, 28), colour).save(mask)
+    out = tmp_path / "out.png"
+    one_line_error(run_cli("sample.py", "--checkpoint", tiny_ckpt, "--n", "1", "--init", "examples/five.png",
+                           "--mask", str(mask), "--out", str(out)), message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value,message", [("", "expected numbers like 0,1,2,3,5"), ("1,2,1", "1 listed twice")])
+def test_sweep_guidance_empty_or_repeated_is_refused(tiny_ckpt, value, message):
+    one_line_error(run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--n", "1", "--sweep-guidance", value), message)
+
+
+def test_an_image_given_as_npz_is_named_without_a_pickle_hint():
+    r = run_cli("evaluate.py", "--npz", "examples/five.png")
+    one_line_error(r, "examples/five.png: not an npz of images and labels")
+    assert "allow_pickle" not in r.stderr
+
+
+def test_label_blend_messages_and_a_one_hot_blend_is_the_label(tiny_ckpt, tmp_path):
+    one_line_error(run_cli("sample.py", "--checkpoint", tiny_ckpt, "--label", "3:0.5,8:0.5,"), "an empty item must be")
+    npz = {}
+    for label in ("3", "3:1"):
+        npz[label] = str(tmp_path / f"{label.replace(':', '_')}.npz")
+        r = run_cli("sample.py", "--checkpoint", tiny_ckpt, "--n", "2", "--steps", "2", "--label", label,
+                    "--npz", npz[label], "--out", npz[label] + ".png")
+        assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(npz["3"])["images"], np.load(npz["3:1"])["images"])
+
+
+def test_bench_full_ddpm_takes_zero_or_one():
+    r = run_cli("tools/bench.py", "--quick", "--full-ddpm", "2")
+    assert r.returncode == 2 and "--full-ddpm 2: expected 0 or 1" in r.stderr

@@ -4,6 +4,7 @@ and used by sample.py and demo.py only when no run of the user's exists."""
 import os
 
 import pytest
+import torch
 from conftest import ROOT, run_cli
 
 import evaluate
@@ -73,3 +74,19 @@ def test_sample_uses_the_shipped_weights_only_when_no_run_exists(tiny_ckpt, tmp_
     os.symlink(tiny_ckpt, missing)
     r = run_cli("sample.py", "--n", "1", "--steps", "2", "--out", str(tmp_path / "own.png"))
     assert r.returncode == 0 and "using the shipped weights" not in r.stdout, r.stdout
+
+
+def test_the_demo_on_a_fresh_clone_draws_a_7_from_the_shipped_weights(judge, tmp_path, monkeypatch):
+    """No run of yours: demo.py serves the shipped model with its bold and italic adapters, and the
+    8 digits it draws for 7 at the page's defaults are read as 7 (at least 7 of them)."""
+    import argparse
+
+    import demo as D
+    missing = str(tmp_path / "runs" / "mnist" / "ckpt.pt")
+    monkeypatch.setattr(D, "DEFAULT_CHECKPOINT", missing)
+    monkeypatch.chdir(ROOT)
+    demo = D.load_demo(argparse.Namespace(checkpoint=missing, lora=[]), torch.device("cpu"))
+    assert demo.source == os.path.join("weights", "model.safetensors") and list(demo.models) == ["none", "bold", "italic"]
+    model, y, scfg = D.sampling(demo, {"label": 7})
+    *_, (_, _, _, x, _) = D.film(demo, model, y, scfg)
+    assert (evaluate.classify(judge, x)[0].argmax(1) == 7).sum().item() >= 7

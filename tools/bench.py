@@ -341,8 +341,13 @@ def main(argv=None):
     except DeviceError as e:
         p.error(str(e))
     args.batch = args.batch or PRESETS[args.preset].get("batch_size", 64)
+    if args.full_ddpm not in (-1, 0, 1):
+        p.error(f"--full-ddpm {args.full_ddpm}: expected 0 or 1")
     if args.full_ddpm < 0:
         args.full_ddpm = int(device.type == "cuda")
+    if args.preset == "gpu" and device.type == "cpu" and not args.section:
+        print("note: --preset gpu on a CPU: its first training step alone takes minutes, each measurement more; "
+              "the cpu preset measures this machine in seconds", flush=True)
     if args.section:                       # child process: one measurement, JSON on stdout
         print(json.dumps(SECTIONS[args.section](args, device)))
         return
