@@ -99,8 +99,9 @@ def load_demo(args, device):
 def number(req, key, lo, hi, default, kind=float):
     """req[key] as a number in [lo, hi], or a DemoError naming the field."""
     value = req.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise DemoError(f"{key}: expected a number, got {json.dumps(value)[:40]}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)):
+        raise DemoError(f"{key}: expected {'a whole' if kind is int else 'a finite'} number, got {json.dumps(value)[:40]}")
     if not (lo <= value <= hi):                       # nan fails this too
         raise DemoError(f"{key} {value:g}: must be between {lo:g} and {hi:g}")
     return kind(value)
@@ -112,7 +113,7 @@ def sampling(demo, req):
     if sampler not in SAMPLERS:
         raise DemoError(f"sampler {json.dumps(sampler)[:40]}: choose {' or '.join(SAMPLERS)}")
     adapter = req.get("adapter", "none")
-    if adapter not in demo.models:
+    if not isinstance(adapter, str) or adapter not in demo.models:
         raise DemoError(f"adapter {json.dumps(adapter)[:40]}: choose one of {', '.join(demo.models)}")
     label = number(req, "label", 0, demo.diffusion.null_label - 1, 7, int)
     n = number(req, "n", 1, LIMITS["n"], 8, int)

@@ -84,11 +84,13 @@ def test_every_knob_changes_the_drawing_and_the_seed_repeats_it(demo):
 
 
 @pytest.mark.parametrize("req,message", [
-    ({"label": 10}, "label 10: must be between 0 and 9"), ({"label": "7"}, "label: expected a number"),
+    ({"label": 10}, "label 10: must be between 0 and 9"), ({"label": "7"}, "label: expected a whole number"),
     ({"n": 17}, "n 17: must be between 1 and 16"), ({"steps": 0}, "steps 0"), ({"steps": 2.5}, "steps: expected"),
-    ({"guidance": 1e9}, "guidance"), ({"guidance": None}, "guidance: expected a number"),
+    ({"guidance": 1e9}, "guidance"), ({"guidance": None}, "guidance: expected a finite number"),
     ({"sampler": "ddpm"}, "choose dpmpp or ddim"), ({"adapter": "nope"}, "adapter \"nope\""),
     ({"adapter": "wild", "scale": 2}, "scale 2"), ({"seed": -1}, "seed -1"), ({"label": True}, "label: expected"),
+    ({"seed": 1e400}, "seed: expected a whole number, got Infinity"), ({"guidance": float("nan")}, "guidance: expected"),
+    ({"adapter": ["wild"]}, "adapter [\"wild\"]"), ({"steps": 2 ** 70}, "steps 1.18059e+21: must be between"),
 ])
 def test_bad_knobs_are_one_message(demo, req, message):
     status, result = ask(demo, "/api/generate", **req)
