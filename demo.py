@@ -12,7 +12,10 @@ import base64
 import io
 import json
 import math
+import ipaddress
 import os
+import queue
+import socket
 import sys
 import threading
 import time
@@ -27,7 +30,7 @@ from diffusion import Diffusion, SamplingError
 from harness.adapters import load_adapter
 from harness.cli import Parser, UsageError, run_cli
 from harness.dist import pick_device
-from harness.files import DEFAULT_CHECKPOINT, SHIPPED, SHIPPED_MODEL, load_model
+from harness.files import DEFAULT_CHECKPOINT, SHIPPED, load_model, shipped, shipped_unless_trained
 from lora import LoraError, set_fused, set_scale
 from visualize import attention_at, by_level, steering
 
@@ -61,21 +64,25 @@ def adapter_files(checkpoint, extra):
     runs' (runs/lora-bold, runs/lora-italic) with yours, and every --lora given."""
     found = {}
     for style in ("bold", "italic"):
-        path = (os.path.join(SHIPPED, style + ".safetensors") if checkpoint == SHIPPED_MODEL
+        path = (os.path.join(SHIPPED, style + ".safetensors") if shipped(checkpoint)
                 else os.path.join("runs", f"lora-{style}", "adapter.safetensors"))
         if os.path.isfile(path):
             found[style] = path
     for path in extra:
-        found[os.path.splitext(os.path.basename(path))[0] if path.endswith(".safetensors") else path] = path
+        stem = os.path.splitext(os.path.basename(path))[0]
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        name = folder if stem == "adapter" else stem               # runs/lora-x/adapter.safetensors -> lora-x
+        if name in found or name == "none":
+            name = f"{folder}/{stem}"
+        if name in found or name == "none":
+            raise DemoError(f"--lora {path}: another adapter is already called {name!r}; rename one of the files")
+        found[name] = path
     return found
 
 
 def load_demo(args, device):
     """Your run or the shipped weights, and one model copy per adapter. -> Demo"""
-    checkpoint = args.checkpoint
-    if checkpoint == DEFAULT_CHECKPOINT and not os.path.lexists(checkpoint):
-        print(f"no run of yours at {DEFAULT_CHECKPOINT}: using the shipped weights {SHIPPED_MODEL}")
-        checkpoint = SHIPPED_MODEL
+    checkpoint = shipped_unless_trained(args.checkpoint, DEFAULT_CHECKPOINT)
     model, diff_cfg, ckpt = load_model(checkpoint, device)
     models = {"none": model}
     for name, path in adapter_files(checkpoint, args.lora).items():
@@ -91,7 +98,7 @@ def load_demo(args, device):
         models[name] = copy
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     _, blocks = attention_at(model, diffusion, torch.zeros(1, 1, 28, 28, device=device), 0, 0)
-    return Demo(models, diffusion, checkpoint, list(by_level(blocks)), threading.Lock())
+    return Demo(models, diffusion, os.path.relpath(checkpoint), list(by_level(blocks)), threading.Lock())
 
 
 # ----- requests -----
@@ -102,8 +109,9 @@ def number(req, key, lo, hi, default, kind=float):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or (kind is int and value != int(value)):
         raise DemoError(f"{key}: expected {'a whole' if kind is int else 'a finite'} number, got {json.dumps(value)[:40]}")
-    if not (lo <= value <= hi):                       # nan fails this too
-        raise DemoError(f"{key} {value:g}: must be between {lo:g} and {hi:g}")
+    if not (lo <= value <= hi):
+        shown = (lambda v: f"{v:g}") if kind is float else (lambda v: str(int(v)) if abs(v) < 1e15 else f"{v:g}")
+        raise DemoError(f"{key} {shown(value)}: must be between {shown(lo)} and {shown(hi)}")
     return kind(value)
 
 
@@ -269,10 +277,27 @@ ROUTES = {"/api/generate": generate, "/api/edit": edit, "/api/attention": attent
 
 # ----- the server -----
 
-def locked(lock, events):
-    """The events of a generator, computed while holding the lock (released when it ends or is closed)."""
-    with lock:
-        yield from events
+def pumped(lock, events):
+    """The events of a generator, computed while holding the lock in a thread of their own, as fast as
+    they come, and handed out from a queue: a page that reads slowly never holds the model."""
+    handoff = queue.Queue()
+
+    def work():
+        try:
+            with lock:
+                for event in events:
+                    handoff.put((True, event))
+        except Exception as e:
+            handoff.put((False, e))
+        handoff.put((True, None))
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        ok, event = handoff.get()
+        if not ok:
+            raise event
+        if event is None:
+            return
+        yield event
 
 
 def first_then(first, rest):
@@ -288,13 +313,13 @@ def handle(demo, path, body):
         return 404, {"error": f"{path}: no such request"}
     try:
         req = json.loads(body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return 400, {"error": "the request is not JSON"}
     if not isinstance(req, dict):
         return 400, {"error": "the request must be a JSON object"}
     try:
         if path == "/api/generate":
-            events = locked(demo.lock, generate(demo, req))
+            events = pumped(demo.lock, generate(demo, req))
             return 200, first_then(next(events), events)      # a bad request fails here, before any reply
         with demo.lock:
             return 200, ROUTES[path](demo, req)
@@ -311,6 +336,7 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 120                     # seconds a socket may stall: a page that stops reading frees the model
 
     def do_GET(self):
+        self.path = self.path.split("?")[0]
         if self.path in FILES:
             name, kind = FILES[self.path]
             with open(os.path.join(PAGE, name), "rb") as f:
@@ -321,10 +347,12 @@ class Handler(BaseHTTPRequestHandler):
             self.reply_json(404, {"error": f"{self.path}: not found"})
 
     def do_POST(self):
+        if self.headers.get("Transfer-Encoding"):
+            return self.reply_json(411, {"error": "send the request with a Content-Length, not in chunks"})
         try:
             size = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            size = -1
+            return self.reply_json(400, {"error": "Content-Length is not a number"})
         if not 0 <= size <= LIMITS["body"]:
             return self.reply_json(413, {"error": f"the request must be at most {LIMITS['body']:,} bytes"})
         status, result = handle(self.demo, self.path, self.rfile.read(size))
@@ -376,31 +404,50 @@ def parse_args(argv=None):
                    help="address to serve on (default: 127.0.0.1, this machine only); another opens the page "
                         "to your network")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help=f"the model (default: {DEFAULT_CHECKPOINT}, or the shipped {SHIPPED_MODEL} when absent)")
+                   help=f"the model (default: {DEFAULT_CHECKPOINT}, or the shipped weights/model.safetensors when absent)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE", help="also offer this adapter; repeatable")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise DemoError(f"--port {args.port}: must be between 0 and 65535")
+    try:
+        socket.getaddrinfo(args.host, None)
+    except (OSError, UnicodeError):
+        args.host = None
+    if not args.host:
+        raise DemoError("--host: give an address of this machine, such as 127.0.0.1 (the default) or 0.0.0.0")
     return args
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64                    # connections waiting while one request computes
+
+
+def serve(host, port, demo):
+    """The HTTP server on host:port (IPv6 when the host has a colon)."""
+    server_class = type("Server6", (Server,), {"address_family": socket.AF_INET6}) if ":" in host else Server
+    try:
+        return server_class((host, port), make_handler(demo))
+    except (OSError, OverflowError) as e:
+        raise DemoError(f"cannot serve on {host}:{port} ({getattr(e, 'strerror', None) or e}); "
+                        "try another --port or --host") from e
 
 
 def main(argv=None):
     args = parse_args(argv)
     demo = load_demo(args, pick_device(args.device))
-    try:
-        server = ThreadingHTTPServer((args.host, args.port), make_handler(demo))
-    except OSError as e:
-        raise DemoError(f"cannot serve on {args.host}:{args.port} ({e.strerror or e}); try another --port or --host") from e
-    server.daemon_threads = True
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    server = serve(args.host, args.port, demo)
+    if not (args.host == "localhost" or ipaddress.ip_address(socket.getaddrinfo(args.host, None)[0][4][0]).is_loopback):
         print(f"warning: serving on {args.host}: anyone who can reach this machine can use the page")
-    print(f"the demo is at http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:"
-          f"{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(args.host, f"[{args.host}]" if ":" in args.host else args.host)
+    print(f"the demo is at http://{host}:{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
-    finally:
-        server.server_close()
+    except KeyboardInterrupt:                  # a request may be computing in a thread: leave at once, as one line
+        sys.stdout.flush()
+        os.write(2, b"demo.py: interrupted\n")
+        os._exit(130)
     return 0
 
 

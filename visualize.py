@@ -33,7 +33,7 @@ from harness.adapters import apply_adapters, read_adapter
 from harness.cli import Parser, UsageError, config_from_args, explicit_flags, run_cli
 from harness.dist import pick_device
 from harness.files import (DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, output_folder, pyplot,
-                           remove_stale_temps, save_figure, shipped)
+                           remove_stale_temps, save_figure, shipped, shipped_unless_trained)
 from harness.scripts import SampleError, add_sampling_flags, sample_config
 
 DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs")
@@ -695,6 +695,7 @@ def main(argv=None):
     if args.check:
         return run_check(args, device)
 
+    args.checkpoint = shipped_unless_trained(args.checkpoint, DEFAULT_CHECKPOINT)
     model, diff_cfg, _ = load_model(args.checkpoint, device)      # a missing checkpoint first
     try:
         scfg = sample_config(args, diff_cfg, model.cfg.num_classes)

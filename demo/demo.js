@@ -19,9 +19,14 @@ function queue(task) {                    // run after the request before it, wh
   return running;
 }
 
+const GONE = "the demo server does not answer: is `python demo.py` still running?";
+
 async function post(path, body) {
-  const reply = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json" },
-                                    body: JSON.stringify(body) });
+  let reply;
+  try {
+    reply = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json" },
+                                body: JSON.stringify(body) });
+  } catch (e) { throw new Error(GONE); }
   if (!reply.ok) {
     let message = "the demo answered " + reply.status;
     try { message = (await reply.json()).error || message; } catch (e) { /* not JSON */ }
@@ -159,6 +164,6 @@ async function start() {
     $("steps").max = info.steps;
     $("n").max = info.limits.n;
     for (const size of info.sizes) $("attn-size").add(new Option(size + " x " + size, String(size)));
-  } catch (e) { showError("the demo server does not answer: is `python demo.py` still running?"); }
+  } catch (e) { showError(GONE); }
 }
 start();

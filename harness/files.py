@@ -22,8 +22,8 @@ from config import DiffusionConfig, ModelConfig, config_from_dict
 from unet import UNet
 
 DEFAULT_CHECKPOINT = os.path.join("runs", "mnist", "ckpt.pt")   # where `python train.py` writes
-SHIPPED = "weights"                                              # the repo's own trained weights (weights/README.md)
-SHIPPED_MODEL = os.path.join(SHIPPED, "model.safetensors")
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")   # wherever you run
+SHIPPED_MODEL = os.path.join(SHIPPED, "model.safetensors")        # the repo's own trained weights (weights/README.md)
 SHIPPED_OUT = os.path.join("runs", "weights")                    # what is drawn from them goes here, not into weights/
 MODEL_FORMAT = "sd-mnist-model/1"
 
@@ -476,7 +476,8 @@ def read_model_file(path):
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise CheckpointError(f"{shown(path)}: not a readable safetensors model ({first_line(e)})") from e
     if meta.get("format") == "sd-lora-mnist/1":
-        raise CheckpointError(f"{shown(path)}: is a LoRA adapter, not a model: pass it as --lora")
+        raise CheckpointError(f"{shown(path)}: is a LoRA adapter, not a model (the model it adapts is a run's ckpt.pt "
+                              f"or {os.path.relpath(SHIPPED_MODEL)})")
     if meta.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{shown(path)}: not a model of this project (no {MODEL_FORMAT} metadata)")
     if not all(t.is_floating_point() for t in state.values()):
@@ -488,6 +489,16 @@ def read_model_file(path):
     return {"model": {k: t.float() for k, t in state.items()}, "config": config, "data": meta.get("data", "auto")}
 
 
+def shipped_unless_trained(path, default=DEFAULT_CHECKPOINT):
+    """`path`, or the shipped model when `path` is the default checkpoint and no run has made it yet
+    (said in one line). A run of yours always wins."""
+    if path == default and not os.path.lexists(path) and os.path.isfile(SHIPPED_MODEL):
+        print(f"no run of yours at {default}: using the shipped weights {os.path.relpath(SHIPPED_MODEL)} "
+              "(`python train.py` makes your own, which then wins)")
+        return SHIPPED_MODEL
+    return path
+
+
 def shipped(path):
     """Is `path` one of the weights this repo ships (in weights/)?"""
     return bool(path) and _inside(os.path.abspath(path), os.path.abspath(SHIPPED))
@@ -495,8 +506,11 @@ def shipped(path):
 
 def output_folder(path):
     """Where a script's outputs for an input file go by default: beside it, or runs/weights/ for
-    the shipped weights (weights/ stays as shipped)."""
-    return SHIPPED_OUT if shipped(path) else os.path.dirname(path)
+    the shipped model and runs/weights/<name>/ for a shipped adapter (weights/ stays as shipped)."""
+    if not shipped(path):
+        return os.path.dirname(path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return SHIPPED_OUT if name == "model" else os.path.join(SHIPPED_OUT, name)
 
 
 def configs_from_checkpoint(ckpt, path="checkpoint"):

@@ -25,10 +25,10 @@ from diffusion import Diffusion
 from harness.adapters import PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft
 from harness.cli import Parser, UsageError, add_config_flags, config_from_args, explicit_flags
 from harness.dist import pick_device
-from harness.files import (DEFAULT_CHECKPOINT, SHIPPED_MODEL, CheckpointError, check_finite, check_fits,
-                           check_outputs, configs_from_checkpoint, dataset_of, load_checkpoint, load_model,
-                           load_state, output_folder, remove_stale_temps, save_checkpoint, shipped, shown,
-                           write_json)
+from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_finite, check_fits, check_outputs,
+                           configs_from_checkpoint, dataset_of, load_checkpoint, load_model, load_state,
+                           output_folder, remove_stale_temps, save_checkpoint, shipped, shipped_unless_trained,
+                           shown, write_json)
 from harness.run import (TrainingError, memory_format, open_run, place_data, restore_loop_state, resume_command,
                          run_length)
 from lora import MAX_SCALE, check_scale, set_fused
@@ -245,10 +245,7 @@ def load_model_for_sampling(args, device):
     """The checkpoint's EMA model with the --lora adapters applied. -> (model, diffusion, ckpt)."""
     if args.merge and not args.lora:
         raise SampleError("--merge folds --lora adapters into the weights: give --lora FILE (or drop --merge)")
-    if args.checkpoint == DEFAULT_CHECKPOINT and not os.path.lexists(DEFAULT_CHECKPOINT) and os.path.isfile(SHIPPED_MODEL):
-        print(f"no run of yours at {DEFAULT_CHECKPOINT}: using the shipped weights {SHIPPED_MODEL} "
-              "(`python train.py` makes your own, which then wins)")
-        args.checkpoint = SHIPPED_MODEL
+    args.checkpoint = shipped_unless_trained(args.checkpoint, DEFAULT_CHECKPOINT)
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise SampleError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: give one per adapter")

@@ -200,3 +200,82 @@ def test_an_adapter_for_another_model_is_refused_only_when_asked_for(tiny_ckpt, 
     with pytest.raises(D.LoraError, match="other base weights"):
         D.load_demo(argparse.Namespace(checkpoint=tiny_ckpt, lora=[str(other)]), torch.device("cpu"))
     assert os.path.isfile(tiny_ckpt)
+
+
+# ----- the eighth probe -----
+
+def test_a_deeply_nested_body_is_not_json(demo):
+    assert D.handle(demo, "/api/generate", b"[" * 30000 + b"]" * 30000)[1] == {"error": "the request is not JSON"}
+
+
+def test_a_page_that_stops_reading_does_not_hold_the_model(server):
+    """A film nobody reads is still computed to its end, and the model is free for the next page
+    at once (before, the lock waited on the stalled socket)."""
+    import socket
+    body = json.dumps({"n": 16, "steps": 50, "sampler": "ddim"}).encode()
+    stalled = socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])))
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        status, _, data = fetch(server + "/api/attention", {"steps": 2, "step": 1})   # urlopen gives up after 60 s
+        assert status == 200 and json.loads(data)["names"][-1] == "where the label acts"
+    finally:
+        stalled.close()
+
+
+def test_http_details(server):
+    import http.client
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/api/generate", body=iter([b'{"steps": 2, "n": 1}']), encode_chunked=True,
+                 headers={"Transfer-Encoding": "chunked"})
+    reply = conn.getresponse()
+    assert reply.status == 411 and "Content-Length" in json.loads(reply.read())["error"]
+    conn.close()
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/api/generate")
+    conn.putheader("Content-Length", "abc")
+    conn.endheaders()
+    reply = conn.getresponse()
+    assert reply.status == 400 and json.loads(reply.read())["error"] == "Content-Length is not a number"
+    conn.close()
+    assert fetch(server + "/?v=2")[0] == 200 and fetch(server + "/demo.js?v=2")[0] == 200
+    assert "seed 2147483648: must be between 0 and 2147483647" in fetch(server + "/api/generate", {"seed": 2 ** 31})[2].decode()
+
+
+def test_adapters_get_names_of_their_own(tmp_path, adapter):
+    """Two runs' adapter.safetensors are named by their folders; a file called none.safetensors does
+    not become "none"; a clash that remains is refused."""
+    import shutil
+    paths = []
+    for folder, name in (("lora-a", "adapter"), ("lora-b", "adapter"), ("x", "none"), ("y", "none")):
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        paths.append(str(tmp_path / folder / f"{name}.safetensors"))
+        shutil.copy(adapter, paths[-1])
+    assert list(D.adapter_files("other.pt", paths[:3])) == ["lora-a", "lora-b", "x/none"]
+    with pytest.raises(D.DemoError, match="already called"):
+        D.adapter_files("other.pt", [paths[2], paths[2]])
+
+
+def test_ctrl_c_while_a_film_is_computing_is_one_line(tiny_ckpt):
+    """The server leaves at once with exit 130 and one line, whatever a request thread is doing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    server = subprocess.Popen([sys.executable, "demo.py", "--checkpoint", tiny_ckpt, "--port", "0", "--device", "cpu"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = re.search(r"http://127\.0\.0\.1:\d+/", server.stdout.readline()).group(0)
+    threading.Thread(target=fetch, args=(url + "api/generate", {"n": 16, "steps": 50, "sampler": "ddim"}),
+                     daemon=True).start()
+    time.sleep(1.0)
+    server.send_signal(signal.SIGINT)
+    assert server.wait(timeout=60) == 130
+    assert server.stderr.read() == "demo.py: interrupted\n"
+
+
+def test_bad_hosts_are_one_line(tiny_ckpt):
+    one_line_error(run_cli("demo.py", "--checkpoint", tiny_ckpt, "--host", ""), "--host: give an address")
+    one_line_error(run_cli("demo.py", "--checkpoint", tiny_ckpt, "--host", "no such host.invalid"), "--host")

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, one_line_error, run_cli
 
 import evaluate
 import harness.files
@@ -90,3 +90,62 @@ def test_the_demo_on_a_fresh_clone_draws_a_7_from_the_shipped_weights(judge, tmp
     model, y, scfg = D.sampling(demo, {"label": 7})
     *_, (_, _, _, x, _) = D.film(demo, model, y, scfg)
     assert (evaluate.classify(judge, x)[0].argmax(1) == 7).sum().item() >= 7
+
+
+def test_a_shipped_adapter_draws_into_a_folder_of_its_own(tmp_path, monkeypatch):
+    """sample.py --lora weights/bold.safetensors never overwrites the base model's grid."""
+    monkeypatch.setattr(harness.files, "SHIPPED_OUT", str(tmp_path / "out"))
+    model = os.path.join("weights", "model.safetensors")
+    for extra in ([], ["--lora", os.path.join("weights", "bold.safetensors")]):
+        r = run_cli("sample.py", "--checkpoint", model, "--n", "1", "--steps", "2", *extra)
+        assert r.returncode == 0, r.stderr
+    assert os.path.isfile(tmp_path / "out" / "sample_7.png") and os.path.isfile(tmp_path / "out" / "bold" / "sample_7.png")
+    assert open(tmp_path / "out" / "sample_7.png", "rb").read() != open(tmp_path / "out" / "bold" / "sample_7.png", "rb").read()
+
+
+def test_an_adapter_given_as_the_model_names_no_flag_that_would_fail():
+    for script in ("sample.py", "tools/negative.py"):
+        r = run_cli(script, "--checkpoint", os.path.join("weights", "bold.safetensors"))
+        assert r.returncode != 0 and "is a LoRA adapter, not a model" in r.stderr and "--lora" not in r.stderr
+
+
+def test_the_shipped_weights_are_found_from_any_folder(tmp_path):
+    """Run from another folder, sample.py still finds weights/ (it is the repo's, not the folder's)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--n", "1", "--steps", "2"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "using the shipped weights" in r.stdout and os.path.isfile(tmp_path / "runs" / "weights" / "sample_7.png")
+
+
+@pytest.fixture
+def tiny_adapter(tiny_ckpt, tmp_path):
+    from harness.adapters import base_fingerprint, save_adapter
+    from lora import inject_lora
+    model, _, ckpt = load_model(tiny_ckpt)
+    fingerprint = base_fingerprint(model)
+    inject_lora(model, ["to_v"], 2, 2.0)
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(path, model, ["to_v"], 2, 2.0, False, ckpt["config"]["model"], fingerprint)
+    return path
+
+
+def test_ship_weights_writes_only_into_a_folder_of_its_own(tiny_ckpt, tiny_adapter, tmp_path):
+    ship = lambda out, adapters: run_cli("tools/ship_weights.py", "--checkpoint", tiny_ckpt, "--adapters", adapters,
+                                         "--out", str(out))
+    run_folder = os.path.dirname(tiny_ckpt)
+    before = {f: open(os.path.join(run_folder, f), "rb").read() for f in os.listdir(run_folder)}
+    one_line = lambda r, needle: r.returncode != 0 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert one_line(ship(run_folder, f"x={tiny_adapter}"), "is a run folder")
+    assert one_line(ship(tmp_path / "new", f"model={tiny_adapter}"), "model named twice")
+    assert one_line(ship(tmp_path / "new", f"a={tiny_adapter},a={tiny_adapter}"), "a named twice")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.safetensors").write_bytes(open(tiny_adapter, "rb").read())
+    assert one_line(ship(other, f"x={tiny_adapter}"), "did not write")
+    assert ship(tmp_path / "new", f"x={tiny_adapter},y={tiny_adapter}").returncode == 0       # a new folder: made
+    assert one_line(ship(tmp_path / "new", f"x={tiny_adapter}"), "would keep y.safetensors")
+    assert ship(tmp_path / "new", f"x={tiny_adapter},y={tiny_adapter}").returncode == 0       # its own: replaced
+    assert {f: open(os.path.join(run_folder, f), "rb").read() for f in os.listdir(run_folder)} == before
+    assert sorted(os.listdir(other)) == ["mine.safetensors"]

@@ -17,7 +17,7 @@ from config import DEFAULT_STEPS, MAX_IMAGES, SAMPLERS, SampleConfig
 from diffusion import Diffusion
 from harness.cli import Parser, run_cli
 from harness.dist import pick_device
-from harness.files import DEFAULT_CHECKPOINT, dataset_of, load_model
+from harness.files import DEFAULT_CHECKPOINT, dataset_of, load_model, shipped_unless_trained
 from harness.scripts import SampleError
 from sample import generate
 
@@ -31,6 +31,8 @@ def parse_pairs(text, num_classes):
     if not pairs or any(len(p) != 2 or not all(0 <= v < num_classes for v in p) or p[0] == p[1] for p in pairs):
         raise SampleError(f"--pairs {text!r}: expected label:away pairs of two different digits 0..{num_classes - 1}, "
                           "such as 7:1,9:4")
+    if len(set(pairs)) != len(pairs):
+        raise SampleError(f"--pairs {text!r}: a pair listed twice (each is n samples more)")
     return pairs
 
 
@@ -52,10 +54,12 @@ def main(argv=None):
         scales = [float(w) for w in args.guidance.split(",")]
     except ValueError:
         scales = []
+    if len(set(scales)) != len(scales):
+        raise SampleError(f"--guidance {args.guidance!r}: a scale listed twice (each is n samples more)")
     if not scales or not all(1 < w <= 100 for w in scales):
         raise SampleError(f"--guidance {args.guidance!r}: expected scales in (1, 100], such as 1.5,2 "
                           "(at w = 1 nothing is guided, so a negative label changes nothing)")
-    model, diff_cfg, ckpt = load_model(args.checkpoint, pick_device(args.device))
+    model, diff_cfg, ckpt = load_model(shipped_unless_trained(args.checkpoint), pick_device(args.device))
     pairs = parse_pairs(args.pairs, model.cfg.num_classes)
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes)
     _, _, dataset = evaluate.reference_digits(dataset_of(ckpt), args.data_dir)

@@ -17,32 +17,67 @@ import json
 
 from harness.adapters import base_fingerprint, load_adapter, read_adapter, write_safetensors
 from harness.cli import Parser, UsageError, run_cli
-from harness.files import (DEFAULT_CHECKPOINT, MODEL_FORMAT, SHIPPED, check_outputs, dataset_of, file_digest,
-                           load_model)
+from harness.files import (DEFAULT_CHECKPOINT, MODEL_FORMAT, SHIPPED, CheckpointError, check_outputs, dataset_of,
+                           file_digest, load_model, read_model_file)
 from lora import LoraError
 
 ADAPTERS = "bold=runs/lora-bold/adapter.safetensors,italic=runs/lora-italic/adapter.safetensors"
 
 
 def parse_adapters(text):
-    """'bold=PATH,italic=PATH' -> {"bold": PATH, "italic": PATH}."""
+    """'bold=PATH,italic=PATH' -> {"bold": PATH, "italic": PATH}; names are file names: not "model", once each."""
     pairs = [item.partition("=") for item in text.split(",")] if text else []
     if any(not name.isidentifier() or not sep or not path for name, sep, path in pairs):
         raise UsageError(f"--adapters {text!r}: expected name=path pairs such as {ADAPTERS}")
+    names = [name for name, _, _ in pairs]
+    clash = sorted({n for n in names if names.count(n) > 1 or n == "model"})
+    if clash:
+        raise UsageError(f"--adapters: {', '.join(clash)} named twice (model.safetensors is the model's file)")
     return {name: path for name, _, path in pairs}
+
+
+def check_out_folder(out, files):
+    """--out holds shipped weights only: a new folder, or one this tool wrote (its model.safetensors
+    is a shipped model), which then keeps no adapter of an older base. A run folder, or any other
+    folder with weights in it, is refused: nothing of another run is ever replaced."""
+    if not os.path.isdir(out):
+        return
+    if os.path.lexists(os.path.join(out, "run.json")):
+        raise UsageError(f"--out {out}: is a run folder; give a folder of its own (default: weights/)")
+    weights = sorted(f for f in os.listdir(out) if f.endswith((".safetensors", ".pt")))
+    if not weights:
+        return
+    if read_model_file_or_none(files["model"]) is None:
+        raise UsageError(f"--out {out}: holds weights ({', '.join(weights[:3])}) that this command did not write; "
+                         "give another folder")
+    stale = [f for f in weights if f not in {os.path.basename(p) for p in files.values()}]
+    if stale:
+        raise UsageError(f"--out {out}: would keep {', '.join(stale)}, made for the weights it replaces; list "
+                         "them in --adapters, or give another folder")
+
+
+def read_model_file_or_none(path):
+    """The shipped model at path, or None when there is none or it is something else."""
+    try:
+        return read_model_file(path) if os.path.isfile(path) else None
+    except CheckpointError:
+        return None
 
 
 def main(argv=None):
     p = Parser(prog="tools/ship_weights.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"the base run (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--adapters", default=ADAPTERS, help=f"name=adapter pairs, '' for none (default: {ADAPTERS})")
-    p.add_argument("--out", default=SHIPPED, help=f"folder (default: {SHIPPED})")
+    p.add_argument("--out", default=SHIPPED, help="folder (default: this repo's weights/)")
     args = p.parse_args(argv)
     adapters = parse_adapters(args.adapters)
     files = {"model": os.path.join(args.out, "model.safetensors"),
              **{name: os.path.join(args.out, name + ".safetensors") for name in adapters}}
+    check_out_folder(args.out, files)
     check_outputs({f"--out {name}": path for name, path in files.items()},
-                  {"--checkpoint": args.checkpoint, "--adapters": list(adapters.values())}, weights_ok=True)
+                  {"--checkpoint": args.checkpoint, "--adapters": list(adapters.values())}, weights_ok=True,
+                  create=True)
+    os.makedirs(args.out, exist_ok=True)
     model, _, ckpt = load_model(args.checkpoint)
     fingerprint = base_fingerprint(model)
     config = json.loads(json.dumps(ckpt["config"]))                       # tuples -> lists, as stored
