@@ -398,6 +398,7 @@ def make_handler(demo):
 
 
 def parse_args(argv=None):
+    """demo.py's flags, checked."""
     p = Parser(prog="demo.py", description="Play with the model in your browser, on this machine only.")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free one)")
     p.add_argument("--host", default="127.0.0.1",
@@ -435,6 +436,7 @@ def serve(host, port, demo):
 
 
 def main(argv=None):
+    """Load the model and its adapters, then serve the page until Ctrl-C."""
     args = parse_args(argv)
     demo = load_demo(args, pick_device(args.device))
     server = serve(args.host, args.port, demo)

@@ -614,6 +614,17 @@ def sampling_record(scfg, diffusion, swept):
     return record
 
 
+def output_paths(args, scales):
+    """-> (the JSON, the sweep figure or None, whether their folder is runs/weights/ still to make):
+    beside what is scored (the npz, the --lora adapter (<A>+<B> for two), or the checkpoint)."""
+    scored = args.npz or (args.lora[0] if args.lora else args.checkpoint)
+    base = os.path.join(output_folder(scored), os.path.splitext(os.path.basename(scored))[0])
+    base += "".join("+" + adapter_name(a) for a in (args.lora or [])[1:])   # A+B
+    out = args.json or base + "_eval.json"
+    sweep_png = os.path.splitext(args.json or base)[0] + "_guidance_sweep.png" if scales and not args.npz else None
+    return out, sweep_png, not args.json and shipped(scored)
+
+
 def main(argv=None):
     args = parse_args(argv)
     scales = check_flags(args)
@@ -627,12 +638,7 @@ def main(argv=None):
     else:
         x, y = read_npz(args.npz)
         dataset = args.dataset or "auto"
-    scored = args.npz or (args.lora[0] if args.lora else args.checkpoint)                     # what is scored
-    base = os.path.join(output_folder(scored), os.path.splitext(os.path.basename(scored))[0])
-    base += "".join("+" + adapter_name(a) for a in (args.lora or [])[1:])   # A+B
-    out = args.json or base + "_eval.json"
-    sweep_png = os.path.splitext(args.json or base)[0] + "_guidance_sweep.png" if scales and not args.npz else None
-    new_folder = not args.json and shipped(scored)                    # runs/weights/, made once the checks pass
+    out, sweep_png, new_folder = output_paths(args, scales)
     check_outputs({"--json": out, "--sweep-guidance figure": sweep_png},         # before any work
                   {"--checkpoint": None if args.npz else args.checkpoint, "--lora adapter": args.lora,
                    "--npz": args.npz, "classifier": glob.glob(os.path.join(args.data_dir, "classifier_*.pt"))},

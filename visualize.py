@@ -683,6 +683,22 @@ def check_figure_flags(args, figures):
                                  "digit to itself is zero; pick another digit (or other --figures)")
 
 
+def figure_outputs(args, figures):
+    """The figures' folder (beside the checkpoint; the shipped weights: runs/weights) and file names,
+    checked with their --docs copies before any work. -> (folder, names)"""
+    folder = os.path.abspath(output_folder(args.checkpoint))
+    if args.docs and os.path.realpath(args.docs) == os.path.realpath(folder):
+        raise VisualizeError(f"--docs {args.docs}: is where the figures are written anyway (beside the checkpoint); "
+                             "give another folder")
+    names = [n for fig in figures for n in NAMES[fig]]
+    check_outputs([("figure", os.path.join(folder, n)) for n in names]
+                  + [("--docs", os.path.join(args.docs, n)) for n in names if args.docs],
+                  {"--checkpoint": args.checkpoint}, create=shipped(args.checkpoint))
+    if shipped(args.checkpoint):
+        os.makedirs(folder, exist_ok=True)
+    return folder, names
+
+
 def main(argv=None):
     """The figures of the README's "How it works" (or, with --check, the gradient check)."""
     args = parse_args(argv)
@@ -701,16 +717,7 @@ def main(argv=None):
         scfg = sample_config(args, diff_cfg, model.cfg.num_classes)
     except SampleError as e:
         raise VisualizeError(str(e)) from None
-    folder = os.path.abspath(output_folder(args.checkpoint))          # beside it (the shipped weights: runs/weights)
-    if args.docs and os.path.realpath(args.docs) == os.path.realpath(folder):
-        raise VisualizeError(f"--docs {args.docs}: is where the figures are written anyway (beside the checkpoint); "
-                             "give another folder")
-    names = [n for fig in figures for n in NAMES[fig]]
-    check_outputs([("figure", os.path.join(folder, n)) for n in names]          # before any work
-                  + [("--docs", os.path.join(args.docs, n)) for n in names if args.docs],
-                  {"--checkpoint": args.checkpoint}, create=shipped(args.checkpoint))
-    if shipped(args.checkpoint):
-        os.makedirs(folder, exist_ok=True)
+    folder, names = figure_outputs(args, figures)
     remove_stale_temps([os.path.join(d, n) for d in (folder, args.docs) if d for n in names])   # a killed run's
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     written = []

@@ -37,6 +37,7 @@ def parse_pairs(text, num_classes):
 
 
 def main(argv=None):
+    """The flags, the model and the judge; then, per pair and scale, the two readings."""
     p = Parser(prog="tools/negative.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"(default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--pairs", default="7:1,9:4,4:9", help="label:away pairs (default: 7:1,9:4,4:9)")

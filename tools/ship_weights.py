@@ -65,6 +65,7 @@ def read_model_file_or_none(path):
 
 
 def main(argv=None):
+    """Check every input and output, then write the fp16 model and the re-stamped adapters."""
     p = Parser(prog="tools/ship_weights.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"the base run (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--adapters", default=ADAPTERS, help=f"name=adapter pairs, '' for none (default: {ADAPTERS})")
