@@ -10,9 +10,9 @@ or, when there is none, from the weights this repo ships (weights/).
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import base64
 import io
+import ipaddress
 import json
 import math
-import ipaddress
 import os
 import queue
 import socket

@@ -264,6 +264,7 @@ def test_ctrl_c_while_a_film_is_computing_is_one_line(tiny_ckpt):
     import subprocess
     import sys
     import time
+
     from conftest import ROOT
     server = subprocess.Popen([sys.executable, "demo.py", "--checkpoint", tiny_ckpt, "--port", "0", "--device", "cpu"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
