@@ -69,6 +69,8 @@ def adapter_files(checkpoint, extra):
         if os.path.isfile(path):
             found[style] = path
     for path in extra:
+        if any(os.path.realpath(path) == os.path.realpath(p) for p in found.values()):
+            raise DemoError(f"--lora {path}: that adapter is already offered; give each file once")
         stem = os.path.splitext(os.path.basename(path))[0]
         folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
         name = folder if stem == "adapter" else stem               # runs/lora-x/adapter.safetensors -> lora-x
@@ -106,11 +108,12 @@ def load_demo(args, device):
 def number(req, key, lo, hi, default, kind=float):
     """req[key] as a number in [lo, hi], or a DemoError naming the field."""
     value = req.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) or (kind is int and value != int(value)):
         raise DemoError(f"{key}: expected {'a whole' if kind is int else 'a finite'} number, got {json.dumps(value)[:40]}")
     if not (lo <= value <= hi):
-        shown = (lambda v: f"{v:g}") if kind is float else (lambda v: str(int(v)) if abs(v) < 1e15 else f"{v:g}")
+        shown = (lambda v: f"{v:g}") if kind is float else \
+            (lambda v: str(int(v)) if len(str(int(v))) <= 15 else f"(a {len(str(int(v)))}-digit number)")
         raise DemoError(f"{key} {shown(value)}: must be between {shown(lo)} and {shown(hi)}")
     return kind(value)
 
@@ -129,9 +132,9 @@ def sampling(demo, req):
     scfg = SampleConfig(sampler=sampler, steps=steps, guidance=number(req, "guidance", 0, LIMITS["guidance"], 2.0),
                         seed=number(req, "seed", 0, 2 ** 31 - 1, 0, int),
                         strength=number(req, "strength", 0.05, 1.0, 1.0))
-    model = demo.models[adapter]
+    model, scale = demo.models[adapter], number(req, "scale", 0, LIMITS["scale"], 1.0)
     if adapter != "none":
-        set_scale(model, number(req, "scale", 0, LIMITS["scale"], 1.0))
+        set_scale(model, scale)
     return model, torch.full((n,), label, device=demo.diffusion.betas.device), scfg
 
 
@@ -190,7 +193,7 @@ def drawing(req):
     a = torch.tensor(pixels, dtype=torch.float32).reshape(1, 1, 28, 28)
     if a.max() < 32:
         raise DemoError("the canvas is empty: draw a digit (or part of one) first")
-    return a / 127.5 - 1, (a > 32).float()
+    return a / 127.5 - 1, (a >= 32).float()
 
 
 def keep_mask(ink, keep):
@@ -273,6 +276,9 @@ def info(demo, req):
 
 
 ROUTES = {"/api/generate": generate, "/api/edit": edit, "/api/attention": attention, "/api/info": info}
+SHARED = {"label", "guidance", "sampler", "steps", "seed", "n", "adapter", "scale"}     # what the page sends
+KNOBS = {"/api/generate": SHARED, "/api/edit": SHARED | {"pixels", "mode", "keep", "strength"},
+         "/api/attention": SHARED | {"step", "size"}, "/api/info": set()}
 
 
 # ----- the server -----
@@ -317,7 +323,12 @@ def handle(demo, path, body):
         return 400, {"error": "the request is not JSON"}
     if not isinstance(req, dict):
         return 400, {"error": "the request must be a JSON object"}
+    unknown = sorted(set(req) - KNOBS[path])
+    if unknown:
+        return 400, {"error": f"{unknown[0][:40]}: not a knob of {path} ({', '.join(sorted(KNOBS[path]))})"}
     try:
+        if path == "/api/info":                                  # needs no model: never waits for one
+            return 200, info(demo, req)
         if path == "/api/generate":
             events = pumped(demo.lock, generate(demo, req))
             return 200, first_then(next(events), events)      # a bad request fails here, before any reply

@@ -43,7 +43,8 @@ NAMES = {"attention": ("attention_maps.png", "attention_steering.png"),
          "img2img": ("img2img.png",), "inpaint": ("inpaint.png",), "blend": ("blend.png",),
          "negative": ("negative.png",)}
 SAMPLING = frozenset(f.name for f in fields(SampleConfig))
-USES = {"attention": SAMPLING | {"label"}, "trap": {"seed"}, "film": SAMPLING, "img2img": SAMPLING,   # flags each
+USES = {"attention": SAMPLING | {"label"}, "trap": {"seed", "batch_size", "dataset", "data_dir"},    # flags each
+        "film": SAMPLING, "img2img": SAMPLING,
         "inpaint": SAMPLING, "blend": SAMPLING, "negative": SAMPLING - {"negative"}}                  # figure reads
 T_FRACTIONS = (0.9, 0.5, 0.1)      # where on the trajectory the attention is shown: t ~ 900, 500, 100 of 1000
 
@@ -672,7 +673,7 @@ def drawn_digits(fig, label):
 def check_figure_flags(args, figures):
     """A flag that none of the chosen figures reads, or a --negative equal to a digit one of them
     draws, would change nothing: refused in one line."""
-    idle = sorted((args.given & (SAMPLING | {"label"})) - set().union(*(USES[f] for f in figures)))
+    idle = sorted((args.given & set().union(*USES.values())) - set().union(*(USES[f] for f in figures)))
     if idle:
         flags = ", ".join("--" + f.replace("_", "-") for f in idle)
         raise VisualizeError(f"--figures {','.join(figures)}: {flags} would change nothing in "

@@ -63,7 +63,7 @@ def read_adapter(path):
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except FileNotFoundError:
-        raise LoraError(f"{path}: adapter not found (run `python lora_finetune.py` first)")
+        raise LoraError(f"{path}: adapter not found")
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise LoraError(f"{path}: not a readable safetensors adapter ({e})") from e
     if meta.get("format") != "sd-lora-mnist/1":

@@ -510,7 +510,12 @@ def output_folder(path):
     if not shipped(path):
         return os.path.dirname(path)
     name = os.path.splitext(os.path.basename(path))[0]
-    return SHIPPED_OUT if name == "model" else os.path.join(SHIPPED_OUT, name)
+    folder = SHIPPED_OUT if name == "model" else os.path.join(SHIPPED_OUT, name)
+    for f in {SHIPPED_OUT, folder}:
+        if os.path.lexists(os.path.join(f, "run.json")):       # a run of yours took that folder's name
+            raise CheckpointError(f"{f}: holds a run of yours (run.json), so what the shipped weights draw cannot "
+                                  "go there; give --out (or --json)")
+    return folder
 
 
 def configs_from_checkpoint(ckpt, path="checkpoint"):

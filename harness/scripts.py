@@ -250,6 +250,9 @@ def load_model_for_sampling(args, device):
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise SampleError(f"{len(args.lora_scale)} --lora-scale for {len(args.lora)} --lora: give one per adapter")
     scales = [check_scale(s, "--lora-scale") for s in args.lora_scale] or [1.0] * len(args.lora)
+    if 0.0 in scales:
+        raise SampleError("--lora-scale 0 turns its adapter off (scale 0 is the base model): drop that --lora "
+                          "and its scale")
     if args.lora:
         apply_adapters(model, args.lora, scales, ckpt["config"]["model"], merge=args.merge)
         set_fused(model, True)                   # unmerged: x (W + dW)^T, one op per layer (same numbers)

@@ -90,7 +90,7 @@ def test_every_knob_changes_the_drawing_and_the_seed_repeats_it(demo):
     ({"sampler": "ddpm"}, "choose dpmpp or ddim"), ({"adapter": "nope"}, "adapter \"nope\""),
     ({"adapter": "wild", "scale": 2}, "scale 2"), ({"seed": -1}, "seed -1"), ({"label": True}, "label: expected"),
     ({"seed": 1e400}, "seed: expected a whole number, got Infinity"), ({"guidance": float("nan")}, "guidance: expected"),
-    ({"adapter": ["wild"]}, "adapter [\"wild\"]"), ({"steps": 2 ** 70}, "steps 1.18059e+21: must be between"),
+    ({"adapter": ["wild"]}, "adapter [\"wild\"]"), ({"steps": 2 ** 70}, "steps (a 22-digit number): must be between"),
 ])
 def test_bad_knobs_are_one_message(demo, req, message):
     status, result = ask(demo, "/api/generate", **req)
@@ -254,8 +254,10 @@ def test_adapters_get_names_of_their_own(tmp_path, adapter):
         paths.append(str(tmp_path / folder / f"{name}.safetensors"))
         shutil.copy(adapter, paths[-1])
     assert list(D.adapter_files("other.pt", paths[:3])) == ["lora-a", "lora-b", "x/none"]
-    with pytest.raises(D.DemoError, match="already called"):
-        D.adapter_files("other.pt", [paths[2], paths[2]])
+    os.makedirs(tmp_path / "deeper" / "x")
+    shutil.copy(adapter, tmp_path / "deeper" / "x" / "none.safetensors")
+    with pytest.raises(D.DemoError, match="already called 'x/none'"):
+        D.adapter_files("other.pt", [paths[2], str(tmp_path / "deeper" / "x" / "none.safetensors")])
 
 
 def test_ctrl_c_while_a_film_is_computing_is_one_line(tiny_ckpt):
@@ -280,3 +282,32 @@ def test_ctrl_c_while_a_film_is_computing_is_one_line(tiny_ckpt):
 def test_bad_hosts_are_one_line(tiny_ckpt):
     one_line_error(run_cli("demo.py", "--checkpoint", tiny_ckpt, "--host", ""), "--host: give an address")
     one_line_error(run_cli("demo.py", "--checkpoint", tiny_ckpt, "--host", "no such host.invalid"), "--host")
+
+
+# ----- the ninth probe -----
+
+@pytest.mark.parametrize("req,message", [
+    ({"label": 10 ** 330}, "label (a 331-digit number): must be between 0 and 9"), ({"labl": 3}, "labl: not a knob"),
+    ({"adapter": "none", "scale": 99}, "scale 99: must be between 0 and 1.5"),
+])
+def test_huge_unknown_and_unused_knobs_are_one_message(demo, req, message):
+    status, result = ask(demo, "/api/generate", **req)
+    assert status == 400 and message in result["error"], result
+
+
+def test_info_answers_while_a_film_computes(demo):
+    """/api/info needs no model, so it never waits for the lock."""
+    with demo.lock:
+        status, result = D.handle(demo, "/api/info", b"{}")
+    assert status == 200 and result["adapters"] == ["none", "wild"]
+
+
+def test_faint_strokes_that_keep_nothing_are_refused(demo):
+    """The canvas counts as empty below grey 32; at 32 a stroke is ink, and a canvas of it is all kept."""
+    status, result = ask(demo, "/api/edit", pixels=[32] * 784, mode="inpaint", keep="strokes", steps=2, n=1)
+    assert status == 400 and "cover the whole image" in result["error"]
+
+
+def test_the_same_adapter_twice_is_named_as_such(adapter):
+    with pytest.raises(D.DemoError, match="already offered"):
+        D.adapter_files("other.pt", [adapter, os.path.join(os.path.dirname(adapter), ".", os.path.basename(adapter))])

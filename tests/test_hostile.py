@@ -1052,3 +1052,8 @@ def test_label_blend_messages_and_a_one_hot_blend_is_the_label(tiny_ckpt, tmp_pa
 def test_bench_full_ddpm_takes_zero_or_one():
     r = run_cli("tools/bench.py", "--quick", "--full-ddpm", "2")
     assert r.returncode == 2 and "--full-ddpm 2: expected 0 or 1" in r.stderr
+
+
+def test_visualize_refuses_data_flags_for_figures_that_read_no_data(tiny_ckpt):
+    one_line_error(run_cli("visualize.py", "--checkpoint", tiny_ckpt, "--figures", "film", "--batch-size", "8",
+                           "--dataset", "folder"), "--batch-size, --dataset would change nothing in that figure")

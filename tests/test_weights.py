@@ -137,7 +137,7 @@ def test_ship_weights_writes_only_into_a_folder_of_its_own(tiny_ckpt, tiny_adapt
     run_folder = os.path.dirname(tiny_ckpt)
     before = {f: open(os.path.join(run_folder, f), "rb").read() for f in os.listdir(run_folder)}
     one_line = lambda r, needle: r.returncode != 0 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert one_line(ship(run_folder, f"x={tiny_adapter}"), "is a run folder")
+    assert one_line(ship(run_folder, f"x={tiny_adapter}"), "is in a run folder")
     assert one_line(ship(tmp_path / "new", f"model={tiny_adapter}"), "model named twice")
     assert one_line(ship(tmp_path / "new", f"a={tiny_adapter},a={tiny_adapter}"), "a named twice")
     other = tmp_path / "other"
@@ -149,3 +149,29 @@ def test_ship_weights_writes_only_into_a_folder_of_its_own(tiny_ckpt, tiny_adapt
     assert ship(tmp_path / "new", f"x={tiny_adapter},y={tiny_adapter}").returncode == 0       # its own: replaced
     assert {f: open(os.path.join(run_folder, f), "rb").read() for f in os.listdir(run_folder)} == before
     assert sorted(os.listdir(other)) == ["mine.safetensors"]
+
+
+def test_a_run_in_runs_weights_is_never_written_over_by_the_shipped_weights(tiny_ckpt, tmp_path, monkeypatch):
+    """runs/weights/ is where the shipped weights draw; once a run of yours is there, they refuse."""
+    out = tmp_path / "out"
+    (out / "bold").mkdir(parents=True)
+    (out / "bold" / "run.json").write_text("{}")
+    monkeypatch.setattr(harness.files, "SHIPPED_OUT", str(out))
+    model = os.path.join("weights", "model.safetensors")
+    assert run_cli("sample.py", "--checkpoint", model, "--n", "1", "--steps", "2").returncode == 0
+    one_line_error(run_cli("sample.py", "--checkpoint", model, "--n", "1", "--steps", "2", "--lora",
+                           os.path.join("weights", "bold.safetensors")), "holds a run of yours")
+    (out / "run.json").write_text("{}")
+    one_line_error(run_cli("evaluate.py", "--checkpoint", model, "--n", "1"), "holds a run of yours")
+
+
+def test_lora_scale_zero_is_the_base_model_and_refused(tiny_ckpt):
+    one_line_error(run_cli("sample.py", "--checkpoint", os.path.join("weights", "model.safetensors"), "--lora",
+                           os.path.join("weights", "bold.safetensors"), "--lora-scale", "0"), "--lora-scale 0 turns")
+
+
+def test_ship_weights_refuses_a_folder_inside_a_run(tiny_ckpt, tiny_adapter):
+    r = run_cli("tools/ship_weights.py", "--checkpoint", tiny_ckpt, "--adapters", f"x={tiny_adapter}",
+                "--out", os.path.join(os.path.dirname(tiny_ckpt), "sub"))
+    one_line_error(r, "is in a run folder")
+    assert not os.path.exists(os.path.join(os.path.dirname(tiny_ckpt), "sub"))

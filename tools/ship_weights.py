@@ -40,10 +40,10 @@ def check_out_folder(out, files):
     """--out holds shipped weights only: a new folder, or one this tool wrote (its model.safetensors
     is a shipped model), which then keeps no adapter of an older base. A run folder, or any other
     folder with weights in it, is refused: nothing of another run is ever replaced."""
+    if any(os.path.lexists(os.path.join(parent, "run.json")) for parent in parents(out)):
+        raise UsageError(f"--out {out}: is in a run folder; give a folder of its own (default: weights/)")
     if not os.path.isdir(out):
         return
-    if os.path.lexists(os.path.join(out, "run.json")):
-        raise UsageError(f"--out {out}: is a run folder; give a folder of its own (default: weights/)")
     weights = sorted(f for f in os.listdir(out) if f.endswith((".safetensors", ".pt")))
     if not weights:
         return
@@ -54,6 +54,16 @@ def check_out_folder(out, files):
     if stale:
         raise UsageError(f"--out {out}: would keep {', '.join(stale)}, made for the weights it replaces; list "
                          "them in --adapters, or give another folder")
+
+
+def parents(path):
+    """path and every folder above it."""
+    path = os.path.realpath(path)
+    while True:
+        yield path
+        if os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
 
 
 def read_model_file_or_none(path):
