@@ -119,3 +119,21 @@ def _seed_and_threads():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def wild_adapter(tiny_ckpt, tmp_path_factory):
+    """A LoRA adapter (to_v, r 2) for the tiny model whose B is not zero, so that its strength shows."""
+    from harness.adapters import base_fingerprint, save_adapter
+    from harness.files import load_model
+    from lora import inject_lora
+    model, _, ckpt = load_model(tiny_ckpt)
+    fingerprint = base_fingerprint(model)
+    inject_lora(model, ["to_v"], 2, 2.0)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    path = str(tmp_path_factory.mktemp("adapter") / "wild.safetensors")
+    save_adapter(path, model, ["to_v"], 2, 2.0, False, ckpt["config"]["model"], fingerprint)
+    return path

@@ -9,12 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import ROOT
 
-from harness.adapters import base_fingerprint, save_adapter
-from harness.files import load_model
-from lora import inject_lora
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 try:
@@ -29,18 +25,10 @@ if MISSING and not os.environ.get("REQUIRE_BROWSER"):
 
 
 @pytest.fixture(scope="module")
-def page(tiny_ckpt, tmp_path_factory):
+def page(tiny_ckpt, wild_adapter):
     """`python demo.py --port 0` with the tiny model and an adapter; -> its URL."""
     assert not MISSING, f"REQUIRE_BROWSER is set but {', '.join(MISSING)} is missing"
-    model, _, ckpt = load_model(tiny_ckpt)
-    fingerprint = base_fingerprint(model)
-    inject_lora(model, ["to_v"], 2, 2.0)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
-    adapter = str(tmp_path_factory.mktemp("adapter") / "wild.safetensors")
-    save_adapter(adapter, model, ["to_v"], 2, 2.0, False, ckpt["config"]["model"], fingerprint)
+    adapter = wild_adapter
     server = subprocess.Popen([sys.executable, "demo.py", "--checkpoint", tiny_ckpt, "--lora", adapter, "--port", "0",
                                "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = server.stdout.readline()

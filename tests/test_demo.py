@@ -15,7 +15,7 @@ from conftest import one_line_error, run_cli
 
 import demo as D
 from config import SampleConfig
-from harness.adapters import base_fingerprint, save_adapter
+from harness.adapters import save_adapter
 from harness.files import load_model
 from lora import inject_lora
 
@@ -25,18 +25,8 @@ for _r in range(6, 22):
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_ckpt, tmp_path_factory):
-    """A LoRA adapter for the tiny model whose B is not zero, so that its strength shows."""
-    model, _, ckpt = load_model(tiny_ckpt)
-    fingerprint = base_fingerprint(model)
-    inject_lora(model, ["to_v"], 2, 2.0)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.5)
-    path = str(tmp_path_factory.mktemp("adapter") / "wild.safetensors")
-    save_adapter(path, model, ["to_v"], 2, 2.0, False, ckpt["config"]["model"], fingerprint)
-    return path
+def adapter(wild_adapter):
+    return wild_adapter
 
 
 @pytest.fixture(scope="module")

@@ -120,15 +120,8 @@ def test_the_shipped_weights_are_found_from_any_folder(tmp_path):
 
 
 @pytest.fixture
-def tiny_adapter(tiny_ckpt, tmp_path):
-    from harness.adapters import base_fingerprint, save_adapter
-    from lora import inject_lora
-    model, _, ckpt = load_model(tiny_ckpt)
-    fingerprint = base_fingerprint(model)
-    inject_lora(model, ["to_v"], 2, 2.0)
-    path = str(tmp_path / "a.safetensors")
-    save_adapter(path, model, ["to_v"], 2, 2.0, False, ckpt["config"]["model"], fingerprint)
-    return path
+def tiny_adapter(wild_adapter):
+    return wild_adapter
 
 
 def test_ship_weights_writes_only_into_a_folder_of_its_own(tiny_ckpt, tiny_adapter, tmp_path):
