@@ -148,7 +148,11 @@ def png(x, nrow=None):
     for i, img in enumerate(a):
         r, c = divmod(i, nrow)
         grid[r * 30 + 1:r * 30 + 29, c * 30 + 1:c * 30 + 29] = img
-    im = Image.fromarray(grid).resize((grid.shape[1] * ZOOM, grid.shape[0] * ZOOM), Image.NEAREST)
+    return data_url(Image.fromarray(grid).resize((grid.shape[1] * ZOOM, grid.shape[0] * ZOOM), Image.NEAREST))
+
+
+def data_url(im):
+    """A PIL image -> a PNG data URL the page can show as it is."""
     buf = io.BytesIO()
     im.save(buf, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -263,10 +267,7 @@ def overlay(image, heat):
     rgb = colormaps["magma"](h)[..., :3]
     ink = ((image.clamp(-1, 1) + 1) / 2).cpu().numpy()[..., None]
     a = (255 * (0.7 * rgb + 0.3 * ink)).round().astype(np.uint8)
-    im = Image.fromarray(a).resize((28 * ZOOM, 28 * ZOOM), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return data_url(Image.fromarray(a).resize((28 * ZOOM, 28 * ZOOM), Image.NEAREST))
 
 
 def info(demo, req):
