@@ -168,3 +168,31 @@ def test_ship_weights_refuses_a_folder_inside_a_run(tiny_ckpt, tiny_adapter):
                 "--out", os.path.join(os.path.dirname(tiny_ckpt), "sub"))
     one_line_error(r, "is in a run folder")
     assert not os.path.exists(os.path.join(os.path.dirname(tiny_ckpt), "sub"))
+
+
+def test_ship_weights_interrupted_while_writing_finishes_and_says_so(tiny_ckpt, tiny_adapter, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A Ctrl-C while the files are written waits for them (a few milliseconds), then says that every
+    file was written and checked -- not a bare "interrupted" over files that were in fact replaced."""
+    import signal
+
+    import ship_weights
+    real = ship_weights.load_adapter
+    monkeypatch.setattr(ship_weights, "load_adapter", lambda *a: (os.kill(os.getpid(), signal.SIGINT), real(*a))[1])
+    out = tmp_path / "w"
+    assert ship_weights.main(["--checkpoint", tiny_ckpt, "--adapters", f"x={tiny_adapter}", "--out", str(out)]) == 130
+    assert "interrupted after every file in" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["model.safetensors", "x.safetensors"]
+    load_model(str(out / "model.safetensors"))                                     # whole, loadable
+
+
+def test_ship_weights_leaves_no_empty_folder_when_the_first_write_fails(tiny_ckpt, tiny_adapter, tmp_path,
+                                                                        monkeypatch):
+    import ship_weights
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ship_weights, "write_safetensors", full_disk)
+    with pytest.raises(OSError):
+        ship_weights.main(["--checkpoint", tiny_ckpt, "--adapters", f"x={tiny_adapter}", "--out", str(tmp_path / "w")])
+    assert os.listdir(tmp_path) == []

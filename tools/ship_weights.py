@@ -19,6 +19,7 @@ from harness.adapters import base_fingerprint, load_adapter, read_adapter, write
 from harness.cli import Parser, UsageError, run_cli
 from harness.files import (DEFAULT_CHECKPOINT, MODEL_FORMAT, SHIPPED, CheckpointError, check_outputs, dataset_of,
                            file_digest, load_model, read_model_file)
+from harness.run import interrupts_held
 from lora import LoraError
 
 ADAPTERS = "bold=runs/lora-bold/adapter.safetensors,italic=runs/lora-italic/adapter.safetensors"
@@ -74,6 +75,30 @@ def read_model_file_or_none(path):
         return None
 
 
+def write_weights(out, files, model, ckpt, adapted):
+    """The fp16 model and the adapters re-stamped for it, each loaded back to check it. A folder
+    this makes is removed again if the first write fails."""
+    config = json.loads(json.dumps(ckpt["config"]))                       # tuples -> lists, as stored
+    half = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    try:
+        write_safetensors(files["model"], half, {"format": MODEL_FORMAT, "config": json.dumps(config),
+                                                 "data": dataset_of(ckpt), "source_sha256": ckpt["sha256"]})
+    except BaseException:
+        if created and not os.listdir(out):
+            os.rmdir(out)
+        raise
+    shipped_model, _, _ = load_model(files["model"])
+    for name, tensors, meta in adapted:
+        write_safetensors(files[name], {k: v.half().contiguous() for k, v in tensors.items()},
+                          {**meta, "base_fingerprint": base_fingerprint(shipped_model)})
+    for name, path in files.items():
+        if name != "model":                                               # each loads onto the shipped base
+            load_adapter(load_model(files["model"])[0], path, config["model"])
+        print(f"{path}  {os.path.getsize(path) / 1e6:.2f} MB")
+
+
 def main(argv=None):
     """Check every input and output, then write the fp16 model and the re-stamped adapters."""
     p = Parser(prog="tools/ship_weights.py", description=__doc__.split("\n\n")[0])
@@ -88,27 +113,22 @@ def main(argv=None):
     check_outputs({f"--out {name}": path for name, path in files.items()},
                   {"--checkpoint": args.checkpoint, "--adapters": list(adapters.values())}, weights_ok=True,
                   create=True)
-    os.makedirs(args.out, exist_ok=True)
     model, _, ckpt = load_model(args.checkpoint)
+    ckpt = {**ckpt, "sha256": file_digest(args.checkpoint)}
     fingerprint = base_fingerprint(model)
-    config = json.loads(json.dumps(ckpt["config"]))                       # tuples -> lists, as stored
-    half = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
     adapted = []
     for name, path in adapters.items():                                   # every input checked before writing
         tensors, meta = read_adapter(path)
         if meta.get("base_fingerprint") != fingerprint:
             raise LoraError(f"{path}: adapter was trained on other base weights than {args.checkpoint}")
         adapted.append((name, tensors, meta))
-    write_safetensors(files["model"], half, {"format": MODEL_FORMAT, "config": json.dumps(config),
-                                             "data": dataset_of(ckpt), "source_sha256": file_digest(args.checkpoint)})
-    shipped_model, _, _ = load_model(files["model"])
-    for name, tensors, meta in adapted:
-        write_safetensors(files[name], {k: v.half().contiguous() for k, v in tensors.items()},
-                          {**meta, "base_fingerprint": base_fingerprint(shipped_model)})
-    for name, path in files.items():
-        if name != "model":                                               # each loads onto the shipped base
-            load_adapter(load_model(files["model"])[0], path, config["model"])
-        print(f"{path}  {os.path.getsize(path) / 1e6:.2f} MB")
+    try:
+        with interrupts_held():          # Ctrl-C now is raised once every file is written and checked
+            write_weights(args.out, files, model, ckpt, adapted)
+    except KeyboardInterrupt:
+        print(f"tools/ship_weights.py: interrupted after every file in {args.out} was written and checked",
+              file=sys.stderr)
+        return 130
     return 0
 
 
