@@ -276,10 +276,24 @@ def info(demo, req):
             "steps": min(LIMITS["steps"], demo.diffusion.T), "sizes": demo.sizes}
 
 
+def read_knobs(path, req):
+    """The knobs this request's route reads for its mode and adapter, and the words that say so: a
+    knob that would be ignored (keep in img2img, strength in inpaint, scale with no adapter) is refused."""
+    knobs, where = set(KNOBS[path]), []
+    unread = {"img2img": "keep", "inpaint": "strength"}.get(req.get("mode")) if path == "/api/edit" else None
+    if unread:
+        knobs.discard(unread)
+        where.append(f"in mode {req['mode']}")
+    if req.get("adapter", "none") == "none" and "scale" in knobs:
+        knobs.discard("scale")
+        where.append("with no adapter")
+    return knobs, "".join(" " + w for w in where)
+
+
 ROUTES = {"/api/generate": generate, "/api/edit": edit, "/api/attention": attention, "/api/info": info}
 SHARED = {"label", "guidance", "sampler", "steps", "seed", "n", "adapter", "scale"}     # what the page sends
 KNOBS = {"/api/generate": SHARED, "/api/edit": SHARED | {"pixels", "mode", "keep", "strength"},
-         "/api/attention": SHARED | {"step", "size"}, "/api/info": set()}
+         "/api/attention": SHARED - {"n"} | {"step", "size"}, "/api/info": set()}   # attention: one digit
 
 
 # ----- the server -----
@@ -324,9 +338,10 @@ def handle(demo, path, body):
         return 400, {"error": "the request is not JSON"}
     if not isinstance(req, dict):
         return 400, {"error": "the request must be a JSON object"}
-    unknown = sorted(set(req) - KNOBS[path])
+    knobs, where = read_knobs(path, req)
+    unknown = sorted(set(req) - knobs)
     if unknown:
-        return 400, {"error": f"{unknown[0][:40]}: not a knob of {path} ({', '.join(sorted(KNOBS[path]))})"}
+        return 400, {"error": f"{unknown[0][:40]}: not a knob of {path}{where} ({', '.join(sorted(knobs))})"}
     try:
         if path == "/api/info":                                  # needs no model: never waits for one
             return 200, info(demo, req)

@@ -8,10 +8,11 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
-function knobs() {
-  return { label: +$("label").value, guidance: +$("guidance").value, sampler: $("sampler").value,
-           steps: +$("steps").value, seed: +$("seed").value, n: +$("n").value,
-           adapter: $("adapter").value, scale: +$("scale").value };
+function knobs() {                        // what every request reads; the LoRA strength only with an adapter
+  const k = { label: +$("label").value, guidance: +$("guidance").value, sampler: $("sampler").value,
+              steps: +$("steps").value, seed: +$("seed").value, n: +$("n").value, adapter: $("adapter").value };
+  if (k.adapter !== "none") k.scale = +$("scale").value;
+  return k;
 }
 
 function queue(task) {                    // run after the request before it, whatever became of that one
@@ -110,8 +111,9 @@ function pixels() {                        // the drawing as MNIST sees a digit:
 async function edit() {
   showError("");
   try {
-    const body = { ...knobs(), pixels: pixels(), mode: $("mode").value, keep: $("keep").value,
-                   strength: +$("edit-strength").value };
+    const mode = $("mode").value;          // img2img reads the strength, inpainting what to keep
+    const body = { ...knobs(), pixels: pixels(), mode,
+                   ...(mode === "img2img" ? { strength: +$("edit-strength").value } : { keep: $("keep").value }) };
     const result = await (await post("/api/edit", body)).json();
     $("edit-input").src = result.input;
     $("edit-grid").src = result.grid;
@@ -122,7 +124,8 @@ async function edit() {
 async function attention() {
   showError("");
   try {
-    const body = { ...knobs(), step: +$("attn-step").value, size: +$("attn-size").value };
+    const { n, ...shared } = knobs();     // the maps are of the first digit: the same one at any n
+    const body = { ...shared, step: +$("attn-step").value, size: +$("attn-size").value };
     const result = await (await post("/api/attention", body)).json();
     const maps = $("attn-maps");
     maps.replaceChildren();

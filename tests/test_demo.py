@@ -64,7 +64,11 @@ def test_generate_streams_every_step_then_the_grid(demo):
 
 def test_every_knob_changes_the_drawing_and_the_seed_repeats_it(demo):
     base = dict(label=4, steps=4, n=2, seed=1, guidance=2.0, sampler="dpmpp", adapter="wild", scale=1.0)
-    grid = lambda **change: ask(demo, "/api/generate", **{**base, **change})[1][-1]["grid"]
+    def grid(**change):
+        req = {**base, **change}
+        if req["adapter"] == "none":
+            del req["scale"]                                # a knob of the adapter only
+        return ask(demo, "/api/generate", **req)[1][-1]["grid"]
     first = grid()
     assert grid() == first
     for knob, value in [("label", 5), ("steps", 3), ("n", 3), ("seed", 2), ("guidance", 4.0), ("sampler", "ddim"),
@@ -218,8 +222,9 @@ def test_http_details(server):
     import http.client
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    conn.request("POST", "/api/generate", body=iter([b'{"steps": 2, "n": 1}']), encode_chunked=True,
-                 headers={"Transfer-Encoding": "chunked"})
+    conn.putrequest("POST", "/api/generate")             # the headers of a chunked body: refused before any
+    conn.putheader("Transfer-Encoding", "chunked")        # chunk is sent (sending them into a closed socket
+    conn.endheaders()                                     # would race the reply)
     reply = conn.getresponse()
     assert reply.status == 411 and "Content-Length" in json.loads(reply.read())["error"]
     conn.close()
@@ -278,7 +283,9 @@ def test_bad_hosts_are_one_line(tiny_ckpt):
 
 @pytest.mark.parametrize("req,message", [
     ({"label": 10 ** 330}, "label (a 331-digit number): must be between 0 and 9"), ({"labl": 3}, "labl: not a knob"),
-    ({"adapter": "none", "scale": 99}, "scale 99: must be between 0 and 1.5"),
+    ({"adapter": "wild", "scale": 99}, "scale 99: must be between 0 and 1.5"),
+    ({"adapter": "none", "scale": 0.5}, "scale: not a knob of /api/generate with no adapter"),
+    ({"scale": 1.0}, "scale: not a knob of /api/generate with no adapter"),
 ])
 def test_huge_unknown_and_unused_knobs_are_one_message(demo, req, message):
     status, result = ask(demo, "/api/generate", **req)
@@ -301,3 +308,16 @@ def test_faint_strokes_that_keep_nothing_are_refused(demo):
 def test_the_same_adapter_twice_is_named_as_such(adapter):
     with pytest.raises(D.DemoError, match="already offered"):
         D.adapter_files("other.pt", [adapter, os.path.join(os.path.dirname(adapter), ".", os.path.basename(adapter))])
+
+
+@pytest.mark.parametrize("path,req,message", [
+    ("/api/edit", {"pixels": DRAWN, "mode": "img2img", "strength": 0.5, "keep": "left"},
+     "keep: not a knob of /api/edit in mode img2img"),
+    ("/api/edit", {"pixels": DRAWN, "mode": "inpaint", "keep": "left", "strength": 0.5},
+     "strength: not a knob of /api/edit in mode inpaint"),
+    ("/api/attention", {"n": 4}, "n: not a knob of /api/attention"),
+])
+def test_a_knob_the_request_would_ignore_is_refused(demo, path, req, message):
+    """Each request reads every knob it is sent, so no setting is silently dropped."""
+    status, result = ask(demo, path, steps=2, **req)
+    assert status == 400 and message in result["error"], result
