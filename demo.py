@@ -280,10 +280,11 @@ def read_knobs(path, req):
     """The knobs this request's route reads for its mode and adapter, and the words that say so: a
     knob that would be ignored (keep in img2img, strength in inpaint, scale with no adapter) is refused."""
     knobs, where = set(KNOBS[path]), []
-    unread = {"img2img": "keep", "inpaint": "strength"}.get(req.get("mode")) if path == "/api/edit" else None
+    mode = req.get("mode") if path == "/api/edit" and isinstance(req.get("mode"), str) else None
+    unread = {"img2img": "keep", "inpaint": "strength"}.get(mode)      # another mode is refused by edit()
     if unread:
         knobs.discard(unread)
-        where.append(f"in mode {req['mode']}")
+        where.append(f"in mode {mode}")
     if req.get("adapter", "none") == "none" and "scale" in knobs:
         knobs.discard("scale")
         where.append("with no adapter")

@@ -359,10 +359,24 @@ def style_evaluation(base_model, tuned, diffusion, dataset, style, data_dir, n, 
     return {"rows": rows, "shift": shift}
 
 
+def adapter_style(args):
+    """The style the LoRA comparison targets: the first adapter's. --style-dir is read exactly when
+    that adapter learned a folder of digits, and never by a --sweep-guidance (which replaces it)."""
+    style = read_adapter(args.lora[0])[1].get("style") or "bold"
+    if args.style_dir and args.sweep_guidance:
+        raise SampleError("--style-dir is read by the LoRA style comparison, which --sweep-guidance replaces; drop one")
+    if args.style_dir and style != "folder":
+        raise SampleError(f"--style-dir: {args.lora[0]} learned the built-in {style} style, which is its target; "
+                          "drop --style-dir")
+    if style == "folder" and not args.style_dir and not args.sweep_guidance:
+        raise SampleError("this adapter was trained on a folder of digits: pass it as --style-dir")
+    return style
+
+
 def lora_comparison(args, tuned, diffusion, dataset, scfg):
     """evaluate.py --lora: the adapted model against the base model and the styled real data
     (the style of the first adapter)."""
-    style = read_adapter(args.lora[0])[1].get("style") or "bold"
+    style = adapter_style(args)
     base_model = load_model(args.checkpoint, diffusion.betas.device)[0]
     return style_evaluation(base_model, tuned, diffusion, dataset, style, args.data_dir, args.n, scfg,
                             folder=args.style_dir)
@@ -635,6 +649,8 @@ def main(argv=None):
         scfg = sample_config(args, diffusion.cfg, model.cfg.num_classes)
         sweep_cfgs = [sample_config(args, diffusion.cfg, model.cfg.num_classes, guidance=w) for w in scales]
         dataset = args.dataset or dataset_of(ckpt)
+        if args.lora:
+            adapter_style(args)                           # --style-dir read, or refused, before any work
     else:
         x, y = read_npz(args.npz)
         dataset = args.dataset or "auto"

@@ -241,6 +241,18 @@ def check_guidance_applies(scfg, diff_cfg):
         raise SampleError(f"{', '.join(given)} would change nothing: {why} (no step is guided)")
 
 
+def check_each_adapter_once(paths):
+    """Refuse one adapter file given twice (by another name, a link or a hard link too): the two
+    would be composed into one at double strength, which --lora-scale says plainly."""
+    seen = {}
+    for path in paths:
+        key = (os.stat(path).st_dev, os.stat(path).st_ino) if os.path.isfile(path) else path
+        if key in seen:
+            raise SampleError(f"--lora {path}: is the same file as --lora {seen[key]}; give it once "
+                              "(--lora-scale sets its strength)")
+        seen[key] = path
+
+
 def load_model_for_sampling(args, device):
     """The checkpoint's EMA model with the --lora adapters applied. -> (model, diffusion, ckpt)."""
     if args.merge and not args.lora:
@@ -253,6 +265,7 @@ def load_model_for_sampling(args, device):
     if 0.0 in scales:
         raise SampleError("--lora-scale 0 turns its adapter off (scale 0 is the base model): drop that --lora "
                           "and its scale")
+    check_each_adapter_once(args.lora)
     if args.lora:
         apply_adapters(model, args.lora, scales, ckpt["config"]["model"], merge=args.merge)
         set_fused(model, True)                   # unmerged: x (W + dW)^T, one op per layer (same numbers)
@@ -340,9 +353,10 @@ def sample_args(argv=None):
                    "such as 3:0.5,8:0.5 (weights summing to 1) (default: 7)")
     p.add_argument("--n", type=int, default=10,
                    help=f"samples per label (default: 10; at most {MAX_IMAGES:,} images in all)")
-    p.add_argument("--out", default=None, help="PNG path (default: sample_<label>.png beside the checkpoint, or beside the first --lora adapter); "
+    p.add_argument("--out", default=None, help="PNG path (default: sample_<label>.png beside the checkpoint, or beside "
+                   "the first --lora adapter; runs/weights/ for the shipped weights); "
                    f"the grid shows the first {GRID_MAX} samples of each label")
-    p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here")
+    p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here (a .npz)")
     p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
     p.add_argument("--init", default=None, metavar="IMAGE",
                    help="img2img: start from this digit image (any size; read like MNIST, white on black), noised "
@@ -585,6 +599,9 @@ def open_sampling(argv=None):
     check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
                   {"--checkpoint": args.checkpoint, "--lora adapter": args.lora, "--init": args.init,
                    "--mask": args.mask}, create=new_folder)          # before any work
+    for flag, path, ext in (("--out", args.out, ".png"), ("--npz", args.npz, ".npz")):
+        if path and not path.lower().endswith(ext):                  # e.g. a run's summary.json: not a grid's name
+            raise SampleError(f"{flag} {path}: sample.py writes {ext[1:].upper()} there; give a name ending in {ext}")
     if new_folder:
         os.makedirs(os.path.dirname(out), exist_ok=True)
     remove_stale_temps([out, args.npz, steps_path])                  # a killed earlier run's, of these names only

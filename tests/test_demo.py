@@ -316,6 +316,8 @@ def test_the_same_adapter_twice_is_named_as_such(adapter):
     ("/api/edit", {"pixels": DRAWN, "mode": "inpaint", "keep": "left", "strength": 0.5},
      "strength: not a knob of /api/edit in mode inpaint"),
     ("/api/attention", {"n": 4}, "n: not a knob of /api/attention"),
+    ("/api/edit", {"pixels": DRAWN, "mode": []}, "mode []: choose img2img or inpaint"),        # before: a traceback
+    ("/api/edit", {"pixels": DRAWN, "mode": {"a": 1}, "keep": "left"}, 'mode {"a": 1}: choose img2img or inpaint'),
 ])
 def test_a_knob_the_request_would_ignore_is_refused(demo, path, req, message):
     """Each request reads every knob it is sent, so no setting is silently dropped."""

@@ -1057,3 +1057,43 @@ def test_bench_full_ddpm_takes_zero_or_one():
 def test_visualize_refuses_data_flags_for_figures_that_read_no_data(tiny_ckpt):
     one_line_error(run_cli("visualize.py", "--checkpoint", tiny_ckpt, "--figures", "film", "--batch-size", "8",
                            "--dataset", "folder"), "--batch-size, --dataset would change nothing in that figure")
+
+
+# ----- the tenth probe -----
+
+@pytest.mark.parametrize("extra,needle", [
+    ([], "learned the built-in bold style, which is its target; drop --style-dir"),
+    (["--sweep-guidance", "1,2"], "--style-dir is read by the LoRA style comparison, which --sweep-guidance replaces"),
+])
+def test_evaluate_refuses_a_style_dir_its_adapter_would_ignore(tiny_ckpt, wild_adapter, tmp_path, extra, needle):
+    """Before: the built-in style's digits were the target whatever --style-dir said, exit 0."""
+    style = tmp_path / "digits"
+    for d in range(10):
+        (style / str(d)).mkdir(parents=True)
+        shutil.copy(os.path.join(ROOT, "examples", "five.png"), style / str(d) / "1.png")
+    out = tmp_path / "e.json"
+    one_line_error(run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--lora", wild_adapter, "--style-dir", str(style),
+                           "--n", "1", "--steps", "2", "--json", str(out), *extra), needle)
+    assert not out.exists()
+
+
+def test_sample_writes_a_png_and_an_npz_only_under_their_own_names(tiny_ckpt, tmp_path):
+    """Before: `--out runs/x/summary.json` replaced a run's record with a PNG, exit 0."""
+    record = tmp_path / "summary.json"
+    record.write_text('{"steps": 6}')
+    one_line_error(run_cli("sample.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2", "--out", str(record)),
+                   "sample.py writes PNG there; give a name ending in .png")
+    one_line_error(run_cli("sample.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2", "--out",
+                           str(tmp_path / "a.png"), "--npz", str(record)), "give a name ending in .npz")
+    assert record.read_text() == '{"steps": 6}' and sorted(os.listdir(tmp_path)) == ["summary.json"]
+
+
+def test_one_adapter_file_given_twice_is_refused(tiny_ckpt, wild_adapter, tmp_path):
+    """Before: composed with itself, at double strength, exit 0 (the demo already refused it)."""
+    link = tmp_path / "same.safetensors"
+    os.link(wild_adapter, link)                                                    # a hard link: the same file
+    for other in (wild_adapter, str(link)):
+        one_line_error(run_cli("sample.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2", "--lora",
+                               wild_adapter, "--lora", other, "--out", str(tmp_path / "x.png")),
+                       f"--lora {other}: is the same file as --lora {wild_adapter}; give it once")
+    assert not (tmp_path / "x.png").exists()
