@@ -306,15 +306,35 @@ def evaluate_model(model, diffusion, clf, real_x, n, scfg, batch=200, real_y=Non
     return {**evaluate_images(clf, x, y, real_x, real_y), "sampling_seconds": seconds}, x, y
 
 
-def training_reference(dataset, data_dir, n, clf, real_x, real_y):
+def training_reference(dataset, data_dir, n, clf, real_x, real_y, finetuned=None):
     """The model's own training digits, n per digit, scored as if generated: what a model that drew
     its training data back exactly would score -- the best it can reach against the test digits
-    (training and test digits differ a little, so this is not the floor)."""
-    x, y, _ = load_dataset(dataset, data_dir, "train", verbose=False)
+    (training and test digits differ a little, so this is not the floor). finetuned: a --full
+    fine-tune's record {"style", "style_dir"}: its digits are the styled ones (or the user's)."""
+    if finetuned and finetuned["style"] == "folder":
+        if not os.path.isdir(finetuned["style_dir"]):
+            return None                                    # the user's folder moved: no row, said in main
+        x, y, _ = load_dataset("folder", finetuned["style_dir"])
+    else:
+        x, y, _ = load_dataset(dataset, data_dir, "train", verbose=False)
+        x = apply_style(x, finetuned["style"]) if finetuned else x
     g = torch.Generator().manual_seed(0)
     pick = torch.cat([idx[torch.randperm(len(idx), generator=g)[:n]]
                       for idx in (torch.nonzero(y == d).flatten() for d in range(10))])
     return evaluate_images(clf, x[pick], y[pick], real_x, real_y)
+
+
+def print_training_reference(ref, finetuned):
+    """The training-digit row of the report, naming the digits a --full fine-tune was tuned on."""
+    style = finetuned and finetuned["style"]
+    tuned_on = (f" (the digits in {finetuned['style_dir']} it was fine-tuned on)" if style == "folder" else
+                f" (the {style} digits it was fine-tuned on)" if style else "")
+    if ref is None:
+        print(f"its training digits{tuned_on}: not there any more, so no reference row")
+        return
+    print(f"its training digits{tuned_on}, scored the same way (the best a model can reach): accuracy "
+          f"{100 * ref['accuracy']:.2f}% | Frechet {ref['frechet']:.2f} ({ref['frechet'] / ref['frechet_floor']:.2f}x "
+          f"the floor at n={ref['frechet_n']:,}) | spread {spread_text(ref['spread'])}")
 
 
 # ----- the LoRA style comparison -----
@@ -688,10 +708,10 @@ def main(argv=None):
         r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg, real_y=real_y)
         results.update(r, style=style_measures(x), real_style=style_measures(real_x))
         print_report(results, clf_acc)
-        ref = results["training_digits"] = training_reference(dataset, args.data_dir, args.n, clf, real_x, real_y)
-        print(f"its training digits, scored the same way (the best a model can reach): accuracy "
-              f"{100 * ref['accuracy']:.2f}% | Frechet {ref['frechet']:.2f} ({ref['frechet'] / ref['frechet_floor']:.2f}x "
-              f"the floor at n={ref['frechet_n']:,}) | spread {spread_text(ref['spread'])}")
+        finetuned = results["finetuned"] = ckpt.get("finetuned")     # a --full fine-tune: the digits it was tuned on
+        ref = results["training_digits"] = training_reference(dataset, args.data_dir, args.n, clf, real_x, real_y,
+                                                              finetuned)
+        print_training_reference(ref, finetuned)
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
               f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
 

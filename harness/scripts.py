@@ -392,7 +392,8 @@ def finetune_args(argv=None):
     add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS,   # no step grids or curve here
                      skip=("dataset", "sample_every", "eval_every"),
                      helps={"data_dir": "MNIST root: the base's training digits that --style restyles, and "
-                                        "evaluate.py's classifier cache (your own digits: --style-dir)"})
+                                        "evaluate.py's classifier cache (your own digits: --style-dir)",
+                            "out": "run folder (default: runs/lora-<style>, or runs/full-<style> with --full)"})
     p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
                    help="styled: the base's training digits in --style; folder: your digits in --style-dir")
     p.add_argument("--resume", action="store_true",
@@ -491,7 +492,7 @@ class FinetuneRun(SimpleNamespace):
         """--full: the tuned weights as a checkpoint that sample.py reads like train.py's. -> its path."""
         path, sd = os.path.join(self.tcfg.out, "ckpt.pt"), tuned.state_dict()
         save_checkpoint(path, {"model": sd, "ema": sd, "config": base_ckpt["config"], "data": self.base_data,
-                               "step": step})
+                               "step": step, "finetuned": {"style": self.lcfg.style, "style_dir": self.lcfg.style_dir}})
         return path
 
     def export_peft(self, tuned):

@@ -1097,3 +1097,22 @@ def test_one_adapter_file_given_twice_is_refused(tiny_ckpt, wild_adapter, tmp_pa
                                wild_adapter, "--lora", other, "--out", str(tmp_path / "x.png")),
                        f"--lora {other}: is the same file as --lora {wild_adapter}; give it once")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_evaluate_scores_a_full_fine_tune_against_the_digits_it_was_tuned_on(tiny_ckpt, quick_judge, tmp_path):
+    """Before: the plain training digits were its reference row, called "its training digits"."""
+    full = str(tmp_path / "full")
+    assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--full", "--max-steps", "1", "--eval-n", "0",
+                   "--no-figures", "--batch-size", "16", "--out", full).returncode == 0
+    refs = {}
+    for name, ckpt in (("base", tiny_ckpt), ("full", os.path.join(full, "ckpt.pt"))):
+        out = tmp_path / f"{name}.json"
+        r = run_cli("evaluate.py", "--checkpoint", ckpt, "--n", "2", "--steps", "2", "--data-dir", quick_judge,
+                    "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        refs[name] = (json.loads(out.read_text()), r.stdout)
+    assert refs["full"][0]["finetuned"]["style"] == "bold" and refs["base"][0]["finetuned"] is None
+    assert "its training digits (the bold digits it was fine-tuned on), scored" in refs["full"][1]
+    assert "its training digits, scored" in refs["base"][1]
+    bold, plain = refs["full"][0]["training_digits"], refs["base"][0]["training_digits"]
+    assert bold["frechet"] != plain["frechet"] and bold["spread"] != plain["spread"]
