@@ -12,6 +12,7 @@ style comparison, the reports, the command line.
 """
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import glob
+import hashlib
 import os
 import sys
 import time
@@ -31,11 +32,12 @@ from harness.dist import pick_device
 from harness.files import (CheckpointError, check_outputs, dataset_of, file_digest, first_line, load_model,
                            not_a_regular_file, output_folder, pyplot, read_csv, remove_stale_temps,
                            save_checkpoint, save_figure, shipped, shown, write_csv, write_json)
-from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, load_model_for_sampling,
-                             sample_config)
+from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, check_guidance_applies,
+                             load_model_for_sampling, sample_config)
 from sample import generate, model_sampling
 
 MAX_SWEEP = 12           # guidance values per --sweep-guidance: each is a full evaluation
+FOLDER_JUDGES = "data"      # where judges of folder datasets are cached (beside MNIST's, in ./data)
 REFERENCE_PER_DIGIT = 200   # real test digits per label on the real side: halves of 1,000 for the floor
 CLASSIFIER_VERSION = 3    # bump when the classifier, its training or its test set changes: invalidates caches
 
@@ -118,12 +120,29 @@ def classify(clf, x, batch_size=1000):
     return probs, feats
 
 
+def classifier_path(dataset, data_dir):
+    """Where the judge is cached: in data_dir for MNIST; for a folder of your digits, in data/ under
+    a digest of what the folder holds -- never inside it, and a changed folder gets a new judge."""
+    if dataset != "folder":
+        return os.path.join(data_dir, f"classifier_{dataset}_v{CLASSIFIER_VERSION}.pt")
+    x, y, _ = load_dataset("folder", data_dir, verbose=False)
+    digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:12]
+    return os.path.join(FOLDER_JUDGES, f"classifier_folder-{digest}_v{CLASSIFIER_VERSION}.pt")
+
+
+def judged_on(dataset):
+    """What the judge's own accuracy was measured on (a folder has no test split)."""
+    return "the folder's own digits, which also trained the judge" if dataset == "folder" else "real test digits"
+
+
 def get_classifier(dataset, data_dir, progress=True):
-    """The classifier for `dataset`, trained once and cached in data_dir; reports its test accuracy."""
-    path = os.path.join(data_dir, f"classifier_{dataset}_v{CLASSIFIER_VERSION}.pt")
+    """The classifier for `dataset`, trained once and cached (classifier_path); reports its accuracy
+    on the test digits."""
+    path = classifier_path(dataset, data_dir)
     if os.path.lexists(path):
         return load_classifier(path)
     remove_stale_temps([path])                          # a killed earlier training's
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     x, y, _ = load_dataset(dataset, data_dir, "train", verbose=False)
     clf = train_classifier(x, y, progress=progress)
     xt, yt, _ = load_dataset(dataset, data_dir, "test", verbose=False)
@@ -405,7 +424,7 @@ def lora_comparison(args, tuned, diffusion, dataset, scfg):
 # ----- reports -----
 
 
-def print_report(r, clf_acc):
+def print_report(r, clf_acc, dataset):
     """Generated accuracy next to the judge's on real test digits (as close as a model can get),
     per digit; Frechet next to its real-vs-real floor at the same sample size; the spread."""
     print(f"{'digit':>6} " + " ".join(f"{d:>5}" for d in range(10)))
@@ -414,7 +433,7 @@ def print_report(r, clf_acc):
     frechet = ("Frechet n/a (needs >= 2 images)" if r["frechet"] is None else
                f"Frechet {r['frechet']:.2f} vs real-vs-real floor {r['frechet_floor']:.2f} at n={r['frechet_n']:,} "
                f"({r['frechet'] / r['frechet_floor']:.2f}x)")
-    print(f"accuracy {100 * r['accuracy']:.2f}% (real test digits: {100 * clf_acc:.2f}%) | "
+    print(f"accuracy {100 * r['accuracy']:.2f}% ({judged_on(dataset)}: {100 * clf_acc:.2f}%) | "
           f"confidence {r['confidence']:.3f} | n={r['n']:,}"
           + (f" | sampling {r['sampling_seconds']:.1f}s" if "sampling_seconds" in r else ""))
     print(frechet)
@@ -579,7 +598,7 @@ def final_evaluation(model, diffusion, dataset, tcfg):
     r, _, _ = evaluate_model(model.eval(), diffusion, clf, real_x, tcfg.eval_n, model_sampling(diffusion.cfg),
                              real_y=real_y)
     print(f"final evaluation ({tcfg.eval_n} samples per digit; `python evaluate.py` for the full one):")
-    print_report(r, clf_acc)
+    print_report(r, clf_acc, dataset)
 
 
 def adapter_name(path):
@@ -635,6 +654,19 @@ def check_flags(args):
     return scales
 
 
+def check_sweep_guides(args, sweep_cfgs, diff_cfg):
+    """A sweep's --negative, --guidance-rescale and guidance interval act at the scales that guide a
+    step: refused when none of the swept scales does (e.g. --sweep-guidance 1)."""
+    errors = []
+    for cfg in sweep_cfgs:
+        try:
+            return check_guidance_applies(cfg, diff_cfg)
+        except SampleError as e:
+            errors.append(e)
+    if errors:
+        raise SampleError(f"--sweep-guidance {args.sweep_guidance}: {errors[0]}")
+
+
 def sampling_record(scfg, diffusion, swept):
     """What ran, for the JSON: DDPM's steps are the model's T; a sweep has no single guidance; the
     --negative digit itself is drawn unguided (out(neg) + w (out(neg) - out(neg)) = out(neg))."""
@@ -668,6 +700,7 @@ def main(argv=None):
         model, diffusion, ckpt = load_model_for_sampling(args, device)
         scfg = sample_config(args, diffusion.cfg, model.cfg.num_classes)
         sweep_cfgs = [sample_config(args, diffusion.cfg, model.cfg.num_classes, guidance=w) for w in scales]
+        check_sweep_guides(args, sweep_cfgs, diffusion.cfg)
         dataset = args.dataset or dataset_of(ckpt)
         if args.lora:
             adapter_style(args)                           # --style-dir read, or refused, before any work
@@ -693,7 +726,7 @@ def main(argv=None):
 
     if args.npz:
         results.update(evaluate_images(clf, x, y, real_x, real_y))
-        print_report(results, clf_acc)
+        print_report(results, clf_acc, dataset)
     elif scales:
         sweep = []
         for w, cfg in zip(scales, sweep_cfgs):
@@ -707,7 +740,7 @@ def main(argv=None):
     else:
         r, x, _ = evaluate_model(model, diffusion, clf, real_x, args.n, scfg, real_y=real_y)
         results.update(r, style=style_measures(x), real_style=style_measures(real_x))
-        print_report(results, clf_acc)
+        print_report(results, clf_acc, dataset)
         finetuned = results["finetuned"] = ckpt.get("finetuned")     # a --full fine-tune: the digits it was tuned on
         ref = results["training_digits"] = training_reference(dataset, args.data_dir, args.n, clf, real_x, real_y,
                                                               finetuned)

@@ -29,7 +29,7 @@ from config import SampleConfig
 from cross_attn import CrossAttention, capture_attention
 from dataset import load_dataset, mnist_test_arrays
 from diffusion import Diffusion
-from harness.adapters import apply_adapters, read_adapter
+from harness.adapters import apply_adapters, load_adapter, read_adapter
 from harness.cli import Parser, UsageError, config_from_args, explicit_flags, run_cli
 from harness.dist import pick_device
 from harness.files import (DEFAULT_CHECKPOINT, atomic_write, check_outputs, load_model, output_folder, pyplot,
@@ -514,8 +514,8 @@ def adapter_checks(model, path, model_config, x_t, t, y, tol=1e-4):
 
 def run_check(args, device):
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
-    if args.lora:
-        read_adapter(args.lora)               # a missing or foreign file before any work
+    if args.lora:                             # a missing, foreign or other base's adapter before any work
+        load_adapter(copy.deepcopy(model), args.lora, ckpt["config"]["model"])
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
     x0, y = real_batch(args.dataset, args.data_dir, args.batch_size, device, args.seed)
     randomness = batch_randomness(diffusion, x0, args.seed)
@@ -621,7 +621,8 @@ def parse_args(argv=None):
                    help=f"also copy the figures into DIR (default when given: {DOCS})")
     p.add_argument("--check", action="store_true", help="instead of figures: gradient check (exit 1 on a dead "
                    "or non-finite parameter), with --lora also the adapter's identities")
-    p.add_argument("--lora", default=None, metavar="FILE", help="adapter (.safetensors) to check with --check")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="adapter (.safetensors) to check with --check (one)")
     p.add_argument("--dataset", default="mnist-5k", choices=["mnist", "mnist-5k", "folder"],
                    help="real digits for the gradient batches (default: mnist-5k, offline)")
     p.add_argument("--data-dir", default="data", help="MNIST root or image folder (default: data)")
@@ -649,6 +650,9 @@ def check_flags(args):
         raise VisualizeError("--docs is empty: name a folder (or give --docs alone for docs/)")
     if args.lora and not args.check:
         raise VisualizeError("--lora is checked with --check (the figures show the base model)")
+    if len(args.lora) > 1:
+        raise VisualizeError(f"--lora given {len(args.lora)} times: --check checks one adapter; run it once per adapter")
+    args.lora = args.lora[0] if args.lora else None
     figure_only = sorted(args.given & ({"figures", "docs", "label"} | {f.name for f in fields(SampleConfig)}))
     if args.check and figure_only:
         raise VisualizeError(f"--check draws no figure: {', '.join('--' + f.replace('_', '-') for f in figure_only)} "
@@ -718,6 +722,9 @@ def main(argv=None):
         scfg = sample_config(args, diff_cfg, model.cfg.num_classes)
     except SampleError as e:
         raise VisualizeError(str(e)) from None
+    if "negative" in figures and scfg.guidance <= 1:
+        raise VisualizeError(f"--figures negative at guidance {scfg.guidance:g}: no step is guided away from anything, "
+                             "so its rows would equal the plain ones; give --guidance above 1")
     folder, names = figure_outputs(args, figures)
     remove_stale_temps([os.path.join(d, n) for d in (folder, args.docs) if d for n in names])   # a killed run's
     diffusion = Diffusion(diff_cfg, model.cfg.num_classes).to(device)

@@ -133,11 +133,14 @@ def config_from_args(cls, args, **overrides):
 def explicit_flags(parser, argv=None):
     """The dests of the flags given on the command line, as opposed to defaults and presets:
     --resume refuses those that contradict the stored run. Parses again into a namespace whose
-    every dest is already set (argparse then fills in no defaults); for store-type flags."""
+    every dest is already set (argparse then fills in no defaults); an append flag (--lora) starts
+    from an empty list, and counts as given once it holds something."""
     unset = object()
     dests = vars(parser.parse_args(argv))
-    given = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
-    return {d for d, v in vars(given).items() if v is not unset}
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    start = {d: [] if d in appended else unset for d in dests}
+    given = parser.parse_args(argv, namespace=argparse.Namespace(**start))
+    return {d for d, v in vars(given).items() if v is not unset and not (d in appended and v == [])}
 
 
 class GuardedStdout:

@@ -486,7 +486,15 @@ def read_model_file(path):
         config = json.loads(meta["config"])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{shown(path)}: its config metadata is missing or malformed ({e})") from e
-    return {"model": {k: t.float() for k, t in state.items()}, "config": config, "data": meta.get("data", "auto")}
+    try:
+        finetuned = json.loads(meta["finetuned"]) if "finetuned" in meta else None     # a --full fine-tune's style
+    except ValueError as e:
+        raise CheckpointError(f"{shown(path)}: its finetuned metadata is malformed ({e})") from e
+    if finetuned is not None and not (isinstance(finetuned, dict) and isinstance(finetuned.get("style"), str)
+                                      and isinstance(finetuned.get("style_dir", ""), str)):
+        raise CheckpointError(f"{shown(path)}: its finetuned metadata is malformed (expected a style)")
+    return {"model": {k: t.float() for k, t in state.items()}, "config": config, "data": meta.get("data", "auto"),
+            "finetuned": finetuned}
 
 
 def shipped_unless_trained(path, default=DEFAULT_CHECKPOINT):

@@ -113,6 +113,14 @@ def quick_judge(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _folder_judges(tmp_path_factory):
+    """Judges of the tests' folder datasets are cached in a temporary folder, not in the repo's data/
+    (scripts run in this process; those run as subprocesses use ./data, as a user's would)."""
+    import evaluate
+    evaluate.FOLDER_JUDGES = str(tmp_path_factory.mktemp("judges"))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     """Each test starts from seed 0 and ends on one thread (a script's --threads must not leak)."""

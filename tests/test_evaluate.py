@@ -168,14 +168,14 @@ def test_augment_keeps_the_pixel_range_and_the_background():
 def test_the_report_prints_the_spread_only_when_there_is_one(capsys):
     r = {"per_digit_accuracy": {d: 1.0 for d in range(10)}, "frechet": 2.0, "frechet_floor": 1.0, "accuracy": 0.975,
          "confidence": 0.9, "n": 40, "frechet_n": 40}
-    evaluate.print_report(r, 0.984)
+    evaluate.print_report(r, 0.984, "mnist")
     out = capsys.readouterr().out
     assert "accuracy 97.50% (real test digits: 98.40%)" in out
     assert "Frechet 2.00 vs real-vs-real floor 1.00 at n=40 (2.00x)" in out and "spread" not in out
     assert "sampling" not in out
-    evaluate.print_report({**r, "spread": 0.65, "sampling_seconds": 3.0}, 0.984)
+    evaluate.print_report({**r, "spread": 0.65, "sampling_seconds": 3.0}, 0.984, "mnist")
     out = capsys.readouterr().out
     assert "spread within a digit: 0.65 (1 = real digits' variance)" in out and "sampling 3.0s" in out
-    evaluate.print_report({**r, "spread": None, "frechet": None}, 0.984)
+    evaluate.print_report({**r, "spread": None, "frechet": None}, 0.984, "mnist")
     out = capsys.readouterr().out
     assert "spread within a digit: n/a" in out and "Frechet n/a" in out

@@ -29,6 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evaluate
+import harness.files
+import harness.scripts
 import lora
 import sample
 from config import DiffusionConfig, SampleConfig
@@ -1116,3 +1118,72 @@ def test_evaluate_scores_a_full_fine_tune_against_the_digits_it_was_tuned_on(tin
     assert "its training digits, scored" in refs["base"][1]
     bold, plain = refs["full"][0]["training_digits"], refs["base"][0]["training_digits"]
     assert bold["frechet"] != plain["frechet"] and bold["spread"] != plain["spread"]
+
+
+# ----- the twelfth probe -----
+
+def test_the_negative_figure_needs_guidance_above_one(tiny_ckpt, tmp_path):
+    """Before: at w = 1 every "not" row equalled the plain row above it, exit 0."""
+    one_line_error(run_cli("visualize.py", "--checkpoint", tiny_ckpt, "--figures", "negative", "--guidance", "1",
+                           "--steps", "2", "--docs", str(tmp_path)), "--figures negative at guidance 1: no step")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flags", [["--negative", "3"], ["--guidance-rescale", "0.5"], ["--guide-from", "0.3"]])
+def test_a_sweep_that_guides_no_step_refuses_the_guidance_flags(tiny_ckpt, tmp_path, flags):
+    out = tmp_path / "sweep.json"
+    one_line_error(run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2", "--sweep-guidance",
+                           "1", *flags, "--json", str(out)), "--sweep-guidance 1: ", "would change nothing")
+    assert not out.exists()
+
+
+def test_a_sweep_with_one_guided_scale_takes_the_guidance_flags(tiny_ckpt):
+    _, diff_cfg, _ = load_model(tiny_ckpt)
+    args = evaluate.parse_args(["--checkpoint", tiny_ckpt, "--sweep-guidance", "1,2", "--negative", "3"])
+    cfgs = [harness.scripts.sample_config(args, diff_cfg, 10, guidance=w) for w in (1.0, 2.0)]
+    evaluate.check_sweep_guides(args, cfgs, diff_cfg)                          # no error: w = 2 guides
+    with pytest.raises(harness.scripts.SampleError):
+        evaluate.check_sweep_guides(args, cfgs[:1], diff_cfg)
+
+
+def test_shipped_weights_of_a_full_fine_tune_keep_its_style(tiny_ckpt, tmp_path):
+    """Before: tools/ship_weights.py dropped it, and evaluate.py scored the plain training digits."""
+    full = str(tmp_path / "full")
+    assert run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, "--full", "--style", "italic", "--max-steps", "1",
+                   "--eval-n", "0", "--no-figures", "--batch-size", "16", "--out", full).returncode == 0
+    r = run_cli("tools/ship_weights.py", "--checkpoint", os.path.join(full, "ckpt.pt"), "--adapters", "",
+                "--out", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr
+    shipped = harness.files.read_model_file(str(tmp_path / "w" / "model.safetensors"))
+    assert shipped["finetuned"] == {"style": "italic", "style_dir": ""}
+    assert harness.files.read_model_file(os.path.join(ROOT, "weights", "model.safetensors"))["finetuned"] is None
+
+
+def test_a_folder_judge_is_cached_outside_the_folder_and_follows_its_digits(tmp_path):
+    """Before: classifier_folder_v3.pt was written into your digit folder and reused after the folder
+    changed, its accuracy labelled "real test digits" though a folder has no test split."""
+    from PIL import Image
+
+    from dataset import load_dataset
+    x, y, _ = load_dataset("mnist-5k", split="train")
+    folder = tmp_path / "digits"
+    for d in range(10):
+        (folder / str(d)).mkdir(parents=True)
+        for i, img in enumerate(x[y == d][:3]):
+            Image.fromarray(((img[0] + 1) * 127.5).byte().numpy()).save(folder / str(d) / f"{i}.png")
+    before = evaluate.classifier_path("folder", str(folder))
+    assert not os.path.realpath(before).startswith(os.path.realpath(folder))
+    os.rename(folder / "3", folder / "x")
+    os.rename(folder / "8", folder / "3")
+    os.rename(folder / "x", folder / "8")
+    assert evaluate.classifier_path("folder", str(folder)) != before          # other digits: another judge
+    assert evaluate.judged_on("folder") != "real test digits" and evaluate.judged_on("mnist") == "real test digits"
+
+
+def test_visualize_check_takes_one_adapter_and_checks_it_before_any_work(tiny_ckpt, wild_adapter):
+    one_line_error(run_cli("visualize.py", "--check", "--checkpoint", tiny_ckpt, "--lora", wild_adapter, "--lora",
+                           wild_adapter), "--lora given 2 times: --check checks one adapter")
+    r = run_cli("visualize.py", "--check", "--checkpoint", os.path.join("weights", "model.safetensors"), "--lora",
+                wild_adapter)                                                 # an adapter of another model
+    one_line_error(r, "adapter was trained on another model")
+    assert "|grad|" not in r.stdout                                          # refused before the gradient table

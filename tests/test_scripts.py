@@ -268,7 +268,7 @@ def test_figures_grids_and_eval_n_of_a_run(tmp_path, monkeypatch):
         scored.append((model.training, clf, len(real_x), n, scfg, real_y.bincount().tolist()))
         return {"score": 1}, None, None
     monkeypatch.setattr(train.evaluate, "evaluate_model", evaluate_model)
-    monkeypatch.setattr(train.evaluate, "print_report", lambda r, acc: scored.append((r, acc)))
+    monkeypatch.setattr(train.evaluate, "print_report", lambda r, acc, dataset: scored.append((r, acc)))
     out = str(tmp_path / "run")
     r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "5", "--sample-every", "2", "--eval-n", "3",
                 "--sample-guidance", "1.5", "--out", out)

@@ -83,8 +83,9 @@ def write_weights(out, files, model, ckpt, adapted):
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     try:
+        finetuned = {"finetuned": json.dumps(ckpt["finetuned"])} if ckpt.get("finetuned") else {}   # a --full run's style
         write_safetensors(files["model"], half, {"format": MODEL_FORMAT, "config": json.dumps(config),
-                                                 "data": dataset_of(ckpt), "source_sha256": ckpt["sha256"]})
+                                                 "data": dataset_of(ckpt), "source_sha256": ckpt["sha256"], **finetuned})
     except BaseException:
         if created and not os.listdir(out):
             os.rmdir(out)
