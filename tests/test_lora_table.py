@@ -228,3 +228,29 @@ def test_a_run_the_table_did_not_start_is_never_replaced(tmp_path, monkeypatch):
     with pytest.raises(lora_table.TableError, match="holds a fine-tuning run this table did not start"):
         lora_table.run_row("attn", 4, args, [])
     assert sorted(os.listdir(folder)) == ["run.json"]
+
+
+def test_a_row_stopped_before_it_replaced_a_finished_run_starts_again(tmp_path, monkeypatch):
+    """A changed row stopped before its --overwrite removed the earlier, finished run: the next table
+    run starts it again with --overwrite, never --resume of the earlier run's checkpoint; a SIGTERM
+    (exit 143) is an interruption, not a failure to fix."""
+    runs = []
+
+    def finish(cmd):
+        runs.append(cmd)
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "finetune_ckpt.pt"), "wb").close()
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(done(len(runs)), f)
+        return 0
+
+    args = argparse.Namespace(out=str(tmp_path / "table"), style="italic", eval_n=10, checkpoint=base(tmp_path))
+    monkeypatch.setattr(lora_table, "run_child", finish)
+    assert lora_table.run_row("attn", 4, args, ["--steps", "2"]) == done(1)
+    monkeypatch.setattr(lora_table, "run_child", lambda cmd: runs.append(cmd) or 143)   # stopped at once
+    with pytest.raises(lora_table.TableError, match="was interrupted; run the same command again"):
+        lora_table.run_row("attn", 4, args, ["--steps", "3"])
+    monkeypatch.setattr(lora_table, "run_child", finish)
+    assert lora_table.run_row("attn", 4, args, ["--steps", "3"]) == done(3)
+    assert "--overwrite" in runs[-1] and "--resume" not in runs[-1]
