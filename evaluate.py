@@ -29,9 +29,9 @@ from dataset import apply_style, load_dataset
 from harness.adapters import read_adapter
 from harness.cli import Parser, run_cli
 from harness.dist import pick_device
-from harness.files import (CheckpointError, check_outputs, dataset_of, file_digest, first_line, load_model,
-                           not_a_regular_file, output_folder, pyplot, read_csv, remove_stale_temps,
-                           save_checkpoint, save_figure, shipped, shown, write_csv, write_json)
+from harness.files import (CheckpointError, check_folder_data_dir, check_outputs, dataset_of, file_digest,
+                           first_line, load_model, not_a_regular_file, output_folder, pyplot, read_csv,
+                           remove_stale_temps, save_checkpoint, save_figure, shipped, shown, write_csv, write_json)
 from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, check_guidance_applies,
                              load_model_for_sampling, sample_config)
 from sample import generate, model_sampling
@@ -702,6 +702,8 @@ def main(argv=None):
         sweep_cfgs = [sample_config(args, diffusion.cfg, model.cfg.num_classes, guidance=w) for w in scales]
         check_sweep_guides(args, sweep_cfgs, diffusion.cfg)
         dataset = args.dataset or dataset_of(ckpt)
+        if dataset == "folder":
+            check_folder_data_dir(ckpt, args.data_dir)    # its digits: named, before any work
         if args.lora:
             adapter_style(args)                           # --style-dir read, or refused, before any work
     else:

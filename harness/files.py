@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import stat
 import tempfile
 import zipfile
@@ -542,6 +543,17 @@ def configs_from_checkpoint(ckpt, path="checkpoint"):
 def dataset_of(ckpt, default="auto"):
     """The dataset a checkpoint's run really trained on (the resolved name: mnist, mnist-5k, folder)."""
     return ckpt.get("data", default)
+
+
+def check_folder_data_dir(ckpt, data_dir):
+    """A model trained on a folder of digits reads them again from --data-dir (evaluation, styled
+    fine-tuning): a --data-dir that is no such folder is refused, naming the folder the run used."""
+    if dataset_of(ckpt) != "folder" or os.path.isdir(os.path.join(data_dir, "0")):
+        return
+    recorded = (ckpt.get("config") or {}).get("train", {}).get("data_dir")
+    hint = (f"the folder {shown(recorded)}: pass --data-dir {shlex.quote(recorded)}" if recorded
+            and os.path.isdir(os.path.join(recorded, "0")) else "a folder of your digits: pass that folder as --data-dir")
+    raise CheckpointError(f"--data-dir {shown(data_dir)}: this model was trained on {hint}")
 
 
 def _check_tensors(tensors, path, what):

@@ -25,10 +25,10 @@ from diffusion import Diffusion
 from harness.adapters import PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft
 from harness.cli import Parser, UsageError, add_config_flags, config_from_args, explicit_flags
 from harness.dist import pick_device
-from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_finite, check_fits, check_outputs,
-                           configs_from_checkpoint, dataset_of, load_checkpoint, load_model, load_state,
-                           output_folder, remove_stale_temps, save_checkpoint, shipped, shipped_unless_trained,
-                           shown, write_json)
+from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_finite, check_fits, check_folder_data_dir,
+                           check_outputs, configs_from_checkpoint, dataset_of, load_checkpoint, load_model,
+                           load_state, output_folder, remove_stale_temps, save_checkpoint, shipped,
+                           shipped_unless_trained, shown, write_json)
 from harness.run import (TrainingError, memory_format, open_run, place_data, restore_loop_state, resume_command,
                          run_length)
 from lora import MAX_SCALE, check_scale, set_fused
@@ -391,8 +391,9 @@ def finetune_args(argv=None):
     add_config_flags(p, LoraConfig, "LoRA")
     add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS,   # no step grids or curve here
                      skip=("dataset", "sample_every", "eval_every"),
-                     helps={"data_dir": "MNIST root: the base's training digits that --style restyles, and "
-                                        "evaluate.py's classifier cache (your own digits: --style-dir)",
+                     helps={"data_dir": "where the base's training digits are, which --style restyles: the MNIST "
+                                        "root (and evaluate.py's classifier cache), or a folder base's own folder "
+                                        "(your style's digits: --style-dir)",
                             "out": "run folder (default: runs/lora-<style>, or runs/full-<style> with --full)"})
     p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
                    help="styled: the base's training digits in --style; folder: your digits in --style-dir")
@@ -456,6 +457,8 @@ class FinetuneRun(SimpleNamespace):
         """The styled digits on the device; few-shot folders train on one batch of all of them."""
         self.base_data = dataset_of(base_ckpt)        # the base's data, styled (or unused)
         lcfg, resume = self.lcfg, self.resume
+        if lcfg.style != "folder":
+            check_folder_data_dir(base_ckpt, self.tcfg.data_dir)    # a folder base's digits: named
         check_folder_there(resume, lcfg.style == "folder", "--style-dir", lcfg.style_dir)
         x, y = load_finetune_data(lcfg, self.tcfg.data_dir, self.base_data)
         self.data_fingerprint = check_same_digits(resume, "--style-dir", lcfg.style_dir, x, y, "was tuned")

@@ -976,7 +976,8 @@ def test_evaluate_records_what_ran_and_which_checkpoint(tiny_ckpt, quick_judge, 
 def test_lora_finetune_help_says_what_its_data_dir_is():
     r = run_cli("lora_finetune.py", "--help")
     text = " ".join(r.stdout.split())
-    assert "--data-dir DATA_DIR MNIST root" in text and "with --dataset folder" not in text
+    assert "--data-dir DATA_DIR where the base's training digits are" in text and "the MNIST root" in text
+    assert "a folder base's own folder" in text and "with --dataset folder" not in text
 
 
 # ----- the seventh probe: flags that would change nothing, left to the checkpoint's guidance -----
@@ -1187,3 +1188,27 @@ def test_visualize_check_takes_one_adapter_and_checks_it_before_any_work(tiny_ck
                 wild_adapter)                                                 # an adapter of another model
     one_line_error(r, "adapter was trained on another model")
     assert "|grad|" not in r.stdout                                          # refused before the gradient table
+
+
+# ----- the thirteenth probe -----
+
+def test_a_folder_base_names_its_folder_and_the_hint_works(tmp_path, quick_judge):
+    """Before: evaluate.py and lora_finetune.py on a folder-trained model said "data/0: missing or
+    empty", pointing at the MNIST root instead of the run's own folder."""
+    from PIL import Image
+    x, y, _ = load_dataset("mnist-5k", split="train")
+    digits = tmp_path / "my digits"
+    for d in range(10):
+        (digits / str(d)).mkdir(parents=True)
+        for i, img in enumerate(x[y == d][:4]):
+            Image.fromarray(((img[0] + 1) * 127.5).byte().numpy()).save(digits / str(d) / f"{i}.png")
+    run = str(tmp_path / "run")
+    assert run_cli("train.py", *TINY_FLAGS, "--dataset", "folder", "--data-dir", str(digits), "--max-steps", "2",
+                   "--no-figures", "--out", run).returncode == 0
+    ckpt = os.path.join(run, "ckpt.pt")
+    for script, flags in (("evaluate.py", ["--n", "1", "--steps", "2", "--json", str(tmp_path / "e.json")]),
+                          ("lora_finetune.py", ["--max-steps", "1", "--eval-n", "0", "--no-figures", "--batch-size",
+                                                "16", "--out", str(tmp_path / "lora")])):
+        r = run_cli(script, "--checkpoint", ckpt, *flags)
+        one_line_error(r, "--data-dir data: this model was trained on the folder", f"pass --data-dir '{digits}'")
+        assert run_cli(script, "--checkpoint", ckpt, *flags, "--data-dir", str(digits)).returncode == 0
