@@ -1160,21 +1160,11 @@ def test_shipped_weights_of_a_full_fine_tune_keep_its_style(tiny_ckpt, tmp_path)
     assert harness.files.read_model_file(os.path.join(ROOT, "weights", "model.safetensors"))["finetuned"] is None
 
 
-def digit_folder(folder, per_digit):
-    """A folder dataset of real training digits: subfolders 0..9 of per_digit PNGs each. -> folder"""
-    from PIL import Image
-    x, y, _ = load_dataset("mnist-5k", split="train")
-    for d in range(10):
-        (folder / str(d)).mkdir(parents=True)
-        for i, img in enumerate(x[y == d][:per_digit]):
-            Image.fromarray(((img[0] + 1) * 127.5).byte().numpy()).save(folder / str(d) / f"{i}.png")
-    return folder
-
-
 def test_a_folder_judge_is_cached_outside_the_folder_and_follows_its_digits(tmp_path):
     """Before: classifier_folder_v3.pt was written into your digit folder and reused after the folder
     changed, its accuracy labelled "real test digits" though a folder has no test split."""
-    folder = digit_folder(tmp_path / "digits", 3)
+    folder = tmp_path / "digits"
+    digit_folder(str(folder), n=3)
     before = evaluate.classifier_path("folder", str(folder))
     assert not os.path.realpath(before).startswith(os.path.realpath(folder))
     os.rename(folder / "3", folder / "x")
@@ -1198,7 +1188,8 @@ def test_visualize_check_takes_one_adapter_and_checks_it_before_any_work(tiny_ck
 def test_a_folder_base_names_its_folder_and_the_hint_works(tmp_path, quick_judge):
     """Before: evaluate.py and lora_finetune.py on a folder-trained model said "data/0: missing or
     empty", pointing at the MNIST root instead of the run's own folder."""
-    digits = digit_folder(tmp_path / "my digits", 4)
+    digits = tmp_path / "my digits"
+    digit_folder(str(digits), n=4)
     run = str(tmp_path / "run")
     assert run_cli("train.py", *TINY_FLAGS, "--dataset", "folder", "--data-dir", str(digits), "--max-steps", "2",
                    "--no-figures", "--out", run).returncode == 0
