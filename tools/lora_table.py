@@ -63,11 +63,11 @@ def run_row(targets, r, args, extra):
     if os.path.lexists(os.path.join(out, "run.json")) and read_json(started_file) is None:
         raise TableError(f"{out} holds a fine-tuning run this table did not start; move it away, or choose "
                          "another --out")
-    started_here = read_json(started_file) == row
     if not (read_json(flags_file) == row and complete(found)):    # new, unfinished or changed
         # this row's run, stopped after it replaced an earlier run's files (before: an older finished run's
         # checkpoint, whose --overwrite had not happened yet, was resumed as if it were this row's)
-        interrupted = started_here and not complete(found) and os.path.isfile(os.path.join(out, "finetune_ckpt.pt"))
+        interrupted = (read_json(started_file) == row and not complete(found)
+                       and os.path.isfile(os.path.join(out, "finetune_ckpt.pt")))
         cmd = [sys.executable, os.path.join(ROOT, "lora_finetune.py"), *flags, "--out", out,
                "--resume" if interrupted else "--overwrite", "--no-figures"]
         print(f"== {targets} r={r}: {' '.join(cmd[1:])}", flush=True)
