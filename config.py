@@ -65,6 +65,9 @@ class DiffusionConfig:
         _check(0.0 <= self.p_uncond < 1.0, "p_uncond must be in [0, 1)")
         _check(self.min_snr_gamma >= 0, "min_snr_gamma must be >= 0 (0 = off)")
         _check(0 <= self.sample_guidance <= 100, f"sample_guidance {self.sample_guidance}: must be between 0 and 100")
+        _check(self.p_uncond > 0 or self.sample_guidance == 1, f"p_uncond 0 trains no unconditional model, which "
+               f"guidance (--sample-guidance {self.sample_guidance:g}) pushes away from: add --sample-guidance 1 "
+               "(no guidance), or keep --p-uncond above 0")
 
 
 @dataclass

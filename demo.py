@@ -132,6 +132,9 @@ def sampling(demo, req):
     scfg = SampleConfig(sampler=sampler, steps=steps, guidance=number(req, "guidance", 0, LIMITS["guidance"], 2.0),
                         seed=number(req, "seed", 0, 2 ** 31 - 1, 0, int),
                         strength=number(req, "strength", 0.05, 1.0, 1.0))
+    if demo.diffusion.cfg.p_uncond == 0 and scfg.guidance != 1:
+        raise DemoError(f"guidance {scfg.guidance:g}: this model was trained with --p-uncond 0 (no unconditional "
+                        "output to push away from); use guidance 1")
     model, scale = demo.models[adapter], number(req, "scale", 0, LIMITS["scale"], 1.0)
     if adapter != "none":
         set_scale(model, scale)

@@ -135,6 +135,11 @@ def judged_on(dataset):
     return "the folder's own digits, which also trained the judge" if dataset == "folder" else "real test digits"
 
 
+def real_side(dataset):
+    """The name of an evaluation's real digits: the test digits, or a folder's own (it has no test split)."""
+    return "the folder's digits" if dataset == "folder" else "real test digits"
+
+
 def get_classifier(dataset, data_dir, progress=True):
     """The classifier for `dataset`, trained once and cached (classifier_path); reports its accuracy
     on the test digits."""
@@ -387,7 +392,7 @@ def style_evaluation(base_model, tuned, diffusion, dataset, style, data_dir, n, 
     clf, _ = get_classifier(dataset, data_dir)
     real_x, real_y, dataset = reference_digits(dataset, data_dir)
     styled = styled_reference(style, dataset, data_dir, folder)
-    rows = {"real test digits": {**style_measures(real_x), "accuracy": evaluate_images(clf, real_x, real_y, real_x)["accuracy"]},
+    rows = {real_side(dataset): {**style_measures(real_x), "accuracy": evaluate_images(clf, real_x, real_y, real_x)["accuracy"]},
             f"real {style} digits": {**style_measures(styled), "accuracy": None}}
     if style != "folder":
         rows[f"real {style} digits"]["accuracy"] = evaluate_images(clf, styled, real_y, real_x)["accuracy"]
@@ -720,7 +725,7 @@ def main(argv=None):
     remove_stale_temps([out, sweep_png])                 # a killed earlier run's, of these names only
     real_x, real_y, dataset = reference_digits(dataset, args.data_dir, verbose=True)
     clf, clf_acc = get_classifier(dataset, args.data_dir)
-    results = {"dataset": dataset, "classifier_test_accuracy": clf_acc}
+    results = {"dataset": dataset, "classifier_accuracy": clf_acc, "classifier_judged_on": judged_on(dataset)}
     if not args.npz:                                      # what was scored, so a result names its inputs
         results.update(checkpoint=os.path.abspath(args.checkpoint), checkpoint_sha256=file_digest(args.checkpoint),
                        adapters=[os.path.abspath(a) for a in args.lora], lora_scale=args.lora_scale)
@@ -744,11 +749,16 @@ def main(argv=None):
         results.update(r, style=style_measures(x), real_style=style_measures(real_x))
         print_report(results, clf_acc, dataset)
         finetuned = results["finetuned"] = ckpt.get("finetuned")     # a --full fine-tune: the digits it was tuned on
-        ref = results["training_digits"] = training_reference(dataset, args.data_dir, args.n, clf, real_x, real_y,
-                                                              finetuned)
-        print_training_reference(ref, finetuned)
+        if dataset == "folder" and not finetuned:      # its training digits are the real side itself
+            results["training_digits"] = None
+            print("its training digits: the folder's digits, which are also the real side here (a folder has no "
+                  "test split), so no reference row")
+        else:
+            ref = results["training_digits"] = training_reference(dataset, args.data_dir, args.n, clf, real_x,
+                                                                  real_y, finetuned)
+            print_training_reference(ref, finetuned)
         print(f"style: generated ink {results['style']['ink']:.3f} slant {results['style']['slant']:.3f} | "
-              f"real test ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
+              f"{real_side(dataset)}: ink {results['real_style']['ink']:.3f} slant {results['real_style']['slant']:.3f}")
 
     write_json(out, results)                             # the numbers first: a figure that fails costs none
     print(out)

@@ -61,7 +61,7 @@ def main(argv=None):
         def save(state):          # only the trained tensors: a LoRA checkpoint is a few KiB
             save_checkpoint(s.ckpt_path, {"model": trained(model), "ema": trained(state["ema"].module),
                                           "config": s.config, "base_fingerprint": s.fingerprint,
-                                          "data_fingerprint": s.data_fingerprint,
+                                          "data_fingerprint": s.data_fingerprint, "figures": s.args.figures,
                                           **loop_state_dict(state)})
 
         kind = "full" if lcfg.full else "lora"

@@ -103,7 +103,7 @@ def main(argv=None):
         def save(state):          # atomic: a crash mid-write leaves the previous checkpoint whole
             save_checkpoint(s.ckpt_path, {"model": model.state_dict(), "ema": ema.state_dict(), "config": s.config,
                                           "data": s.data_name, "data_fingerprint": s.data_fingerprint,
-                                          **loop_state_dict(state)})
+                                          "figures": s.args.figures, **loop_state_dict(state)})
 
         curve = (evaluate.QualityCurve(s.data_name, tcfg.data_dir, tcfg.out, tcfg.batch_size, state["step"])
                  if tcfg.eval_every and s.dist.main else None)

@@ -327,6 +327,7 @@ def check_loop_state(ckpt, path):
                                                    and isinstance(l[1], (int, float)) and not isinstance(l[1], bool)
                                                    for l in losses)),
         ("data_fingerprint is not text", isinstance(ckpt.get("data_fingerprint", ""), str)),
+        ("figures is not true or false", isinstance(ckpt.get("figures", True), bool)),
         ("rng holds no torch RNG state", isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
          and rng["torch"].dtype == torch.uint8),
         ("optimizer is not an optimiser state (state, param_groups)",

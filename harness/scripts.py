@@ -120,6 +120,12 @@ def check_same_digits(ckpt, flag, folder, x, y, verb):
     return fingerprint
 
 
+def stored_figures(args, ckpt):
+    """On --resume without --figures / --no-figures, the run's own choice: a --no-figures run stays one."""
+    if ckpt is not None and "figures" not in args.given and isinstance(ckpt.get("figures"), bool):
+        args.figures = ckpt["figures"]
+
+
 class TrainingRun(SimpleNamespace):
     """What train.py needs to start: args, dist, device, the three configs, the checkpoint path
     (and the checkpoint itself on --resume), the locked run folder `run`, the data x, y on the
@@ -153,6 +159,7 @@ def open_training(argv=None):
     dist, tcfg, ckpt_path, ckpt, run = open_run(tcfg, args.resume, args.overwrite, "ckpt.pt", TRAIN_FILES,
                                                  folders=folders, given=args.given, old_pattern=STEP_GRIDS,
                                                  sections={"model": model_cfg, "diffusion": diff_cfg})
+    stored_figures(args, ckpt)
     try:
         if ckpt is not None:      # the stored configuration wins; only where/how long to run comes from flags
             model_cfg, diff_cfg = configs_from_checkpoint(ckpt, ckpt_path)
@@ -166,9 +173,9 @@ def open_training(argv=None):
         run.close()
         raise
     config = {"model": asdict(model_cfg), "diffusion": asdict(diff_cfg), "train": asdict(tcfg)}
-    return TrainingRun(resume_hint=resume_command("train.py", tcfg, figures=args.figures), args=args, dist=dist, device=dist.device, tcfg=tcfg, model_cfg=model_cfg, diff_cfg=diff_cfg,
-                       ckpt_path=ckpt_path, ckpt=ckpt, run=run, x=x, y=y, data_name=name, config=config,
-                       data_fingerprint=fingerprint,
+    return TrainingRun(resume_hint=resume_command("train.py", tcfg, figures=args.figures), args=args, dist=dist,
+                       device=dist.device, tcfg=tcfg, model_cfg=model_cfg, diff_cfg=diff_cfg, ckpt_path=ckpt_path,
+                       ckpt=ckpt, run=run, x=x, y=y, data_name=name, config=config, data_fingerprint=fingerprint,
                        memory_format=memory_format(tcfg))
 
 
@@ -223,6 +230,9 @@ def sample_config(args, diff_cfg, num_classes, **overrides):
         scfg.check_steps(diff_cfg.timesteps)
     except ValueError as e:
         raise SampleError(str(e)) from e
+    if diff_cfg.p_uncond == 0 and scfg.guidance != 1:
+        raise SampleError(f"guidance {scfg.guidance:g}: this model was trained with --p-uncond 0, so it never learned "
+                          "the unconditional output guidance pushes away from; sample it with --guidance 1")
     if not swept:
         check_guidance_applies(scfg, diff_cfg)
     return scfg
@@ -354,7 +364,8 @@ def sample_args(argv=None):
     p.add_argument("--n", type=int, default=10,
                    help=f"samples per label (default: 10; at most {MAX_IMAGES:,} images in all)")
     p.add_argument("--out", default=None, help="PNG path (default: sample_<label>.png beside the checkpoint, or beside "
-                   "the first --lora adapter; runs/weights/ for the shipped weights); "
+                   "the first --lora adapter, as sample_<label>_<adapter>.png when it sits beside the checkpoint; runs/weights/ "
+                   "for the shipped weights); "
                    f"the grid shows the first {GRID_MAX} samples of each label")
     p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here (a .npz)")
     p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
@@ -548,6 +559,7 @@ def open_finetune(argv=None):
         folders={"--style-dir": lcfg.style_dir} if lcfg.style_dir else {}, given=given, sections={"lora": lcfg},
         write_folders={} if lcfg.full else {"peft": PEFT_FILES}, kind="fine-tuning",
         known=FINETUNE_FILES + ("ckpt.pt",) + ADAPTER_FILES + tuple(os.path.join("peft", n) for n in PEFT_FILES))
+    stored_figures(args, resume)
     try:
         if resume is not None:  # the stored configuration wins, as in train.py, but for how it is computed/exported
             lcfg = replace(config_from_dict(LoraConfig, resume["config"]["lora"]),
@@ -576,6 +588,11 @@ class SamplingRun(SimpleNamespace):
     SampleConfig, and the output paths (checked before any work)."""
 
 
+def same_folder(a, b):
+    """Do files a and b sit in one folder (so their default outputs would share it)?"""
+    return os.path.dirname(os.path.realpath(a)) == os.path.dirname(os.path.realpath(b))
+
+
 def open_sampling(argv=None):
     """sample.py's set-up: flags, the model with its --lora adapters, the SampleConfig, and the
     outputs checked against the inputs (and a killed earlier run's temp files removed)."""
@@ -597,6 +614,8 @@ def open_sampling(argv=None):
     init, mask = load_edit_images(args, device)
     beside = args.lora[0] if args.lora else args.checkpoint     # a LoRA grid goes beside its adapter
     name = "sample_" + label_name(args.label) + ("_inpaint" if mask is not None else "_img2img" if init is not None else "")
+    if args.lora and same_folder(beside, args.checkpoint):          # the base's own grid has that name there
+        name += "_" + "+".join(os.path.splitext(os.path.basename(a))[0] for a in args.lora)
     out = args.out or os.path.join(output_folder(beside), name + ".png")
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
     new_folder = not args.out and shipped(beside)                   # runs/weights/, made once the checks pass

@@ -117,6 +117,7 @@ WIDE = ("base_channels", "context_dim", "ff_mult", "num_res_blocks", "context_to
 @pytest.mark.parametrize("cls, field, ok, bad", EDGES, ids=[f"{c.__name__}.{f}" for c, f, _, _ in EDGES])
 def test_every_bound_accepts_its_edge_and_refuses_past_it(cls, field, ok, bad):
     base = {"attn_heads": 1} if cls is ModelConfig and field in ("base_channels", "channel_mults") else {}
+    base = {"sample_guidance": 1.0} if field == "p_uncond" else base     # p_uncond 0 leaves guidance nothing
     for v in ok:
         assert getattr(cls(**{**base, field: v}), field) == v, (field, v)
     for v in bad:
@@ -124,6 +125,13 @@ def test_every_bound_accepts_its_edge_and_refuses_past_it(cls, field, ok, bad):
             cls(**{**base, field: v})
         message = str(e.value)
         assert field in message or (field in WIDE and message.startswith("widths beyond")), (field, v, message)
+
+
+def test_no_label_dropout_means_no_guidance():
+    """p_uncond 0 trains no unconditional output, which guidance w != 1 pushes away from."""
+    with pytest.raises(ValueError, match="p_uncond 0 trains no unconditional model"):
+        DiffusionConfig(p_uncond=0.0)
+    assert DiffusionConfig(p_uncond=0.0, sample_guidance=1.0).sample_guidance == 1.0
 
 
 def test_every_checked_field_has_its_edges_listed():

@@ -1200,3 +1200,86 @@ def test_a_folder_base_names_its_folder_and_the_hint_works(tmp_path, quick_judge
         r = run_cli(script, "--checkpoint", ckpt, *flags)
         one_line_error(r, "--data-dir data: this model was trained on the folder", f"pass --data-dir '{digits}'")
         assert run_cli(script, "--checkpoint", ckpt, *flags, "--data-dir", str(digits)).returncode == 0
+
+
+# ----- after the thirteenth probe -----
+
+def test_a_folder_run_is_reported_against_its_folder_without_a_reference_row(tmp_path):
+    """Before: a folder run's report said "real test ink" and JSON "classifier_test_accuracy", and
+    scored its training digits -- the real side itself -- as "the best a model can reach"."""
+    digits = tmp_path / "digits"
+    digit_folder(str(digits), n=4)
+    run = str(tmp_path / "run")
+    assert run_cli("train.py", *TINY_FLAGS, "--dataset", "folder", "--data-dir", str(digits), "--max-steps", "2",
+                   "--no-figures", "--out", run).returncode == 0
+    out = tmp_path / "e.json"
+    r = run_cli("evaluate.py", "--checkpoint", os.path.join(run, "ckpt.pt"), "--n", "1", "--steps", "2",
+                "--data-dir", str(digits), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["training_digits"] is None and "the best a model can reach" not in r.stdout
+    assert "which are also the real side here" in r.stdout
+    assert "real test" not in r.stdout and "the folder's digits: ink" in r.stdout
+    assert res["classifier_judged_on"] == evaluate.judged_on("folder") and "classifier_test_accuracy" not in res
+
+
+def test_a_mnist_report_names_the_test_digits_and_keeps_its_reference(tiny_ckpt, quick_judge, tmp_path):
+    out = tmp_path / "e.json"
+    r = run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--n", "2", "--steps", "2", "--data-dir", quick_judge,
+                "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["classifier_judged_on"] == "real test digits" and res["classifier_accuracy"] == 0.0
+    assert res["training_digits"]["n"] == 20 and "real test digits: ink" in r.stdout
+
+
+def test_a_model_trained_without_label_dropout_is_not_guided(tiny_ckpt, tmp_path):
+    """Before: --p-uncond 0 trained no unconditional model, and sampling guided from it at w = 2
+    (the default) without a word."""
+    run = str(tmp_path / "run")
+    one_line_error(run_cli("train.py", *TINY_FLAGS, "--p-uncond", "0", "--max-steps", "1", "--out", run),
+                   "p_uncond 0 trains no unconditional model", "add --sample-guidance 1")
+    assert not os.path.exists(run)
+    assert run_cli("train.py", *TINY_FLAGS, "--p-uncond", "0", "--sample-guidance", "1", "--max-steps", "1",
+                   "--no-figures", "--out", run).returncode == 0            # the hint, followed
+    ckpt = os.path.join(run, "ckpt.pt")
+    png = tmp_path / "s.png"
+    one_line_error(run_cli("sample.py", "--checkpoint", ckpt, "--guidance", "2", "--steps", "2", "--out", str(png)),
+                   "guidance 2: this model was trained with --p-uncond 0", "--guidance 1")
+    one_line_error(run_cli("evaluate.py", "--checkpoint", ckpt, "--sweep-guidance", "1,2", "--n", "1",
+                           "--json", str(tmp_path / "e.json")), "guidance 2: this model was trained")
+    assert not png.exists() and not (tmp_path / "e.json").exists()
+    assert run_cli("sample.py", "--checkpoint", ckpt, "--steps", "2", "--n", "1", "--out", str(png)).returncode == 0
+
+
+def test_a_grid_of_an_adapter_beside_its_checkpoint_keeps_the_bases_grid(tiny_ckpt, wild_adapter, tmp_path):
+    """Before: both went to sample_7.png in that folder, the second replacing the first."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(tiny_ckpt, folder / "ckpt.pt")
+    shutil.copy(wild_adapter, folder / "bold.safetensors")
+    ckpt, adapter = str(folder / "ckpt.pt"), str(folder / "bold.safetensors")
+    for extra in ([], ["--lora", adapter]):
+        assert run_cli("sample.py", "--checkpoint", ckpt, *extra, "--steps", "2", "--n", "1").returncode == 0
+    assert {"sample_7.png", "sample_7_bold.png"} <= set(os.listdir(folder))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    shutil.copy(wild_adapter, other / "a.safetensors")                     # elsewhere: the plain name
+    assert run_cli("sample.py", "--checkpoint", ckpt, "--lora", str(other / "a.safetensors"), "--steps", "2",
+                   "--n", "1").returncode == 0
+    assert sorted(os.listdir(other)) == ["a.safetensors", "sample_7.png"]
+
+
+@pytest.mark.parametrize("script,flags,ckpt_name", [
+    ("train.py", [*TINY_FLAGS, "--max-steps", "1"], "ckpt.pt"),
+    ("lora_finetune.py", ["--max-steps", "1", "--eval-n", "0", "--batch-size", "16"], "finetune_ckpt.pt")])
+def test_resume_keeps_a_no_figures_run_without_figures(tiny_ckpt, tmp_path, script, flags, ckpt_name):
+    """Before: `--resume` without --no-figures drew the loss curve and grid of a --no-figures run."""
+    out = str(tmp_path / "run")
+    base = ["--checkpoint", tiny_ckpt] if script == "lora_finetune.py" else []
+    assert run_cli(script, *base, *flags, "--no-figures", "--out", out).returncode == 0
+    assert load_checkpoint(os.path.join(out, ckpt_name))["figures"] is False
+    more = ["--max-steps", "2"]
+    r = run_cli(script, "--out", out, "--resume", *more)
+    assert r.returncode == 0, r.stderr
+    assert not [f for f in os.listdir(out) if f.endswith(".png")]

@@ -39,6 +39,7 @@ def test_a_row_is_reused_only_with_the_same_flags(tmp_path, monkeypatch):
     assert lora_table.run_row("attn", 4, args, []) == done(1) and len(runs) == 1   # read, not re-run
     assert lora_table.run_row("attn", 4, args, ["--steps", "12"]) == done(2)      # changed flags
     assert "--steps" in runs[-1] and len(runs) == 2
+    assert lora_table.run_row("attn", 4, args, ["--steps=12"]) == done(2) and len(runs) == 2   # one flag, spelt
     os.remove(os.path.join(args.out, "attn-r4", "row_flags.json"))                 # unknown origin
     assert lora_table.run_row("attn", 4, args, ["--steps", "12"]) == done(3)
     base(tmp_path, b"retrained")                          # the base retrained at the same path: a new row
@@ -222,7 +223,7 @@ def test_a_run_the_table_did_not_start_is_never_replaced(tmp_path, monkeypatch):
                           ("summary.json", summary(7, 0.1, 0.1, 0.9, "qkv", 4, "bold"))):
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f)
-    with pytest.raises(lora_table.TableError, match="other settings than row attn r=4 \\(qkv r=4, bold\\); move it away"):
+    with pytest.raises(lora_table.TableError, match="other settings than row attn r=4, italic \\(qkv r=4, bold\\); move it away"):
         lora_table.run_row("attn", 4, args, [])
     os.remove(os.path.join(folder, "summary.json"))
     with pytest.raises(lora_table.TableError, match="holds a fine-tuning run this table did not start"):

@@ -52,12 +52,14 @@ def run_row(targets, r, args, extra):
     summary, flags_file = os.path.join(out, "summary.json"), os.path.join(out, "row_flags.json")
     started_file = os.path.join(out, "row_started.json")
     flags = ["--style", args.style, "--targets", targets, "--r", str(r), "--alpha", str(r),
-             "--eval-n", str(args.eval_n), "--checkpoint", os.path.abspath(args.checkpoint), *extra]
-    row = {"flags": flags, "base_sha256": file_digest(args.checkpoint)}   # a base retrained in place: a new row
+             "--eval-n", str(args.eval_n), "--checkpoint", os.path.abspath(args.checkpoint)]
+    row = {"flags": flags + same_flags(extra),                 # --steps=2 and --steps 2: the same row
+           "base_sha256": file_digest(args.checkpoint)}       # a base retrained in place: a new row
+    flags += extra
     found = read_json(summary)
     if complete(found) and found["config"]["lora"] != {**found["config"]["lora"], "targets": targets, "r": r,
                                                        "style": args.style}:
-        raise TableError(f"{out} holds a fine-tuning run of other settings than row {targets} r={r} "
+        raise TableError(f"{out} holds a fine-tuning run of other settings than row {targets} r={r}, {args.style} "
                          f"({found['config']['lora']['targets']} r={found['config']['lora']['r']}, "
                          f"{found['config']['lora']['style']}); move it away, or choose another --out")
     if os.path.lexists(os.path.join(out, "run.json")) and read_json(started_file) is None:
@@ -82,6 +84,11 @@ def run_row(targets, r, args, extra):
             raise TableError(f"row {targets} r={r}: {summary} is not a fine-tuning summary with an evaluation")
         write_json(flags_file, row)
     return read_json(summary)
+
+
+def same_flags(words):
+    """Passed-through flags as one spelling: "--steps=2" -> "--steps", "2" (what argparse reads alike)."""
+    return [w for word in words for w in (word.split("=", 1) if word.startswith("--") and "=" in word else [word])]
 
 
 def complete(summary):
