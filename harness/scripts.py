@@ -614,7 +614,7 @@ def open_sampling(argv=None):
     init, mask = load_edit_images(args, device)
     beside = args.lora[0] if args.lora else args.checkpoint     # a LoRA grid goes beside its adapter
     name = "sample_" + label_name(args.label) + ("_inpaint" if mask is not None else "_img2img" if init is not None else "")
-    if args.lora and same_folder(beside, args.checkpoint):          # the base's own grid has that name there
+    if args.lora and not shipped(beside) and same_folder(beside, args.checkpoint):    # the base's grid is there
         name += "_" + "+".join(os.path.splitext(os.path.basename(a))[0] for a in args.lora)
     out = args.out or os.path.join(output_folder(beside), name + ".png")
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
