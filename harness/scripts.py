@@ -364,8 +364,8 @@ def sample_args(argv=None):
     p.add_argument("--n", type=int, default=10,
                    help=f"samples per label (default: 10; at most {MAX_IMAGES:,} images in all)")
     p.add_argument("--out", default=None, help="PNG path (default: sample_<label>.png beside the checkpoint, or beside "
-                   "the first --lora adapter, as sample_<label>_<adapter>.png when it sits beside the checkpoint; runs/weights/ "
-                   "for the shipped weights); "
+                   "the first --lora adapter, as sample_<label>_<adapter>.png when it sits beside the checkpoint; "
+                   "runs/weights/ for the shipped weights); "
                    f"the grid shows the first {GRID_MAX} samples of each label")
     p.add_argument("--npz", default=None, help="also save images uint8 (N,28,28) and labels (N,) here (a .npz)")
     p.add_argument("--show-steps", action="store_true", help="also save the denoising trajectory figure")
