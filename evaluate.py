@@ -720,6 +720,8 @@ def main(argv=None):
                    "--npz": args.npz, "classifier": glob.glob(os.path.join(args.data_dir, "classifier_*.pt"))},
                   {"--style-dir": args.style_dir, "--data-dir": args.data_dir if dataset == "folder" else None},
                   create=new_folder)
+    if not out.lower().endswith(".json"):               # e.g. a run's figure: not a report's name
+        raise SampleError(f"--json {shown(out)}: evaluate.py writes JSON there; give a name ending in .json")
     if new_folder:
         os.makedirs(os.path.dirname(out), exist_ok=True)
     remove_stale_temps([out, sweep_png])                 # a killed earlier run's, of these names only

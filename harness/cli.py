@@ -13,7 +13,7 @@ import harness
 from dataset import DataError
 from diffusion import SamplingError
 from harness.dist import DeviceError
-from harness.files import CheckpointError
+from harness.files import CheckpointError, first_line
 from harness.run import HeldRun, TrainingError
 from lora import LoraError
 
@@ -183,6 +183,25 @@ class GuardedStdout:
         return getattr(self.stream, name)
 
 
+def compile_failure(e):
+    """torch.compile's own failure (its C++ compiler, a cache file a killed compile left broken) ->
+    the line to print, or None for any other exception."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if not any(type(c).__module__.startswith(("torch._dynamo", "torch._inductor")) for c in chain):
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        cache = cache_dir()
+    except Exception:                          # another torch: its usual place
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "its cache folder")
+    return (f"--compile failed ({first_line(chain[0], 160)}); drop --compile, or, if a killed compile left its "
+            f"cache broken, delete {cache} and try again")
+
+
 def interrupted(e):
     """True when a KeyboardInterrupt is somewhere in the chain of causes of exception e."""
     seen = set()
@@ -221,10 +240,13 @@ def run_cli(main, argv=None, prog=None):
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:                     # Ctrl-C inside a library that wraps it (torch.compile's
-        if not interrupted(e):                 # InductorError): still an interrupt, not a bug
+        if interrupted(e):                     # InductorError): still an interrupt, not a bug
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        line = compile_failure(e)
+        if not line:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        sys.exit(f"{prog}: error: {line}")
     finally:
         for run in list(HeldRun.held):         # an interrupt between the set-up and its `with`: the
             run.close()                        # lock goes, and the folder if the run made it and wrote nothing

@@ -396,8 +396,8 @@ def check_outputs(outputs, inputs, folders=(), create=False, weights_ok=False):
         (a FIFO, a device: replacing it would be a loss, writing into it no result),
       - has a name longer than the file system takes (NAME_MAX),
       - sits in a folder that does not exist or cannot be written.
-    outputs: {label: path} or (label, path) pairs, label as the user knows it ("--out"); None
-    paths are skipped.
+    outputs: {label: path} or (label, path) pairs, label as the user knows it: the flag that
+    named the path ("--out"), or what writes it ("this run's file"); None paths are skipped.
     inputs: {label: path or list of paths} of the files read; folders: {label: folder} read.
     create: the outputs' folder may not exist yet (a run folder): its nearest existing parent
     must then be a writable folder."""
@@ -408,7 +408,8 @@ def check_outputs(outputs, inputs, folders=(), create=False, weights_ok=False):
             continue
         where = f"{label} {shown(path)}"
         if os.path.isdir(path) or path.endswith(("/", os.sep)):
-            raise CheckpointError(f"{where}: is {'an existing' if os.path.isdir(path) else 'a'} folder; give a file name")
+            fix = "give a file name" if re.fullmatch(r"--[\w-]+", label) else "move it away"   # a flag's, or ours
+            raise CheckpointError(f"{where}: is {'an existing' if os.path.isdir(path) else 'a'} folder; {fix}")
         kind = not_a_regular_file(path)
         if kind:
             raise CheckpointError(f"{where}: is a {kind}, not a regular file; refusing to replace it")

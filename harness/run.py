@@ -134,7 +134,7 @@ def open_run(tcfg, resume, overwrite, ckpt_name, writes=(), inputs=None, folders
         if recorded and not resume:
             check_not_inputs(tcfg.out, recorded["files"], inputs or {})
         recorded = recorded is not None
-        outputs = [("--out", os.path.join(tcfg.out, n)) for n in files]
+        outputs = [("this run's file", os.path.join(tcfg.out, n)) for n in files]
         check_outputs(outputs[:1], inputs or {}, folders or {}, create=True, weights_ok=True)   # its own checkpoint
         check_outputs(outputs[1:], inputs or {}, folders or {}, create=True,    # an adapter: only beside that
                       weights_ok=os.path.isfile(ckpt_path))                      # checkpoint, never another run's
@@ -207,12 +207,14 @@ class HeldRun(contextlib.AbstractContextManager):
 
     def close(self):
         """Release the run folder's lock (what the end of the `with` does); remove the folder if this
-        run created it and wrote nothing."""
+        run created it and wrote nothing but its record."""
         HeldRun.held.discard(self)
         if self.lock:
             self.lock.release()
         if self.created:
             try:
+                if os.listdir(self.folder) == [RECORD]:     # failed before its first file: the record of nothing
+                    os.remove(os.path.join(self.folder, RECORD))
                 os.rmdir(self.folder)                 # only if empty
             except OSError:
                 pass

@@ -619,7 +619,8 @@ def open_sampling(argv=None):
     out = args.out or os.path.join(output_folder(beside), name + ".png")
     steps_path = os.path.splitext(out)[0] + "_steps.png" if args.show_steps else None
     new_folder = not args.out and shipped(beside)                   # runs/weights/, made once the checks pass
-    check_outputs({"--out": out, "--npz": args.npz, "--show-steps figure": steps_path},
+    check_outputs({"--out" if args.out else "the default output": out, "--npz": args.npz,
+                   "--show-steps figure": steps_path},
                   {"--checkpoint": args.checkpoint, "--lora adapter": args.lora, "--init": args.init,
                    "--mask": args.mask}, create=new_folder)          # before any work
     for flag, path, ext in (("--out", args.out, ".png"), ("--npz", args.npz, ".npz")):

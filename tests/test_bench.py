@@ -9,6 +9,7 @@ import subprocess
 import bench
 import pytest
 import torch
+from conftest import TINY_FLAGS, run_cli
 
 from config import ModelConfig
 
@@ -135,9 +136,34 @@ def test_bad_flags_are_one_usage_error(flags, needle, capsys, tmp_path):
     assert needle in capsys.readouterr().err
 
 
+def test_the_ddpm_row_is_named_and_scaled_by_the_models_T(capsys):
+    """Before: a T = 50 model's rows said "ddpm1000" and "DDIM 50 is 33x faster than DDPM 1000"."""
+    sample = {"ddpm50": {"seconds": 2.5, "accuracy": None, "extrapolated": True}, "T": 50,
+              **{k: v for k, v in results()["sample"].items() if k != "ddpm1000"}}
+    bench.report(results(sample=sample))
+    out = capsys.readouterr().out
+    assert "DDIM 50 is 0.5x faster than DDPM 50;" in out and "(20 steps timed, x2.5)" in out and "ddpm1000" not in out
+
+
+def test_a_model_of_fewer_steps_than_the_rows_is_refused_and_no_run_means_the_shipped_model(tmp_path, capsys,
+                                                                                          monkeypatch):
+    run = str(tmp_path / "t30")
+    assert run_cli("train.py", *TINY_FLAGS, "--timesteps", "30", "--max-steps", "1", "--no-figures",
+                   "--out", run).returncode == 0
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--checkpoint", os.path.join(run, "ckpt.pt"), "--json", str(tmp_path / "b.json")])
+    assert e.value.code == 2 and "T = 30, fewer than the 50 steps the sampling rows run" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)                        # no runs/mnist here
+    os.mkdir(tmp_path / "taken.json")                  # stops it at the output check, before any work
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--json", "taken.json"])
+    out, err = capsys.readouterr()
+    assert "no run of yours at runs/mnist/ckpt.pt: using the shipped weights" in out and "taken.json" in err
+
+
 def test_the_sampling_sections_on_the_tiny_model(tiny_ckpt, quick_judge, tmp_path, monkeypatch):
     """section_sample: guidance as two separate passes gives the same images (so the same
-    accuracy) as the batched one; DDPM is 20 guided calls scaled by 50. lora_sampling: a time
+    accuracy) as the batched one; DDPM is 20 guided calls scaled to the model's T. lora_sampling: a time
     per model. The accuracies are the judge's on those very images."""
     os.symlink(quick_judge, tmp_path / "data")
     monkeypatch.chdir(tmp_path)
@@ -150,10 +176,10 @@ def test_the_sampling_sections_on_the_tiny_model(tiny_ckpt, quick_judge, tmp_pat
     assert len(judged) == 3 and judged[1].shape == (10, 1, 28, 28)        # ddim20, ddim50, ddim50 unbatched
     assert (judged[1] - judged[2]).abs().max() < 1e-4, "guidance in one batch or two passes: the same images"
     assert (judged[0] - judged[1]).abs().max() > 1e-3, "20 steps are not 50"
-    assert r["ddpm1000"]["seconds"] == pytest.approx(10.0), "1,000 DDPM steps of one guided call each"
-    assert set(r) == {"ddim20", "ddim50", "ddim50_unbatched", "ddpm1000", "peak_rss_mb"}
+    assert r["T"] == 50 and r["ddpm50"]["seconds"] == pytest.approx(0.5), "T = 50 DDPM steps of one guided call each"
+    assert set(r) == {"ddim20", "ddim50", "ddim50_unbatched", "ddpm50", "T", "peak_rss_mb"}    # named by its T
     assert r["ddim50"]["accuracy"] == r["ddim50_unbatched"]["accuracy"]
-    assert r["ddpm1000"]["extrapolated"] and r["ddpm1000"]["accuracy"] is None
+    assert r["ddpm50"]["extrapolated"] and r["ddpm50"]["accuracy"] is None
     assert all(0 <= r[k]["accuracy"] <= 1 and r[k]["seconds"] > 0 for k in ("ddim20", "ddim50"))
     s = bench.section_lora_sampling(args, torch.device("cpu"))
     assert set(s) == {"base", "unmerged", "merged"} and all(v["ms_per_call"] > 0 for v in s.values())

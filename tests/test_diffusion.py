@@ -214,7 +214,7 @@ def test_sampling_without_a_guidance_uses_the_models_sample_guidance():
 def test_draw_drops_labels_with_probability_p_uncond(p):
     """Classifier-free guidance learns the unconditional model from the labels dropped here: a
     share p_uncond of them, independent of t; the noise is standard normal."""
-    d = Diffusion(DiffusionConfig(timesteps=100, p_uncond=p))
+    d = Diffusion(DiffusionConfig(timesteps=100, p_uncond=p, sample_guidance=2.0 if p else 1.0))
     t, noise, drop = d.draw(100_000, (1, 2, 2), "cpu", torch.Generator().manual_seed(0))
     assert abs(drop.double().mean().item() - p) < 0.005
     if 0 < p:

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evaluate
+import harness.cli
 import harness.files
 import harness.scripts
 import lora
@@ -1283,3 +1284,62 @@ def test_resume_keeps_a_no_figures_run_without_figures(tiny_ckpt, tmp_path, scri
     r = run_cli(script, "--out", out, "--resume", *more)
     assert r.returncode == 0, r.stderr
     assert not [f for f in os.listdir(out) if f.endswith(".png")]
+
+
+# ----- the fourteenth probe -----
+
+def test_a_folder_in_the_way_of_a_runs_own_file_is_named_as_such(tmp_path):
+    """Before: "--out runs/r1/samples.png: is an existing folder; give a file name", where --out
+    was runs/r1 (a folder, as it must be)."""
+    run = tmp_path / "r1"
+    assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--out", str(run)).returncode == 0
+    (run / "loss.png").mkdir()
+    r = run_cli("train.py", "--resume", "--out", str(run), "--max-steps", "2", "--no-figures")
+    one_line_error(r, f"this run's file {run / 'loss.png'}: is an existing folder; move it away")
+    assert "give a file name" not in r.stderr
+    (run / "loss.png").rmdir()                            # the hint, followed: the run goes on
+    assert run_cli("train.py", "--resume", "--out", str(run), "--max-steps", "2", "--no-figures").returncode == 0
+
+
+def test_sample_names_its_default_output_not_a_flag_that_was_not_given(tiny_ckpt, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(tiny_ckpt, folder / "ckpt.pt")
+    (folder / "sample_7.png").mkdir()
+    r = run_cli("sample.py", "--checkpoint", str(folder / "ckpt.pt"), "--n", "1", "--steps", "2")
+    one_line_error(r, f"the default output {folder / 'sample_7.png'}: is an existing folder; move it away")
+    one_line_error(run_cli("sample.py", "--checkpoint", str(folder / "ckpt.pt"), "--out", str(folder / "sample_7.png")),
+                   "--out", "is an existing folder; give a file name")
+
+
+def test_evaluate_and_bench_write_json_only_under_a_json_name(tiny_ckpt, tmp_path):
+    """Before: `evaluate.py --json runs/r2/samples.png` replaced another run's figure with JSON."""
+    png = tmp_path / "samples.png"
+    png.write_bytes(b"\x89PNG figure")
+    one_line_error(run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--n", "1", "--steps", "2", "--json", str(png)),
+                   "writes JSON there; give a name ending in .json")
+    assert png.read_bytes() == b"\x89PNG figure"
+    r = run_cli("tools/bench.py", "--checkpoint", tiny_ckpt, "--json", str(png))
+    assert r.returncode == 2 and "give a name ending in .json" in r.stderr and png.read_bytes() == b"\x89PNG figure"
+
+
+def test_a_compile_failure_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
+    """Before: a torch.compile cache file left broken by a killed compile was a long InductorError
+    traceback, and the run folder stayed behind holding only its record."""
+    import torch._inductor.exc as inductor
+
+    class Broken(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, *a, **k):
+            raise inductor.InductorError(ImportError("/tmp/torchinductor_x/main.so: file too short"), None)
+    monkeypatch.setattr(torch, "compile", lambda net, **k: Broken(net))
+    run = tmp_path / "run"
+    r = run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--compile", "--no-figures", "--out", str(run))
+    one_line_error(r, "--compile failed (ImportError: /tmp/torchinductor_x/main.so: file too short); drop --compile")
+    assert not run.exists()
+    assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--out", str(run)).returncode == 0
+    with pytest.raises(ValueError, match="a bug"):            # any other error stays a traceback: a bug to see
+        harness.cli.run_cli(lambda argv: (_ for _ in ()).throw(ValueError("a bug")), [], prog="x.py")

@@ -197,7 +197,7 @@ def test_only_lora_trains_and_every_adapter_gets_gradient():
     model.train()
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0))
+    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0, sample_guidance=1.0))
     x0 = torch.rand(8, 1, 28, 28) * 2 - 1
     for step in range(3):
         opt.zero_grad()

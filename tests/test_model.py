@@ -58,7 +58,7 @@ def _grad_of(model, name):
 def test_wq_wk_receive_gradients():
     """With L >= 2 context tokens every W_q and W_k gets a non-zero gradient."""
     model = UNet(TINY)
-    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0))
+    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0, sample_guidance=1.0))
     d.loss(model, torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8)).backward()
     names = [n for n, _ in model.named_parameters() if n.endswith(("to_q.weight", "to_k.weight"))]
     assert len(names) == 2 * sum(isinstance(m, ResnetBlock) for m in model.modules())

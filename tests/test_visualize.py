@@ -309,7 +309,7 @@ def test_real_batch_is_balanced_and_seeded_and_the_batch_drops_every_8th_label(t
     x3, _ = V.real_batch("folder", root, 20, "cpu", seed=1)
     assert torch.equal(x, x2) and not torch.equal(x, x3)
     assert V.real_batch("folder", root, 7, "cpu")[1].tolist() == [0, 1, 2, 3, 4, 5, 6]
-    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0))
+    d = Diffusion(DiffusionConfig(timesteps=50, p_uncond=0.0, sample_guidance=1.0))
     t, noise, drop = V.batch_randomness(d, x, seed=3)
     assert drop.tolist() == [i % 8 == 0 for i in range(20)], "only every 8th label, with p_uncond 0"
     g = torch.Generator().manual_seed(3)

@@ -23,7 +23,8 @@ import torch
 from config import PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig
 from harness.cli import Parser, explicit_flags, run_cli
 from harness.dist import DeviceError, pick_device
-from harness.files import DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, write_json
+from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_outputs, dataset_of, load_model,
+                           shipped_unless_trained, write_json)
 
 GUIDED = SampleConfig(guidance=2.0)      # what a sampling step costs: two network passes
 
@@ -195,7 +196,6 @@ def section_sample(args, device):
     """Sampling 100 images (10 per digit) with several samplers, and their accuracy."""
     import evaluate
     from diffusion import Diffusion
-    from harness.files import load_model
     model, diff_cfg, ckpt = load_model(args.checkpoint, device)
     model = model.to(memory_format=torch.channels_last)
     d = Diffusion(diff_cfg, model.cfg.num_classes).to(device)
@@ -213,7 +213,7 @@ def section_sample(args, device):
         d.predict_eps_x0(model, x[:len(y)], mid, y, GUIDED)
     runs = [("ddim20", "ddim", 20, True), ("ddim50", "ddim", 50, True), ("ddim50_unbatched", "ddim", 50, False)]
     if args.full_ddpm:
-        runs.append(("ddpm1000", "ddpm", 1000, True))
+        runs.append((f"ddpm{d.T}", "ddpm", d.T, True))
     for name, sampler, steps, batched in runs:
         g = torch.Generator(device).manual_seed(0)
         t0 = time.perf_counter()
@@ -224,10 +224,11 @@ def section_sample(args, device):
         sec = time.perf_counter() - t0
         acc = (evaluate.classify(clf, x.cpu())[0].argmax(1) == y.cpu()).float().mean().item()
         results[name] = {"seconds": sec, "accuracy": acc}
-    if not args.full_ddpm:  # every DDPM step is one guided network call: time 20, scale to 1,000
+    if not args.full_ddpm:  # every DDPM step is one guided network call: time 20, scale to all T
         x = torch.randn(len(y), 1, 28, 28, device=device)
         sec, _ = timed(lambda: d.predict_eps_x0(model, x, mid, y, GUIDED), 2, 20)
-        results["ddpm1000"] = {"seconds": 1000 * sec, "accuracy": None, "extrapolated": True}
+        results[f"ddpm{d.T}"] = {"seconds": d.T * sec, "accuracy": None, "extrapolated": True}
+    results["T"] = d.T
     results["peak_rss_mb"] = peak_rss_mb()
     return results
 
@@ -239,7 +240,6 @@ def section_lora_sampling(args, device):
 
     import lora
     from diffusion import Diffusion
-    from harness.files import load_model
     base, diff_cfg, _ = load_model(args.checkpoint, device)
     unmerged = copy.deepcopy(base)
     lc = LoraConfig()                                       # lora_finetune.py's defaults
@@ -274,7 +274,6 @@ def section_cli(args, device):
                                     check=True).stdout)     # torch + this project, in a fresh process
     import sample
     t1 = time.perf_counter()
-    from harness.files import load_model
     model, diff_cfg, _ = load_model(args.checkpoint, device)
     t2 = time.perf_counter()
     from diffusion import Diffusion
@@ -360,8 +359,18 @@ def main(argv=None):
         modes = quick(args, modes, explicit_flags(p, argv))
     if args.n < 10 or args.n % 10 or args.batch < 1 or args.reps < 1:
         p.error("--n must be a positive multiple of 10; --batch and --reps >= 1")
+    if not args.json.lower().endswith(".json"):
+        p.error(f"--json {args.json}: the results are JSON; give a name ending in .json")
+    args.checkpoint = shipped_unless_trained(args.checkpoint, DEFAULT_CHECKPOINT)
     if not os.path.isfile(args.checkpoint):
         p.error(f"{args.checkpoint} not found (run `python train.py` first)")
+    try:
+        T = load_model(args.checkpoint)[1].timesteps
+    except CheckpointError as e:
+        p.error(str(e))
+    if T < 50:                                       # the rows are DDIM 20 and 50 steps, and DDPM's T
+        p.error(f"--checkpoint {args.checkpoint}: T = {T}, fewer than the 50 steps the sampling rows run; "
+                "bench a model trained with --timesteps 50 or more")
     try:
         check_outputs({"--json": args.json, "the sample.py run's PNG": os.path.splitext(args.json)[0] + "_sample_7.png"},
                       {"--checkpoint": args.checkpoint}, create=True)   # before any work
@@ -434,11 +443,12 @@ def report(R):
     else:
         header = f"sampling {R['n']} images"
         print(f"{header:<28}{'seconds':>8}{'accuracy':>9}")
-        for name in ("ddpm1000", "ddim50", "ddim20", "ddim50_unbatched"):
+        T = s.get("T", 1000)                   # results written before T was recorded: 1,000
+        for name in (f"ddpm{T}", "ddim50", "ddim20", "ddim50_unbatched"):
             acc = "-" if s[name]["accuracy"] is None else f"{100 * s[name]['accuracy']:.0f}%"
-            note = " (20 steps timed, x50)" if s[name].get("extrapolated") else ""
+            note = f" (20 steps timed, x{T / 20:g})" if s[name].get("extrapolated") else ""
             print(f"{name:<28}{s[name]['seconds']:8.2f}{acc:>9}{note}")
-        print(f"DDIM 50 is {s['ddpm1000']['seconds'] / s['ddim50']['seconds']:.1f}x faster than DDPM 1000; "
+        print(f"DDIM 50 is {s[f'ddpm{T}']['seconds'] / s['ddim50']['seconds']:.1f}x faster than DDPM {T}; "
               f"batching guidance {s['ddim50_unbatched']['seconds'] / s['ddim50']['seconds']:.2f}x | "
               f"sampling peak RSS {s['peak_rss_mb']:.0f} MB")
     ls = R["lora_sampling"]
