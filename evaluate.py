@@ -421,6 +421,8 @@ def lora_comparison(args, tuned, diffusion, dataset, scfg):
     """evaluate.py --lora: the adapted model against the base model and the styled real data
     (the style of the first adapter)."""
     style = adapter_style(args)
+    if len(args.lora) > 1:                                # composed adapters: one target, said so
+        print(f"{len(args.lora)} adapters, composed: their samples are compared with the first one's style, {style}")
     base_model = load_model(args.checkpoint, diffusion.betas.device)[0]
     return style_evaluation(base_model, tuned, diffusion, dataset, style, args.data_dir, args.n, scfg,
                             folder=args.style_dir)
@@ -730,7 +732,8 @@ def main(argv=None):
     results = {"dataset": dataset, "classifier_accuracy": clf_acc, "classifier_judged_on": judged_on(dataset)}
     if not args.npz:                                      # what was scored, so a result names its inputs
         results.update(checkpoint=os.path.abspath(args.checkpoint), checkpoint_sha256=file_digest(args.checkpoint),
-                       adapters=[os.path.abspath(a) for a in args.lora], lora_scale=args.lora_scale)
+                       adapters=[os.path.abspath(a) for a in args.lora],
+                       lora_scale=args.lora_scale or [1.0] * len(args.lora))      # the scales applied
         results["sampling"] = sampling_record(scfg, diffusion, swept=bool(scales))
 
     if args.npz:

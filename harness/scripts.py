@@ -233,6 +233,9 @@ def sample_config(args, diff_cfg, num_classes, **overrides):
     if diff_cfg.p_uncond == 0 and scfg.guidance != 1:
         raise SampleError(f"guidance {scfg.guidance:g}: this model was trained with --p-uncond 0, so it never learned "
                           "the unconditional output guidance pushes away from; sample it with --guidance 1")
+    if scfg.guidance == 0 and scfg.negative >= 0:
+        raise SampleError(f"--negative {scfg.negative} at guidance 0 draws that digit itself (out(neg) + 0 (out(y) - "
+                          "out(neg)) = out(neg)) for every label; a negative label needs guidance above 1")
     if not swept:
         check_guidance_applies(scfg, diff_cfg)
     return scfg

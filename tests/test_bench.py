@@ -245,3 +245,31 @@ def test_quick_never_overrides_a_flag_that_was_given():
     args = args_for(reps=10, n=100)
     assert bench.quick(args, ["eager", "compile"], given={"quick", "reps", "n", "modes"}) == ["eager", "compile"]
     assert (args.reps, args.n) == (10, 100)
+
+
+def test_an_interrupted_rerun_keeps_the_finished_results(tiny_ckpt, tmp_path, monkeypatch):
+    """Before: the partial results of a rerun stopped by Ctrl-C replaced the complete --json."""
+    def run_section(name, args, **extra):
+        if name == "profile" and stop:
+            raise KeyboardInterrupt
+        if name == "train":
+            return results()["lora_train"] if extra.get("lora") else results()["train"]["eager"]
+        return results()[{"matmul": "matmul", "profile": "profile", "sample": "sample",
+                          "lora_sampling": "lora_sampling", "cli": "sample_cli"}[name]]
+    monkeypatch.setattr(bench, "run_section", run_section)
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+    out, partial = tmp_path / "bench.json", tmp_path / "bench.partial.json"
+    stop = False
+    bench.main(["--checkpoint", tiny_ckpt, "--json", str(out), "--modes", "eager"])
+    finished = out.read_bytes()
+    assert "sample_cli" in json.loads(finished) and not partial.exists()
+    stop = True
+    r = run_cli("tools/bench.py", "--checkpoint", tiny_ckpt, "--json", str(out), "--modes", "eager")
+    assert r.returncode == 130 and f"until then (and if stopped) what is measured is in {partial}" in r.stdout
+    assert out.read_bytes() == finished and list(json.loads(partial.read_text())["train"]) == ["eager"]
+
+
+def test_bench_threads_out_of_range_is_one_usage_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--threads", "-1"])
+    assert e.value.code == 2 and "--threads -1: must be between 0 (torch's default) and 4096" in capsys.readouterr().err

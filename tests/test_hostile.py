@@ -1343,3 +1343,25 @@ def test_a_compile_failure_is_one_line_and_leaves_no_folder(tmp_path, monkeypatc
     assert run_cli("train.py", *TINY_FLAGS, "--max-steps", "1", "--no-figures", "--out", str(run)).returncode == 0
     with pytest.raises(ValueError, match="a bug"):            # any other error stays a traceback: a bug to see
         harness.cli.run_cli(lambda argv: (_ for _ in ()).throw(ValueError("a bug")), [], prog="x.py")
+
+
+# ----- the fifteenth probe -----
+
+@pytest.mark.parametrize("flags", [["--guidance", "0"], ["--sweep-guidance", "0,2"]])
+def test_a_negative_label_at_guidance_zero_is_refused(tiny_ckpt, tmp_path, flags):
+    """Before: every label drew the negative digit itself (out(neg) + 0 (out(y) - out(neg))), exit 0."""
+    script = "evaluate.py" if "--sweep-guidance" in flags else "sample.py"
+    out = str(tmp_path / ("e.json" if script == "evaluate.py" else "s.png"))
+    one_line_error(run_cli(script, "--checkpoint", tiny_ckpt, *flags, "--negative", "3", "--steps", "2", "--n", "1",
+                           "--json" if script == "evaluate.py" else "--out", out), "--negative 3 at guidance 0 draws")
+    assert not os.path.exists(out)
+
+
+def test_evaluate_records_the_scales_it_applied(tiny_ckpt, wild_adapter, quick_judge, tmp_path):
+    """Before: without --lora-scale the JSON said lora_scale [] though each adapter ran at 1."""
+    out = tmp_path / "e.json"
+    r = run_cli("evaluate.py", "--checkpoint", tiny_ckpt, "--lora", wild_adapter, "--n", "1", "--steps", "2",
+                "--data-dir", quick_judge, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["lora_scale"] == [1.0] and res["adapters"] == [os.path.abspath(wild_adapter)]

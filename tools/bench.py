@@ -331,6 +331,8 @@ def main(argv=None):
                    help="1: run DDPM's 1,000 steps for real to get its accuracy (minutes on a CPU); "
                         "0: time 20 steps and scale (default: 1 on cuda, 0 on cpu)")
     args = p.parse_args(argv)
+    if not 0 <= args.threads <= 4096:
+        p.error(f"--threads {args.threads}: must be between 0 (torch's default) and 4096")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device not in ("cpu", "cuda"):
@@ -372,10 +374,13 @@ def main(argv=None):
         p.error(f"--checkpoint {args.checkpoint}: T = {T}, fewer than the 50 steps the sampling rows run; "
                 "bench a model trained with --timesteps 50 or more")
     try:
-        check_outputs({"--json": args.json, "the sample.py run's PNG": os.path.splitext(args.json)[0] + "_sample_7.png"},
+        partial = os.path.splitext(args.json)[0] + ".partial.json"      # until the end: --json stays as it was
+        check_outputs({"--json": args.json, "the partial results": partial,
+                       "the sample.py run's PNG": os.path.splitext(args.json)[0] + "_sample_7.png"},
                       {"--checkpoint": args.checkpoint}, create=True)   # before any work
     except CheckpointError as e:
         p.error(str(e))
+    print(f"results: {args.json} at the end; until then (and if stopped) what is measured is in {partial}", flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     R = {"machine": f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads",
          "device": args.device, "preset": args.preset, "batch": args.batch, "n": args.n}
@@ -383,11 +388,11 @@ def main(argv=None):
     R["train"] = {}
     for m in modes:
         R["train"][m] = run_section("train", args, mode=m)
-        write_json(args.json, R)                  # partial results survive an interrupted run
+        write_json(partial, R)                    # partial results survive an interrupted run
     R["lora_train"] = run_section("train", args, mode="channels_last", lora=1)
     R["profile"] = run_section("profile", args)
     R["sample"] = run_section("sample", args)
-    write_json(args.json, R)
+    write_json(partial, R)
     R["lora_sampling"] = run_section("lora_sampling", args)
     out_png = os.path.splitext(args.json)[0] + "_sample_7.png"          # beside --json, checked with it
     t0 = time.perf_counter()
@@ -397,6 +402,7 @@ def main(argv=None):
     R["sample_cli"] = {"end_to_end_s": time.perf_counter() - t0 if r.returncode == 0 else None,
                        **run_section("cli", args)}
     write_json(args.json, R)
+    os.remove(partial)
     report(R)
     print(args.json)
 
