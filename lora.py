@@ -154,7 +154,8 @@ def inject_lora(model, targets, r, alpha, dropout=0.0, use_rslora=False):
     for pattern in patterns:
         found = [n for n, m in modules.items() if isinstance(m, LORA_TYPES) and re.search(pattern, n)]
         if not found:
-            raise LoraError(f"target pattern {pattern!r} matches no nn.Linear or nn.Conv2d layer")
+            alone = f" (a preset name is used alone: --targets {pattern})" if pattern in TARGET_PRESETS else ""
+            raise LoraError(f"target pattern {pattern!r} matches no nn.Linear or nn.Conv2d layer{alone}")
         names += [n for n in found if n not in names]
     for name in names:
         parent_name, _, child = name.rpartition(".")

@@ -232,6 +232,8 @@ def test_inject_errors():
     model = UNet(TINY)
     with pytest.raises(lora.LoraError, match="matches no"):
         lora.inject_lora(model, r"\.nonexistent$", 4, 4.0)
+    with pytest.raises(lora.LoraError, match="a preset name is used alone: --targets qkv"):
+        lora.inject_lora(model, "qkv,conv", 4, 4.0)               # in a list, a preset's name is a regex
     lora.inject_lora(model, "attn", 4, 4.0)
     with pytest.raises(lora.LoraError, match="already has LoRA"):
         lora.inject_lora(model, "attn", 4, 4.0)

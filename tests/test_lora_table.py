@@ -14,6 +14,8 @@ def test_parse_rows():
     for bad in ("attn", "attn:0", ":4", "attn:x"):
         with pytest.raises(ValueError, match="TARGETS:RANK"):
             lora_table.parse_rows(bad)
+    with pytest.raises(ValueError, match="row attn:4 listed twice"):       # one row, run once
+        lora_table.parse_rows("attn:4,qkv:4,attn:4")
 
 
 def test_row_folder_is_one_safe_path_component():

@@ -133,6 +133,8 @@ def test_ship_weights_writes_only_into_a_folder_of_its_own(tiny_ckpt, tiny_adapt
     assert one_line(ship(run_folder, f"x={tiny_adapter}"), "is in a run folder")
     assert one_line(ship(tmp_path / "new", f"model={tiny_adapter}"), "model named twice")
     assert one_line(ship(tmp_path / "new", f"a={tiny_adapter},a={tiny_adapter}"), "a named twice")
+    assert one_line(ship(tmp_path / "new", f"Model={tiny_adapter}"), "Model named twice")      # one file on macOS
+    assert one_line(ship(tmp_path / "new", f"a={tiny_adapter},A={tiny_adapter}"), "A, a named twice")
     other = tmp_path / "other"
     other.mkdir()
     (other / "mine.safetensors").write_bytes(open(tiny_adapter, "rb").read())

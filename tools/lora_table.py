@@ -41,6 +41,8 @@ def parse_rows(text):
         targets, _, r = item.partition(":")
         if not targets or not r.isdigit() or int(r) < 1:
             raise ValueError(f"bad row {item!r}: expected TARGETS:RANK, e.g. attn:4")
+        if (targets, int(r)) in rows:
+            raise ValueError(f"row {targets}:{r} listed twice")
         rows.append((targets, int(r)))
     return rows
 

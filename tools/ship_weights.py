@@ -31,9 +31,11 @@ def parse_adapters(text):
     if any(not name.isidentifier() or not sep or not path for name, sep, path in pairs):
         raise UsageError(f"--adapters {text!r}: expected name=path pairs such as {ADAPTERS}")
     names = [name for name, _, _ in pairs]
-    clash = sorted({n for n in names if names.count(n) > 1 or n == "model"})
+    folded = [n.lower() for n in names]                 # Model.safetensors is model.safetensors on macOS
+    clash = sorted({n for n in names if folded.count(n.lower()) > 1 or n.lower() == "model"})
     if clash:
-        raise UsageError(f"--adapters: {', '.join(clash)} named twice (model.safetensors is the model's file)")
+        raise UsageError(f"--adapters: {', '.join(clash)} named twice (model.safetensors is the model's file; "
+                         "names differing only in case are one file on some systems)")
     return {name: path for name, _, path in pairs}
 
 
