@@ -202,6 +202,20 @@ def test_the_train_section_counts_images_per_second_and_flops(monkeypatch):
     assert data.shape == (4500, 1, 28, 28) and data.min() >= -1 and data.max() <= 1 and abs(data.mean()) < 0.01
 
 
+def canned_section(name, extra):
+    """What a child process would print for section `name`, from results()."""
+    if name == "train":
+        return results()["lora_train"] if extra.get("lora") else results()["train"]["eager"]
+    return results()[{"matmul": "matmul", "profile": "profile", "sample": "sample",
+                      "lora_sampling": "lora_sampling", "cli": "sample_cli"}[name]]
+
+
+def fake_children(monkeypatch, run_section):
+    """bench.main without child processes: sections from run_section, sample.py a success."""
+    monkeypatch.setattr(bench, "run_section", run_section)
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+
+
 def test_main_runs_each_section_in_order_and_writes_the_table(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """The parent process: every section once, in order, each training mode (on a CPU all but
     compile_bf16; --quick: no compile, 3 reps, 20 images), the results as JSON and the table.
@@ -210,12 +224,8 @@ def test_main_runs_each_section_in_order_and_writes_the_table(tiny_ckpt, tmp_pat
 
     def run_section(name, args, **extra):
         calls.append((name, extra, args.reps, args.n))
-        if name == "train":
-            return results()["lora_train"] if extra.get("lora") else results()["train"]["eager"]
-        return results()[{"matmul": "matmul", "profile": "profile", "sample": "sample",
-                          "lora_sampling": "lora_sampling", "cli": "sample_cli"}[name]]
-    monkeypatch.setattr(bench, "run_section", run_section)
-    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+        return canned_section(name, extra)
+    fake_children(monkeypatch, run_section)
     out = str(tmp_path / "bench.json")
     bench.main(["--checkpoint", tiny_ckpt, "--json", out])
     trained = [extra["mode"] for name, extra, _, _ in calls if name == "train" and not extra.get("lora")]
@@ -252,12 +262,8 @@ def test_an_interrupted_rerun_keeps_the_finished_results(tiny_ckpt, tmp_path, mo
     def run_section(name, args, **extra):
         if name == "profile" and stop:
             raise KeyboardInterrupt
-        if name == "train":
-            return results()["lora_train"] if extra.get("lora") else results()["train"]["eager"]
-        return results()[{"matmul": "matmul", "profile": "profile", "sample": "sample",
-                          "lora_sampling": "lora_sampling", "cli": "sample_cli"}[name]]
-    monkeypatch.setattr(bench, "run_section", run_section)
-    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", ""))
+        return canned_section(name, extra)
+    fake_children(monkeypatch, run_section)
     out, partial = tmp_path / "bench.json", tmp_path / "bench.partial.json"
     stop = False
     bench.main(["--checkpoint", tiny_ckpt, "--json", str(out), "--modes", "eager"])
