@@ -12,7 +12,6 @@ style comparison, the reports, the command line.
 """
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import glob
-import hashlib
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from harness.files import (CheckpointError, check_folder_data_dir, check_outputs
                            first_line, load_model, not_a_regular_file, output_folder, pyplot, read_csv,
                            remove_stale_temps, save_checkpoint, save_figure, shipped, shown, write_csv, write_json)
 from harness.scripts import (SampleError, add_model_flags, add_sampling_flags, check_guidance_applies,
-                             load_model_for_sampling, sample_config)
+                             data_fingerprint, load_model_for_sampling, sample_config)
 from sample import generate, model_sampling
 
 MAX_SWEEP = 12           # guidance values per --sweep-guidance: each is a full evaluation
@@ -126,7 +125,7 @@ def classifier_path(dataset, data_dir):
     if dataset != "folder":
         return os.path.join(data_dir, f"classifier_{dataset}_v{CLASSIFIER_VERSION}.pt")
     x, y, _ = load_dataset("folder", data_dir, verbose=False)
-    digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:12]
+    digest = data_fingerprint(x, y)[:12]                 # the fingerprint a run records of its digits
     return os.path.join(FOLDER_JUDGES, f"classifier_folder-{digest}_v{CLASSIFIER_VERSION}.pt")
 
 
