@@ -224,6 +224,18 @@ PRESETS = {
 }
 
 
+# lora_finetune.py's recipe per style; any flag given explicitly still wins, and --full (the
+# baseline) keeps the plain defaults. Bold thickens a stroke and must keep its rim sharp: the rim
+# is drawn by the 3x3 convolutions at low noise, so bold adapts every layer (the article's q, k, v
+# among them) at r 8 and trains on uniform timesteps (docs/lora.md). Italic and a folder of your
+# digits start from the article's form: LoraConfig's defaults (`qkv`, r 4).
+STYLE_RECIPES = {
+    "bold": {"targets": "all", "r": 8, "alpha": 8.0, "lr": 4e-3, "t_power": 1.0},
+    "italic": {},
+    "folder": {},
+}
+
+
 def config_from_dict(cls, d):
     """Rebuild a config stored in a checkpoint (lists back to tuples); unknown keys are an error."""
     names = {f.name for f in fields(cls)}

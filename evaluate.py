@@ -382,6 +382,10 @@ def print_style_table(rows, style):
     shift = {m: (tuned[m] - base[m]) / (target[m] - base[m]) if abs(target[m] - base[m]) > 1e-9 else float("nan")
              for m in ("ink", "slant")}
     print(f"style shift, base -> target: ink {100 * shift['ink']:.0f}%, slant {100 * shift['slant']:.0f}%")
+    if "frechet_styled" in tuned:
+        print(f"Frechet to the real {style} digits: base {base['frechet_styled']:.1f}, fine-tuned "
+              f"{tuned['frechet_styled']:.1f} ({tuned['frechet_styled'] / tuned['frechet_styled_floor']:.2f}x their "
+              f"real-vs-real floor {tuned['frechet_styled_floor']:.1f})")
     return shift
 
 
@@ -395,9 +399,13 @@ def style_evaluation(base_model, tuned, diffusion, dataset, style, data_dir, n, 
             f"real {style} digits": {**style_measures(styled), "accuracy": None}}
     if style != "folder":
         rows[f"real {style} digits"]["accuracy"] = evaluate_images(clf, styled, real_y, real_x)["accuracy"]
+    styled_halves = real_halves(classify(clf, styled)[1]) if len(styled) >= 8 else None   # the style's floor
     for name, model in (("base model", base_model), ("fine-tuned model", tuned)):
         r, x, _ = evaluate_model(model.eval(), diffusion, clf, real_x, n, scfg)
         rows[name] = {**style_measures(x), "accuracy": r["accuracy"], "frechet": r["frechet"]}
+        if styled_halves is not None and len(x) >= 2:          # how close to the real styled digits
+            rows[name]["frechet_styled"], rows[name]["frechet_styled_floor"] = frechet_vs_real(
+                classify(clf, x)[1].numpy(), *styled_halves)
     shift = print_style_table(rows, style)
     return {"rows": rows, "shift": shift}
 

@@ -1,15 +1,17 @@
 """Teach the pretrained model a new handwriting style with LoRA: `python lora_finetune.py`.
 
-Load the EMA weights written by `python train.py`, replace the cross-attention's W_q, W_k, W_v
-(nn.Linear, as the article does: `--targets qkv`) by rank-4 LoraLayers (lora.py), freeze
-everything else and train only A and B -- with train.py's own loop -- on styled digits the
-base model never saw (bold or italic versions of the training split, or your own folder of
-digits). Writes the adapter (safetensors, under 1% of the checkpoint), a loss curve,
-base-vs-LoRA samples, a strength sweep and what LoRA learned per layer.
+Load the EMA weights written by `python train.py`, replace layers by LoraLayers (lora.py), freeze
+everything else and train only A and B -- with train.py's own loop -- on styled digits the base
+model never saw (bold or italic versions of the training split, or your own folder of digits).
+Writes the adapter (safetensors), a loss curve, base-vs-LoRA samples, a strength sweep and what
+LoRA learned per layer.
 
-Bold is a change of ink that attention can make; italic is a geometric change that lives in the
-convolutions: the best italic run measured replaces every layer (`--targets all --r 8`; see
-BEST_ITALIC and docs/lora.md). `--full` fine-tunes every weight: the baseline.
+Which layers, and how, is each style's recipe (config.STYLE_RECIPES; a flag given wins). Italic
+and your own digits start from the article's form: W_q, W_k, W_v of the cross-attention
+(nn.Linear, `--targets qkv`) at rank 4. Bold must also keep a stroke's rim as sharp as real bold
+digits', which the 3x3 convolutions draw at low noise: every layer at rank 8 (`--targets all`),
+trained on uniform timesteps. Italic is a shear that lives in the convolutions too: the best
+italic run measured is BEST_ITALIC (docs/lora.md). `--full` fine-tunes every weight: the baseline.
 """
 import harness  # noqa: F401  isort:skip -- first: Ctrl-C while the rest imports is one line
 import os

@@ -11,19 +11,19 @@ import hashlib
 import json
 import os
 import resource
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 import lora
-from config import (DEFAULT_STEPS, MAX_IMAGES, PRESETS, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig,
-                    TrainConfig, config_from_dict)
+from config import (DEFAULT_STEPS, MAX_IMAGES, PRESETS, STYLE_RECIPES, DiffusionConfig, LoraConfig, ModelConfig,
+                    SampleConfig, TrainConfig, config_from_dict)
 from dataset import apply_style, load_dataset
 from diffusion import Diffusion
 from harness.adapters import PEFT_FILES, apply_adapters, base_fingerprint, check_peft_folder, export_peft
-from harness.cli import Parser, UsageError, add_config_flags, config_from_args, explicit_flags
+from harness.cli import HELP, Parser, UsageError, add_config_flags, config_from_args, explicit_flags
 from harness.dist import pick_device
 from harness.files import (DEFAULT_CHECKPOINT, CheckpointError, check_finite, check_fits, check_folder_data_dir,
                            check_outputs, configs_from_checkpoint, dataset_of, load_checkpoint, load_model,
@@ -402,10 +402,10 @@ def finetune_args(argv=None):
     p = Parser(prog="lora_finetune.py",
                description="LoRA fine-tuning of a trained checkpoint on a new handwriting style.")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"base model (default: {DEFAULT_CHECKPOINT})")
-    add_config_flags(p, LoraConfig, "LoRA")
+    add_config_flags(p, LoraConfig, "LoRA", helps=recipe_helps())
     add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS,   # no step grids or curve here
                      skip=("dataset", "sample_every", "eval_every"),
-                     helps={"data_dir": "where the base's training digits are, which --style restyles: the MNIST "
+                     helps={**recipe_helps(), "data_dir": "where the base's training digits are, which --style restyles: the MNIST "
                                         "root (and evaluate.py's classifier cache), or a folder base's own folder "
                                         "(your style's digits: --style-dir)",
                             "out": "run folder (default: runs/lora-<style>, or runs/full-<style> with --full)"})
@@ -427,6 +427,25 @@ def finetune_args(argv=None):
         raise UsageError(f"--full trains every weight, with no adapter: {', '.join('--' + f.replace('_', '-') for f in lora_only)}"
                          " would change nothing (drop them)")
     return args
+
+
+def recipe_helps():
+    """--help of the flags a style's recipe sets: the plain default, then each style's value."""
+    plain = {**{f.name: f.default for f in fields(LoraConfig)}, **FINETUNE_DEFAULTS}
+    names = sorted({name for recipe in STYLE_RECIPES.values() for name in recipe})
+    text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)          # noqa: E731
+    return {name: f"{HELP[name]} (default: " + "; ".join(
+        f"{text(recipe[name])} for --style {style}" for style, recipe in STYLE_RECIPES.items() if name in recipe)
+        + f"; else {text(plain[name])}: config.STYLE_RECIPES)" for name in names}
+
+
+def apply_recipe(args, style):
+    """The style's recipe (config.STYLE_RECIPES) for every flag not given; not for --full, the
+    baseline, nor on --resume, where the stored run's settings win."""
+    if not (args.full or args.resume):
+        for name, value in STYLE_RECIPES[style].items():
+            if name not in args.given:
+                setattr(args, name, value)
 
 
 def stored_base(run_checkpoint, default):
@@ -491,7 +510,8 @@ class FinetuneRun(SimpleNamespace):
             lcfg = self.lcfg
             what = ("full fine-tuning" if lcfg.full else f"LoRA r={lcfg.r} alpha={lcfg.alpha} on "
                     f"{len(lora.lora_layers(model))} layers ({lcfg.targets})")
-            print(f"base: {self.args.checkpoint} | data: {lcfg.style}, {len(self.x):,} images | {what}")
+            print(f"base: {self.args.checkpoint} | data: {lcfg.style}, {len(self.x):,} images | {what} | "
+                  f"lr {self.tcfg.lr:g}, t-power {self.tcfg.t_power:g}")
             print(f"run: {run_plan(len(self.x), self.tcfg)}")
             print(f"trainable {self.trainable:,} / {self.total:,} = {100 * self.trainable / self.total:.1f}%")
         resume, path = self.resume, self.ckpt_path
@@ -547,6 +567,7 @@ def open_finetune(argv=None):
     try:
         folder = args.dataset == "folder" or bool(args.style_dir)        # the user's digits
         style = "folder" if folder and not (args.resume and not args.style_dir) else args.style   # --resume: stored
+        apply_recipe(args, style)
         lcfg, tcfg = config_from_args(LoraConfig, args, style=style), config_from_args(TrainConfig, args, dataset="auto")
     except ValueError as e:
         raise TrainingError(str(e)) from e

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -131,6 +132,22 @@ def test_evaluate_lora_writes_its_results_next_to_the_adapter(tiny_ckpt, quick_j
     assert r.returncode == 0, r.stderr
     assert json.loads((base / "ckpt_eval.json").read_text()) == {"accuracy": 0.5}
     assert "lora" in json.loads((lora_out / "adapter_eval.json").read_text())
+
+
+def test_the_style_table_scores_samples_against_the_real_styled_digits(quick_judge, monkeypatch, capsys):
+    """Frechet to the real bold digits, next to their own real-vs-real floor: real bold digits in
+    place of the fine-tuned model's samples sit near that floor, plain ones (the base's) far off."""
+    real_x, real_y, _ = evaluate.reference_digits("mnist-5k", quick_judge)
+    pick = torch.randperm(len(real_x), generator=torch.Generator().manual_seed(1))    # MNIST's halves differ
+    given = {"base": real_x[pick[:400]], "tuned": apply_style(real_x[pick[400:800]], "bold")}
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda model, *a, **k: (
+        {"accuracy": 1.0, "frechet": 0.0}, given[model], real_y[:400]))
+    models = [SimpleNamespace(eval=lambda name=name: name) for name in ("base", "tuned")]
+    rows = evaluate.style_evaluation(*models, None, "mnist-5k", "bold", quick_judge, 40, None)["rows"]
+    base, tuned = rows["base model"], rows["fine-tuned model"]
+    assert tuned["frechet_styled_floor"] == base["frechet_styled_floor"] > 0
+    assert tuned["frechet_styled"] < 2 * tuned["frechet_styled_floor"] and base["frechet_styled"] > 10 * tuned["frechet_styled"]
+    assert f"fine-tuned {tuned['frechet_styled']:.1f} ({tuned['frechet_styled'] / tuned['frechet_styled_floor']:.2f}x" in capsys.readouterr().out
 
 
 def test_the_judge_is_trained_the_same_whatever_the_global_rng_did_before():

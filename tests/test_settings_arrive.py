@@ -195,6 +195,27 @@ def test_every_lora_flag_arrives_in_the_layers_the_optimiser_and_the_adapter(tin
     assert all(t.shape[0] == 3 for k, t in tensors.items() if k.endswith("lora_A"))
 
 
+@pytest.mark.parametrize("flags, lora_config, train_config", [
+    ([], {"style": "bold", "targets": "all", "r": 8, "alpha": 8.0}, {"lr": 4e-3, "t_power": 1.0}),   # bold's recipe
+    (["--targets", "qkv", "--lr", "1e-3"], {"targets": "qkv", "r": 8, "alpha": 8.0}, {"lr": 1e-3, "t_power": 1.0}),
+    (["--style", "italic"], {"style": "italic", "targets": "qkv", "r": 4, "alpha": 4.0}, {"lr": 2e-3, "t_power": 2.0}),
+    (["--full"], {"style": "bold", "full": True}, {"lr": 2e-3, "t_power": 2.0}),             # the baseline: plain
+])
+def test_each_style_trains_with_its_recipe_and_a_given_flag_wins(tiny_ckpt, tmp_path, flags, lora_config,
+                                                                  train_config):
+    """config.STYLE_RECIPES arrives in the stored run, the optimiser and the printed set-up; a flag
+    given explicitly replaces only its own field."""
+    out = str(tmp_path / "l")
+    r = run_cli("lora_finetune.py", "--checkpoint", tiny_ckpt, *flags, "--max-steps", "1", "--batch-size", "8",
+                "--eval-n", "0", "--no-figures", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ckpt = load_checkpoint(os.path.join(out, "finetune_ckpt.pt"))
+    assert {k: ckpt["config"]["lora"][k] for k in lora_config} == lora_config
+    assert {k: ckpt["config"]["train"][k] for k in train_config} == train_config
+    assert ckpt["optimizer"]["param_groups"][0]["initial_lr"] == train_config["lr"]
+    assert f"lr {train_config['lr']:g}, t-power {train_config['t_power']:g}" in r.stdout
+
+
 def test_a_checkpoint_rebuilds_its_model_field_for_field(tmp_path):
     """train.py with every ModelConfig field off its default: the stored config is those flags,
     load_model rebuilds exactly that UNet and its EMA weights."""
