@@ -402,12 +402,13 @@ def finetune_args(argv=None):
     p = Parser(prog="lora_finetune.py",
                description="LoRA fine-tuning of a trained checkpoint on a new handwriting style.")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"base model (default: {DEFAULT_CHECKPOINT})")
-    add_config_flags(p, LoraConfig, "LoRA", helps=recipe_helps())
+    recipes = recipe_helps()                      # --r, --lr, ...: each style's value next to the plain one
+    add_config_flags(p, LoraConfig, "LoRA", helps=recipes)
     add_config_flags(p, TrainConfig, "training", defaults=FINETUNE_DEFAULTS,   # no step grids or curve here
                      skip=("dataset", "sample_every", "eval_every"),
-                     helps={**recipe_helps(), "data_dir": "where the base's training digits are, which --style restyles: the MNIST "
-                                        "root (and evaluate.py's classifier cache), or a folder base's own folder "
-                                        "(your style's digits: --style-dir)",
+                     helps={**recipes, "data_dir": "where the base's training digits are, which --style restyles: "
+                                                   "the MNIST root (and evaluate.py's classifier cache), or a folder "
+                                                   "base's own folder (your style's digits: --style-dir)",
                             "out": "run folder (default: runs/lora-<style>, or runs/full-<style> with --full)"})
     p.add_argument("--dataset", choices=["styled", "folder"], default="styled",
                    help="styled: the base's training digits in --style; folder: your digits in --style-dir")

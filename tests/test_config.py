@@ -5,7 +5,7 @@ from dataclasses import fields
 import pytest
 
 import evaluate
-from config import DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
+from config import STYLE_RECIPES, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
 from harness import scripts
 
 
@@ -171,3 +171,16 @@ def test_the_defaults_are_the_measured_recipe():
     assert scripts.FINETUNE_DEFAULTS == {"out": "", "steps": 840, "batch_size": 64, "lr": 2e-3,
                                                "warmup_steps": 20, "ema_decay": 0.99, "t_power": 2.0,
                                                "ckpt_every": 200, "eval_n": 20}
+    assert STYLE_RECIPES == {"bold": {"targets": "all", "r": 8, "alpha": 8.0, "lr": 4e-3, "t_power": 1.0},
+                             "italic": {}, "folder": {}}
+
+
+def test_each_style_recipe_names_real_fields_of_a_known_style():
+    """A recipe's key that is no config field would be set on the flags and silently ignored."""
+    known = {f.name for f in fields(LoraConfig)} | {f.name for f in fields(TrainConfig)}
+    for style, recipe in STYLE_RECIPES.items():
+        LoraConfig(style=style, style_dir="d" if style == "folder" else "")           # a style LoraConfig takes
+        assert set(recipe) <= known - {"style", "style_dir", "full", "out", "dataset"}, style
+        for name, value in recipe.items():                                            # the flags' own types
+            default = getattr(LoraConfig, name, getattr(TrainConfig, name, None))
+            assert type(value) is type(default), (style, name)

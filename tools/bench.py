@@ -242,7 +242,7 @@ def section_lora_sampling(args, device):
     from diffusion import Diffusion
     base, diff_cfg, _ = load_model(args.checkpoint, device)
     unmerged = copy.deepcopy(base)
-    lc = LoraConfig()                                       # lora_finetune.py's defaults
+    lc = LoraConfig()                                       # the article's form: qkv r4 (italic's default)
     lora.inject_lora(unmerged, lc.targets, lc.r, lc.alpha)
     for layer in lora.lora_layers(unmerged):
         torch.nn.init.normal_(layer.lora_B, std=0.01)    # a trained-looking adapter, not B = 0
