@@ -5,7 +5,8 @@ from dataclasses import fields
 import pytest
 
 import evaluate
-from config import STYLE_RECIPES, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig, config_from_dict
+from config import (STYLE_RECIPES, DiffusionConfig, LoraConfig, ModelConfig, SampleConfig, TrainConfig,
+                    config_from_dict)
 from harness import scripts
 
 
